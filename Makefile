@@ -1,0 +1,21 @@
+# The two commands of the README: `make train` and `make test`. Both create .venv when it is missing.
+VENV ?= .venv
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: train test install bench
+
+$(VENV)/.installed: pyproject.toml scripts/install.sh
+	bash scripts/install.sh $(VENV)
+
+install: $(VENV)/.installed
+
+train: $(VENV)/.installed
+	$(VENV)/bin/asyppo train $(ARGS)
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/python benchmarks/bench_logprobs.py
+	$(VENV)/bin/python benchmarks/bench_weight_sync.py

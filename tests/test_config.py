@@ -1,0 +1,115 @@
+"""Job configuration: presets (ALGORITHMS.md §6), YAML + dotted overrides, and errors that name the field."""
+
+import pytest
+import yaml
+
+from cluster.config import PRESETS, ConfigError, JobConfig, build_config, erc_betas, load_config, parse_overrides
+
+
+def problems_of(overrides, raw=None):
+    with pytest.raises(ConfigError) as info:
+        build_config(raw, overrides)
+    return info.value.problems, str(info.value)
+
+
+def test_default_is_the_asyppo_preset_of_the_spec_table():
+    cfg = build_config()
+    lrn = cfg.learner
+    assert cfg.preset == "asyppo"
+    assert (lrn.estimator, cfg.critics.num_critics, lrn.clip_mode) == ("asyppo", 2, "ppo")
+    assert (lrn.clip_low, lrn.clip_high, lrn.dual_clip) == (0.2, 0.28, 3.0)
+    assert lrn.erc_band == (0.95, 1.05)
+    assert lrn.entropy_coef == 1e-3
+    assert (lrn.adv_mask_fraction, lrn.entropy_filter_fraction) == (0.2, 0.2)
+    assert (lrn.gamma, lrn.lam) == (1.0, 1.0)
+    assert cfg.critics.value_clip == 0.5 and cfg.critics.split == "prompt"
+
+
+# The §6 table, typed in here independently of cluster.config.PRESETS.
+SPEC_TABLE = {
+    "asyppo": ("asyppo", 2, "ppo", 0.2, 0.28, 3.0, (0.95, 1.05), 1e-3, 0.2, 0.2),
+    "ppo": ("gae", 1, "ppo", 0.2, 0.2, 3.0, None, 1e-3, 0.0, 0.0),
+    "grpo": ("grpo", 0, "ppo", 0.2, 0.2, 3.0, None, 0.0, 0.0, 0.0),
+    "dapo-erc": ("grpo", 0, "ppo", 0.2, 0.28, 10.0, (0.95, 1.05), 0.0, 0.0, 0.0),
+    "gppo-erc": ("grpo", 0, "gppo", 0.2, 0.2, 10.0, (0.95, 1.05), 0.0, 0.0, 0.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPEC_TABLE))
+def test_presets_match_the_spec_table(name):
+    cfg = build_config(overrides=[f"preset={name}"])
+    lrn = cfg.learner
+    got = (lrn.estimator, cfg.critics.num_critics, lrn.clip_mode, lrn.clip_low, lrn.clip_high, lrn.dual_clip,
+           lrn.erc_band, lrn.entropy_coef, lrn.adv_mask_fraction, lrn.entropy_filter_fraction)
+    assert got == SPEC_TABLE[name]
+    assert set(PRESETS) == set(SPEC_TABLE)
+
+
+def test_every_switch_stays_independently_configurable():
+    cfg = build_config(overrides=["learner.clip_mode=gppo", "learner.erc_band=[0.9, 1.1]", "critics.num_critics=3"])
+    assert cfg.learner.estimator == "asyppo" and cfg.learner.clip_mode == "gppo"
+    assert cfg.learner.erc_band == (0.9, 1.1) and cfg.critics.num_critics == 3
+    assert erc_betas(cfg.learner) == pytest.approx((0.1, 0.1))
+    assert erc_betas(build_config(overrides=["preset=ppo"]).learner) == (None, None)
+
+
+def test_yaml_file_then_overrides_win(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({"preset": "grpo", "rollout": {"num_workers": 2, "samples_per_prompt": 4},
+                                    "learner": {"lr": 1e-5}}))
+    cfg = load_config(path, ["learner.lr=3e-6", "trainer.steps=5"])
+    assert cfg.preset == "grpo" and cfg.critics.num_critics == 0
+    assert cfg.rollout.num_workers == 2 and cfg.learner.lr == 3e-6 and cfg.trainer.steps == 5
+    # The resolved config round-trips through YAML (what the run directory stores).
+    assert JobConfig.model_validate(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
+def test_override_values_are_parsed_as_yaml():
+    assert parse_overrides(["a.b=3", "a.c=0.5", "d=null", "e=[1, 2]", "f=true", "g=text"]) == {
+        "a": {"b": 3, "c": 0.5}, "d": None, "e": [1, 2], "f": True, "g": "text"}
+
+
+@pytest.mark.parametrize("overrides, path, fragment", [
+    (["critics.num_critics=1"], "critics.num_critics", "k>0 needs at least 2 critics"),
+    (["rollout.num_workers=0"], "rollout.num_workers", "greater than or equal to 1"),
+    (["learner.erc_band=[1.0, 1.05]"], "learner.erc_band", "low < 1 < high"),
+    (["learner.erc_band=[0.9, 0.99]"], "learner.erc_band", "low < 1 < high"),
+    (["learner.clip_mode=fancy"], "learner.clip_mode", "'ppo' or 'gppo'"),
+    (["learner.lernrate=1"], "learner.lernrate", "unknown field"),
+    (["preset=grpo", "critics.num_critics=2"], "critics.num_critics", "grpo uses no critics"),
+    (["preset=ppo", "critics.num_critics=2"], "critics.num_critics", "exactly 1 critic"),
+    (["preset=grpo", "rollout.samples_per_prompt=1", "learner.mini_batch_size=32",
+      "learner.micro_batch_size=32"], "rollout.samples_per_prompt", "at least 2 samples"),
+    (["critics.split=response", "critics.num_critics=3"], "critics.split", "divisible by num_critics"),
+    (["learner.mini_batch_size=100"], "learner.mini_batch_size", "must divide the rollout batch"),
+    (["learner.micro_batch_size=48"], "learner.micro_batch_size", "must divide mini_batch_size"),
+    (["learner.num_gpus=2", "learner.micro_batch_size=64"], "learner.micro_batch_size", "×2"),
+    (["critics.gpus_per_critic=1.5"], "critics.gpus_per_critic", "whole number"),
+    (["learner.sync_backend=nccl"], "learner.sync_backend", "nccl needs GPUs"),
+    (["preset=nope"], "preset", "unknown preset"),
+    (["novalue"], "novalue", "dotted.key=value"),
+])
+def test_bad_values_report_field_path_and_reason(overrides, path, fragment):
+    problems, message = problems_of(overrides)
+    matching = [reason for field, reason in problems if field == path]
+    assert matching, f"no problem reported at {path}: {problems}"
+    assert any(fragment in reason for reason in matching), matching
+    assert f"{path}: " in message
+
+
+def test_all_problems_are_reported_at_once():
+    problems, _ = problems_of(["rollout.num_workers=0", "learner.lr=-1"])
+    assert {field for field, _ in problems} == {"rollout.num_workers", "learner.lr"}
+
+
+def test_bad_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learner: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(scalar)

@@ -1,0 +1,158 @@
+"""The learner's and a mini-critic's step on real DeepSpeed engines (CPU, gloo), outside Ray.
+
+The actors are plain classes, so their step logic is exercised here directly; the Ray shells are covered by the
+end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cluster.config import build_config
+from critics.actor import MiniCritic
+from learner.actor import Learner
+from learner.batch import collate_rollouts, compute_advantages
+
+N_PROMPTS, GROUP, T = 4, 4, 5
+
+
+def make_batch(vocab=24, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, vocab, (int(length),), generator=gen).tolist() for length in (3, 4, 2, 4)]
+    n = N_PROMPTS * GROUP
+    lengths = torch.randint(1, T + 1, (n,), generator=gen)
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).float()
+    responses = torch.randint(3, vocab, (n, T), generator=gen) * mask.long()
+    scores = (torch.rand(n, generator=gen) > 0.5).float()
+    return collate_rollouts(prompts, responses, mask, torch.zeros(n, T), scores, scores.bool(),
+                            [f"p{i}" for i in range(N_PROMPTS)], GROUP, pad_id=0, weight_version=0)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return build_config(overrides=[
+        "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4", "learner.mini_batch_size=8",
+        "learner.micro_batch_size=4", "learner.lr=1e-2", "learner.epochs=2", "critics.micro_batch_size=4",
+        "critics.lr=1e-2",
+    ])
+
+
+def params(module):
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def test_collate_layout_matches_the_batch_contract():
+    batch = make_batch()
+    assert batch.input_ids.shape == (16, 4 + T) and batch.prompt_length == 4
+    # Prompt 2 has length 2: left-padded, and its 4 samples share it.
+    assert batch.attention_mask[8:12, :2].sum() == 0 and batch.attention_mask[8:12, 2:4].all()
+    assert torch.equal(batch.attention_mask[:, 4:].float(), batch.response_mask)
+
+
+def test_learner_update_changes_weights_and_reports_finite_stats(cfg, tiny_policy_dir):
+    learner = Learner(cfg, tiny_policy_dir)
+    batch = make_batch()
+    before = params(learner.engine.module)
+    old = learner.compute_old(batch)
+    assert old["entropy_mean"] > 0
+    values = [torch.randn(batch.response_mask.shape) * batch.response_mask for _ in range(2)]
+    returns, adv_stats = learner.prepare(*values)
+    assert returns.shape == batch.response_mask.shape
+    valid = int(batch.response_mask.sum())
+    # §4: the advantage mask zeroes exactly floor(k · valid) tokens.
+    assert adv_stats["adv_mask_frac"] == pytest.approx(math.floor(0.2 * valid) / valid)
+    stats = learner.update(step=0)
+    assert stats["optimizer_steps"] == 4 and stats["skipped_steps"] == 0  # 2 epochs × 16/8 mini-batches
+    assert all(math.isfinite(v) for v in stats.values()), stats
+    assert 0 <= stats["erc_kept_frac"] <= 1 and stats["policy_version"] == 1
+    after = params(learner.engine.module)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("poison", ["old_logprobs", "critic_values"])
+def test_learner_skips_a_nan_step_and_leaves_weights_untouched(cfg, tiny_policy_dir, poison):
+    learner = Learner(cfg, tiny_policy_dir)
+    batch = make_batch(seed=1)
+    learner.compute_old(batch)
+    values = [torch.randn(batch.response_mask.shape) for _ in range(2)]
+    if poison == "old_logprobs":
+        learner._old_logp[:, 0] = float("nan")  # as a broken forward pass would produce
+    else:
+        values[1] = torch.full(batch.response_mask.shape, float("nan"))
+    returns, _ = learner.prepare(*values)
+    before = params(learner.engine.module)
+    optimizer_state_before = len(learner.engine.optimizer.state)
+    stats = learner.update(step=0)
+    assert stats["optimizer_steps"] == 0 and stats["skipped_steps"] == 4
+    assert stats["policy_version"] == 0
+    after = params(learner.engine.module)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert len(learner.engine.optimizer.state) == optimizer_state_before
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_micro_batch_accumulation_equals_one_big_batch(tiny_policy_dir, agg):
+    """The accumulated gradient over 4 micro-batches equals the one-micro-batch gradient (§5)."""
+    grads = []
+    for micro in (8, 2):
+        cfg = build_config(overrides=[
+            "rollout.prompts_per_step=2", "rollout.samples_per_prompt=4", "learner.mini_batch_size=8",
+            f"learner.micro_batch_size={micro}", f"learner.agg={agg}", "learner.entropy_coef=0.01",
+        ])
+        learner = Learner(cfg, tiny_policy_dir)
+        batch = make_batch().rows(list(range(8)))
+        batch.prompt_ids = batch.prompt_ids[:2]
+        learner.compute_old(batch)
+        learner._old_logp += 0.05 * torch.randn(learner._old_logp.shape, generator=torch.Generator().manual_seed(3))
+        learner.prepare(*[torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(m))
+                          for m in range(2)])
+        learner.engine.zero_grad()
+        finite, stats, tokens = learner.accumulate_gradients(torch.arange(8))
+        assert finite and len(stats) == 8 // micro and tokens == int(batch.response_mask.sum())
+        grads.append({n: p.grad.clone() for n, p in learner.engine.module.named_parameters()})
+    for name in grads[0]:
+        assert grads[0][name].abs().sum() > 0
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-7)
+
+
+def test_critic_scores_every_token_and_trains_only_on_its_rows(cfg, tiny_critic_dir):
+    critic = MiniCritic(cfg, tiny_critic_dir, index=0)
+    batch = make_batch()
+    values = critic.values(batch)
+    assert values.shape == batch.response_mask.shape
+    assert torch.all(values[batch.response_mask == 0] == 0)
+    returns = batch.scores[:, None] * batch.response_mask
+    rows = [0, 1, 2, 3]
+    stats = critic.train(returns, rows)
+    assert stats["num_rows"] == 4 and math.isfinite(stats["value_loss"]) and stats["skipped_steps"] == 0
+    # Returns of rows it does not own must not matter: poison them and train a fresh critic on the same rows.
+    poisoned = returns.clone()
+    poisoned[4:] = float("nan")
+    twin = MiniCritic(cfg, tiny_critic_dir, index=0)
+    twin.values(batch)
+    twin_stats = twin.train(poisoned, rows)
+    assert twin_stats["value_loss"] == pytest.approx(stats["value_loss"])
+    for (name, p), (_, q) in zip(critic.engine.module.named_parameters(), twin.engine.module.named_parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+
+
+def test_critic_skips_nan_returns(cfg, tiny_critic_dir):
+    critic = MiniCritic(cfg, tiny_critic_dir, index=1)
+    batch = make_batch()
+    critic.values(batch)
+    before = params(critic.engine.module)
+    stats = critic.train(torch.full(batch.response_mask.shape, float("nan")), [0, 1])
+    assert stats["skipped_steps"] == 1
+    assert all(torch.equal(before[k], v) for k, v in params(critic.engine.module).items())
+
+
+def test_advantages_for_grpo_need_no_values():
+    batch = make_batch()
+    result = compute_advantages(batch, None, estimator="grpo", gamma=1.0, lam=1.0)
+    assert result.adv_mask is None and result.entropy_filter is None
+    group0 = batch.scores[:GROUP]
+    expected = (group0 - group0.mean()) / (group0.std() + 1e-6)
+    torch.testing.assert_close(result.advantages[:GROUP, 0] * batch.response_mask[:GROUP, 0], expected)
