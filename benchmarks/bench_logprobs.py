@@ -5,14 +5,22 @@ positions). The naive variant materialises the full ``[N, T, vocab]`` float32 lo
 ``logp`` with a graph and the entropy without one (what the learner's PPO step does), then backpropagate
 ``Σ w·logp`` into the hidden states and the LM head.
 
-Each (size, variant) runs in its own fresh Python process so that one measurement cannot inherit another's
-allocations. Memory measure: the process's resident-set high-water mark (Linux ``VmHWM``). After the inputs
-are built the worker resets the mark by writing ``5`` to ``/proc/self/clear_refs``, so ``peak_extra_mib`` is
-the peak RSS during the measured forward + backward passes minus the RSS just before them. Where that reset
-is not permitted it falls back to ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` minus the RSS before the
-work (then a transient from start-up could mask a smaller peak; the JSON records which method ran).
+Every measurement runs in its own fresh Python process, so none inherits another's allocations; each
+(size, variant) gets one process for time and one for memory. Both first run one unmeasured pass, which pages
+in the kernels' code and the threads' stacks.
 
-    python benchmarks/bench_logprobs.py                               # default sizes, ~1 minute on 2 cores
+- Time: ``--repeats`` timed passes with the allocator as it normally behaves; the minimum is reported.
+- Memory: the process starts with ``MALLOC_MMAP_THRESHOLD_=131072``, a fixed glibc mmap threshold (which
+  also turns off glibc's adaptive threshold), so every tensor above 128 KiB is mmapped: its pages enter the
+  RSS when touched and leave it when freed, instead of being recycled unseen from heap memory already
+  counted. The resident-set high-water mark (Linux ``VmHWM``) is reset by writing ``5`` to
+  ``/proc/self/clear_refs``, one pass runs, and ``peak_extra_mib = VmHWM − VmRSS before the pass``. Where
+  the reset is not permitted, ``ru_maxrss`` from ``resource.getrusage`` is used instead (an earlier transient
+  could then hide a smaller peak); the JSON records which method ran. Time is not taken in this process
+  because mmap-per-tensor faults in fresh zeroed pages on every allocation, which would distort it (most for
+  the chunked variant, which allocates many smaller tensors).
+
+    python benchmarks/bench_logprobs.py                               # default sizes: ~1 min on 2 idle cores, ~2 min when shared
     python benchmarks/bench_logprobs.py --size 8 1024 151936 --hidden 896 --chunk-size 1024
 
 Writes ``benchmarks/results/logprobs.json`` (or ``--output``).
@@ -21,17 +29,18 @@ Writes ``benchmarks/results/logprobs.json`` (or ``--output``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SIZES = ((1, 512, 32000), (2, 512, 32000), (4, 512, 32000))
+DEFAULT_SIZES = ((2, 512, 32000), (8, 512, 32000))
 VARIANTS = ("naive", "chunked")
 MIB = 2**20
+MMAP_THRESHOLD_BYTES = 128 * 1024
 
 
 def _status_kib(field: str) -> int:
@@ -84,58 +93,64 @@ def _run_worker(args: argparse.Namespace) -> None:
         del entropy
 
     step = naive_step if args.worker_variant == "naive" else chunked_step
-    # Allocate the parameter/input gradients once before measuring: both variants need them equally.
+    # Gradients of the inputs and of the head exist in both variants alike; allocate them before measuring.
     hidden.grad = torch.zeros_like(hidden)
     lm_head.weight.grad = torch.zeros_like(lm_head.weight)
 
-    # One unmeasured pass pages in the kernels' code and the threads' stacks, which would otherwise count as
-    # this variant's memory; allocations from it are returned to the OS (see the malloc setting in _measure).
     step()
-    rss_before_kib = _status_kib("VmRSS")
-    reset_ok = _reset_peak_rss()
-    seconds = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        step()
-        seconds.append(time.perf_counter() - start)
-    if reset_ok:
-        peak_kib, method = _status_kib("VmHWM"), "VmHWM after /proc/self/clear_refs reset"
+    result = {
+        "variant": args.worker_variant,
+        "num_rows": num_rows,
+        "length": length,
+        "vocab": vocab,
+        "hidden": args.hidden,
+        "chunk_size": args.chunk_size,
+        "threads": torch.get_num_threads(),
+    }
+    if args.worker_mode == "time":
+        seconds = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            step()
+            seconds.append(time.perf_counter() - start)
+        result.update(seconds_min=min(seconds), seconds_all=seconds)
     else:
-        peak_kib, method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss (no reset)"
-    print(
-        json.dumps(
-            {
-                "variant": args.worker_variant,
-                "num_rows": num_rows,
-                "length": length,
-                "vocab": vocab,
-                "hidden": args.hidden,
-                "chunk_size": args.chunk_size,
-                "threads": torch.get_num_threads(),
-                "rss_before_mib": rss_before_kib / 1024,
-                "peak_rss_mib": peak_kib / 1024,
-                "peak_extra_mib": (peak_kib - rss_before_kib) / 1024,
-                "seconds_min": min(seconds),
-                "seconds_all": seconds,
-                "memory_method": method,
-            }
+        rss_before_kib = _status_kib("VmRSS")
+        if _reset_peak_rss():
+            step()
+            peak_kib, method = _status_kib("VmHWM"), "VmHWM after /proc/self/clear_refs reset"
+        else:
+            step()
+            peak_kib, method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss (no reset)"
+        result.update(
+            rss_before_mib=rss_before_kib / 1024,
+            peak_rss_mib=peak_kib / 1024,
+            peak_extra_mib=(peak_kib - rss_before_kib) / 1024,
+            memory_method=method + f", MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_')}",
         )
-    )
+    print(json.dumps(result))
+
+
+def _run_in_fresh_process(args: argparse.Namespace, size: tuple[int, int, int], variant: str, mode: str) -> dict:
+    command = [
+        sys.executable, __file__, "--worker-variant", variant, "--worker-mode", mode,
+        "--worker-size", *map(str, size), "--hidden", str(args.hidden), "--chunk-size", str(args.chunk_size),
+        "--temperature", str(args.temperature), "--repeats", str(args.repeats),
+    ]
+    env = dict(os.environ)
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if mode == "memory":
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD_BYTES)
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{mode} worker {variant} {size} failed:\n{completed.stderr}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 def _measure(args: argparse.Namespace, size: tuple[int, int, int], variant: str) -> dict:
-    command = [
-        sys.executable, __file__, "--worker-variant", variant, "--worker-size", *map(str, size),
-        "--hidden", str(args.hidden), "--chunk-size", str(args.chunk_size),
-        "--temperature", str(args.temperature), "--repeats", str(args.repeats),
-    ]
-    # A fixed mmap threshold turns off glibc's adaptive threshold, so every large tensor is mmapped and its
-    # memory leaves the RSS when freed; otherwise freed heap blocks would be reused without showing in the peak.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
-    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env)
-    if completed.returncode != 0:
-        raise RuntimeError(f"worker {variant} {size} failed:\n{completed.stderr}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    timing = _run_in_fresh_process(args, size, variant, "time")
+    memory = _run_in_fresh_process(args, size, variant, "memory")
+    return {**timing, **memory}
 
 
 def main() -> None:
@@ -146,17 +161,20 @@ def main() -> None:
         + ", ".join("x".join(map(str, s)) for s in DEFAULT_SIZES) + ")",
     )
     parser.add_argument("--hidden", type=int, default=256, help="hidden size of the LM head input")
-    parser.add_argument("--chunk-size", type=int, default=512, help="positions per chunk for the chunked variant")
+    parser.add_argument("--chunk-size", type=int, default=256, help="positions per chunk for the chunked variant")
     parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--repeats", type=int, default=2, help="timed forward+backward passes per process")
+    parser.add_argument("--repeats", type=int, default=1, help="timed forward+backward passes per process")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "logprobs.json")
     parser.add_argument("--worker-variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--worker-size", nargs=3, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-mode", choices=("time", "memory"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker_variant is not None:
         _run_worker(args)
         return
+    if args.chunk_size < 1 or args.repeats < 1 or args.hidden < 1:
+        parser.error("--chunk-size, --repeats and --hidden must be >= 1")
 
     sizes = [tuple(size) for size in (args.size or DEFAULT_SIZES)]
     rows, comparisons = [], []

@@ -427,14 +427,15 @@ def _connect_ray(cfg: JobConfig) -> bool:
     """Join ``RAY_ADDRESS`` if set, else start an embedded local cluster sized for the job. True if we started it."""
     if ray.is_initialized():
         return False
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
+        # No runtime_env here: inside `ray job submit` the job's own runtime env applies, and a second one that
+        # sets the same variables makes Ray refuse the job.
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return False
     # Logical CPUs: fractional roles share this machine's cores (ARCHITECTURE.md, scaling knobs).
     needed = total_cpus(cfg) + 1
     ray.init(num_cpus=max(needed, os.cpu_count() or 1), num_gpus=torch.cuda.device_count(),
-             object_store_memory=512 * 1024**2, runtime_env=env, log_to_driver=True)
+             object_store_memory=512 * 1024**2, log_to_driver=True)
     return True
 
 

@@ -97,6 +97,9 @@ def logprobs_and_entropy(
     num_rows, length, hidden_size = hidden.shape
     flat_hidden = hidden.reshape(num_rows * length, hidden_size)
     flat_tokens = tokens.reshape(num_rows * length).long()
+    if flat_hidden.shape[0] == 0:
+        empty = hidden.new_zeros((num_rows, length), dtype=torch.float32)
+        return empty, (empty.clone() if with_entropy else None)
     use_checkpoint = _needs_graph(hidden, lm_head)
 
     logp_chunks: list[torch.Tensor] = []
@@ -113,9 +116,6 @@ def logprobs_and_entropy(
         if entropy_chunk is not None:
             entropy_chunks.append(entropy_chunk)
 
-    if flat_hidden.shape[0] == 0:
-        empty = hidden.new_zeros((num_rows, length), dtype=torch.float32)
-        return empty, (empty.clone() if with_entropy else None)
     logp = torch.cat(logp_chunks).view(num_rows, length)
     entropy = torch.cat(entropy_chunks).view(num_rows, length) if with_entropy else None
     return logp, entropy

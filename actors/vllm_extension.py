@@ -1,0 +1,294 @@
+"""Worker extension that vLLM mixes into its worker class: the receiving end of the learner's weight broadcast.
+
+Pass ``worker_extension_cls="actors.vllm_extension.WeightSyncExtension"`` to ``vllm.LLM``; every method below then
+runs inside each vLLM worker process (one per tensor-parallel rank) through ``LLM.collective_rpc``. Method and
+attribute names carry an ``asyppo_`` prefix because vLLM refuses extensions whose names clash with its worker's
+(its worker already has ``update_weights``, ``reload_weights``, ...).
+
+Loading uses vLLM's own in-place reload (``Worker.reload_weights``, the layerwise reload: each layer is
+re-materialised, loaded with the model's ``load_weights`` from checkpoint-format HF names, re-processed, and copied
+back into the original storage). One gap is patched here, see :func:`reprocess_tied_layers`.
+
+The sender's side and the wire format are in ``learner/weight_sync.py``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from learner.weight_sync import (
+    WeightPlanRejected,
+    plan_shapes,
+    unpack_bucket,
+    validate_weight_plan,
+    wire_dtype,
+)
+
+# RolloutWorker turns an engine error whose text contains this into WeightPlanRejected (vLLM's collective_rpc
+# forwards only the message of an exception raised in its workers, not its type).
+REJECTED_MARKER = "weight plan rejected"
+
+
+def check_incoming_version(plan_version: Any, version: Any, current_version: int) -> None:
+    """Accept only a plan stamped with the announced version, newer than the weights held now.
+
+    Raises ``WeightPlanRejected`` (message starting with ``REJECTED_MARKER``) otherwise. A stale or repeated
+    version means the sender and this worker disagree about what was loaded, so loading it could silently mix
+    policies (ARCHITECTURE.md "Data and weights").
+    """
+    for label, value in (("plan version", plan_version), ("announced version", version)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise WeightPlanRejected(f"{REJECTED_MARKER}: {label} {value!r} is not an int")
+    if plan_version != version:
+        raise WeightPlanRejected(
+            f"{REJECTED_MARKER}: the plan is stamped v{plan_version} but was announced as v{version}"
+        )
+    if version <= current_version:
+        raise WeightPlanRejected(
+            f"{REJECTED_MARKER}: stale weight version v{version}; this worker already holds v{current_version} "
+            "(versions must increase)"
+        )
+
+
+def check_names_against_checkpoint(shapes: dict[str, list[int]], expected: dict[str, list[int]] | None) -> None:
+    """The incoming tensors must be exactly the checkpoint's tensors (HF names), with the same shapes.
+
+    ``expected`` is None when the engine's model directory has no safetensors files to compare with; the check is
+    then skipped. Catches a sender with wrapped names (``module.…``), a different architecture, or a missing
+    parameter, before anything is loaded.
+    """
+    if expected is None:
+        return
+    unknown = sorted(set(shapes) - set(expected))
+    missing = sorted(set(expected) - set(shapes))
+    if unknown or missing:
+        raise WeightPlanRejected(
+            f"{REJECTED_MARKER}: tensor names differ from the rollout checkpoint's: "
+            f"{len(unknown)} unknown (e.g. {unknown[:3]}), {len(missing)} missing (e.g. {missing[:3]})"
+        )
+    wrong = [(name, shape, expected[name]) for name, shape in shapes.items() if list(shape) != list(expected[name])]
+    if wrong:
+        name, got, want = wrong[0]
+        raise WeightPlanRejected(
+            f"{REJECTED_MARKER}: {len(wrong)} tensors have other shapes than the rollout checkpoint's, "
+            f"e.g. {name!r}: {got} vs {want}"
+        )
+
+
+def checkpoint_tensor_shapes(model_dir: str) -> dict[str, list[int]] | None:
+    """Name → shape of every tensor in a local safetensors checkpoint (headers only), or None if there is none."""
+    from safetensors import safe_open
+
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if not files:
+        return None
+    shapes: dict[str, list[int]] = {}
+    for path in files:
+        with safe_open(path, framework="pt") as handle:
+            for name in handle.keys():
+                shapes[name] = list(handle.get_slice(name).get_shape())
+    return shapes
+
+
+@torch.no_grad()
+def reprocess_tied_layers(model: torch.nn.Module) -> list[str]:
+    """Re-run weight post-processing for every module that shares a parameter with an earlier module.
+
+    vLLM's layerwise reload processes a shared (tied) parameter only in its first owner (documented limitation 2
+    in ``vllm/model_executor/model_loader/reload``). On CPU the LM head keeps a pre-packed copy of the weight made
+    by that processing, so a tied LM head would go on computing logits from the *old* embedding matrix. Returns
+    the names of the modules reprocessed.
+    """
+    owner: dict[int, str] = {}
+    reprocessed = []
+    for module_name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            first = owner.setdefault(id(param), module_name)
+            if first != module_name:
+                quant_method = getattr(module, "quant_method", None)
+                if quant_method is not None:
+                    quant_method.process_weights_after_loading(module)
+                    reprocessed.append(module_name)
+                break
+    return reprocessed
+
+
+class _SyncGroup:
+    """This worker's side of the learner's weight-sync group."""
+
+    def __init__(self, group, rank: int, world_size: int, backend: str, timeout_s: float, device: torch.device):
+        self.group = group
+        self.rank = rank
+        self.world_size = world_size
+        self.backend = backend
+        self.timeout = timedelta(seconds=timeout_s)
+        self.device = device
+
+    def handshake(self, accept: bool) -> bool:
+        """MIN all-reduce of the accept flags (see ``learner/weight_sync.py``): True if every rank accepted."""
+        flag = torch.tensor([1 if accept else 0], dtype=torch.int32, device=self.device)
+        options = torch.distributed.AllreduceOptions()
+        options.reduceOp = torch.distributed.ReduceOp.MIN
+        options.timeout = self.timeout
+        self.group.allreduce([flag], options).wait()
+        return bool(flag.item() == 1)
+
+    def receive(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        flat = torch.empty(numel, dtype=dtype, device=self.device)
+        options = torch.distributed.BroadcastOptions()
+        options.rootRank = 0
+        options.timeout = self.timeout
+        self.group.broadcast([flat], options).wait()
+        return flat
+
+    def shutdown(self) -> None:
+        try:
+            self.group.shutdown()
+        except Exception:  # the peers may be gone; the group is unusable either way
+            pass
+
+
+class WeightSyncExtension:
+    """Mixed into vLLM's worker class. Holds the sync group, the loaded weight version and whether the weights are
+    whole (False after a transfer that failed half-way: layers may then hold a mix of versions)."""
+
+    # -- state (instance attributes appear on first use: vLLM mixes this class in without calling __init__) --
+
+    def _asyppo_state(self) -> dict[str, Any]:
+        state = self.__dict__.get("_asyppo_sync_state")
+        if state is None:
+            state = {"group": None, "version": 0, "weights_valid": True, "checkpoint_shapes": False}
+            self.__dict__["_asyppo_sync_state"] = state
+        return state
+
+    def _asyppo_expected_shapes(self) -> dict[str, list[int]] | None:
+        state = self._asyppo_state()
+        if state["checkpoint_shapes"] is False:  # not read yet (None means: nothing to compare with)
+            state["checkpoint_shapes"] = checkpoint_tensor_shapes(self.model_config.model)
+        return state["checkpoint_shapes"]
+
+    def asyppo_weight_state(self) -> dict[str, Any]:
+        """Version held, whether the weights are whole, and this rank in the sync group (None if not joined)."""
+        state = self._asyppo_state()
+        group = state["group"]
+        return {
+            "version": state["version"],
+            "weights_valid": state["weights_valid"],
+            "sync_rank": None if group is None else group.rank,
+        }
+
+    # -- group --
+
+    def asyppo_init_weight_sync(
+        self, master_address: str, master_port: int, rank_offset: int, world_size: int, backend: str,
+        timeout_s: float,
+    ) -> int:
+        """Join the learner's group as rank ``rank_offset + tp_rank`` (replacing any previous group); returns it."""
+        from vllm.distributed.parallel_state import get_pp_group, get_tp_group
+        from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+
+        if get_pp_group().world_size != 1:
+            raise NotImplementedError("weight sync supports tensor parallelism only (pipeline_parallel_size == 1)")
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"weight sync backend must be 'gloo' or 'nccl', got {backend!r}")
+        rank = rank_offset + get_tp_group().rank_in_group
+        if not 1 <= rank < world_size:
+            raise ValueError(f"weight sync rank {rank} (offset {rank_offset}) outside 1..{world_size - 1}")
+        self.asyppo_close_weight_sync()
+        device = self.device if backend == "nccl" else torch.device("cpu")
+        group = stateless_init_torch_distributed_process_group(
+            master_address, master_port, rank, world_size, backend, timeout=timedelta(seconds=timeout_s)
+        )
+        self._asyppo_state()["group"] = _SyncGroup(group, rank, world_size, backend, timeout_s, device)
+        return rank
+
+    def asyppo_close_weight_sync(self) -> None:
+        state = self._asyppo_state()
+        if state["group"] is not None:
+            state["group"].shutdown()
+            state["group"] = None
+
+    # -- loading --
+
+    def asyppo_receive_weights(self, plan: dict[str, Any], version: int) -> int:
+        """Check the plan, take part in the handshake, then receive every bucket straight into the model.
+
+        Returns the version now loaded. Raises ``WeightPlanRejected`` (nothing loaded, group intact) or, if the
+        transfer itself fails, ``RuntimeError`` after leaving the group and marking the weights incomplete.
+        """
+        state = self._asyppo_state()
+        sync: _SyncGroup | None = state["group"]
+        if sync is None:
+            raise RuntimeError("receive_weights before init_weight_sync: this worker is in no weight-sync group")
+        rejection = None
+        try:
+            validate_weight_plan(plan)
+            check_incoming_version(plan["version"], version, state["version"])
+            check_names_against_checkpoint(plan_shapes(plan), self._asyppo_expected_shapes())
+        except (ValueError, TypeError, KeyError) as err:  # WeightPlanRejected is neither; caught below
+            rejection = WeightPlanRejected(f"{REJECTED_MARKER}: malformed plan: {err}")
+        except WeightPlanRejected as err:
+            rejection = err
+        try:
+            accepted = sync.handshake(rejection is None)
+        except Exception as err:
+            self.asyppo_close_weight_sync()
+            raise RuntimeError(f"weight v{version}: handshake with the learner failed: {err}") from err
+        if rejection is not None:
+            raise rejection
+        if not accepted:
+            raise WeightPlanRejected(f"{REJECTED_MARKER}: v{version} was refused by another receiver")
+
+        dtype = wire_dtype(plan["dtype"])
+        received = 0
+
+        def stream():
+            nonlocal received
+            for bucket in plan["buckets"]:
+                flat = sync.receive(bucket["numel"], dtype)
+                received += 1
+                yield from unpack_bucket(flat, bucket)
+
+        state["weights_valid"] = False
+        try:
+            self._asyppo_load(stream())
+        except Exception as err:
+            self.asyppo_close_weight_sync()
+            raise RuntimeError(
+                f"weight v{version}: transfer failed after {received}/{len(plan['buckets'])} buckets ({err}); "
+                f"this worker's weights are now incomplete and it left the sync group"
+            ) from err
+        if received != len(plan["buckets"]):
+            self.asyppo_close_weight_sync()
+            raise RuntimeError(
+                f"weight v{version}: the model consumed {received}/{len(plan['buckets'])} buckets; group left"
+            )
+        state["version"] = version
+        state["weights_valid"] = True
+        return version
+
+    def asyppo_load_serialized_weights(self, blob: bytes, version: int) -> int:
+        """The simple path: weights as safetensors bytes (via Ray's object store and this RPC), same checks."""
+        from safetensors.torch import load
+
+        state = self._asyppo_state()
+        tensors = load(blob)
+        check_incoming_version(version, version, state["version"])
+        check_names_against_checkpoint({n: list(t.shape) for n, t in tensors.items()}, self._asyppo_expected_shapes())
+        state["weights_valid"] = False
+        self._asyppo_load(iter(tensors.items()))
+        state["version"] = version
+        state["weights_valid"] = True
+        return version
+
+    def _asyppo_load(self, weights) -> None:
+        from vllm.config import set_current_vllm_config
+
+        self.reload_weights(weights_iterator=weights)
+        with set_current_vllm_config(self.vllm_config):
+            reprocess_tied_layers(self.model_runner.get_model())

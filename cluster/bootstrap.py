@@ -1,0 +1,529 @@
+"""The built-in task's models: a character tokenizer, a tiny Qwen2 policy and critic, and their warm-up.
+
+``asyppo train`` with no arguments needs a base policy that leaves room for RL, and nothing can be downloaded,
+so the job makes its own: ``ensure_builtin_models`` trains it once, deterministically, and caches it.
+
+Recipe (``WarmupRecipe`` defaults; ALGORITHMS.md §1 for the verifier, §2 for the critics)
+------------------------------------------------------------------------------------------
+* Task: ``cluster.data.arithmetic_problems`` with operands below 100 and operators ``+`` and ``-``
+  (``37+45=`` -> ``82``, ``12-40=`` -> ``-28``). Answers are at most 3 characters, so a response is at most
+  4 tokens with EOS. Chosen because a ~0.5M-parameter model reaches 20-50% sampled accuracy after a few
+  hundred steps on 2 CPU cores, and keeps improving with more training (so RL has somewhere to go); addition
+  alone jumps from ~20% to ~70% within 50 steps, and 3-digit operands take minutes.
+* Tokenizer: one token per character of ``0123456789+-*= `` plus ``<pad>`` (id 0), ``<eos>`` (id 1) and
+  ``<unk>`` (id 2); no BOS (nothing needs it). Decoding concatenates characters.
+* Policy: Qwen2, hidden 128, 2 layers, 4 heads of dim 32 (a head size vLLM's CPU attention supports), MLP
+  512, tied embeddings, 128 positions (~0.5M parameters), float32.
+* Supervised warm-up of the policy: ``prompt + answer + <eos>``, cross-entropy on answer and EOS tokens only,
+  batches of 256 train problems from a seeded ``PromptSampler``, AdamW (lr 3e-3, no weight decay, betas
+  0.9/0.98), linear warm-up over 50 steps then constant, gradient clipping at 1. Every 25 steps the held-out
+  accuracy is measured by sampling (temperature 1, no top-k/top-p, fixed sampling seed) one response for each
+  of 512 ``eval`` problems; training stops at the first evaluation inside ``[0.2, 0.5]`` (the base policy's
+  ``base_accuracy``). Overshooting the band or reaching ``max_steps`` also stops it, with a warning in the log.
+* Critic: Qwen2, hidden 64, 2 layers, 2 heads of dim 32, MLP 256 (~0.1M parameters), trained with the same
+  LM objective for a fixed 150 steps. A random backbone would make the value head learn from features that
+  know nothing about digits; after a short LM warm-up the hidden states encode the problem and the partial
+  answer, which is what a value function of this task needs. Critic accuracy does not matter, so it is not
+  evaluated. The value head itself belongs to the critic model, not to this checkpoint.
+
+Everything is seeded (model init, batch order, evaluation sampling) and runs with a fixed number of torch
+threads, so the same recipe gives the same weights on the same machine. Outputs are cached under
+``$ASYPPO_CACHE`` (default ``~/.cache/asyppo``) in a directory keyed by a hash of the recipe; a build is
+written to a temporary directory and renamed into place, under a file lock, so a crash never leaves a half
+written cache and concurrent callers build it once. Each of ``policy/`` and ``critic/`` is a normal Hugging
+Face model directory (``config.json``, ``model.safetensors``, ``generation_config.json``, ``tokenizer.json``,
+``tokenizer_config.json``) that ``AutoModelForCausalLM.from_pretrained``, ``AutoTokenizer.from_pretrained``
+and ``vllm.LLM(model=dir, dtype="float32")`` load.
+
+No Ray import here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from actors.rewards import verify_arithmetic
+from cluster.data import Problem, PromptSampler, arithmetic_problems
+
+__all__ = [
+    "ARITHMETIC_ALPHABET",
+    "BuiltinModels",
+    "RECIPE_VERSION",
+    "WarmupRecipe",
+    "char_tokenizer",
+    "default_cache_dir",
+    "ensure_builtin_models",
+    "sampled_accuracy",
+    "tiny_critic_config",
+    "tiny_policy_config",
+]
+
+# Bump when the code changes what a recipe produces, so that old cache entries are not reused.
+RECIPE_VERSION = 1
+ARITHMETIC_ALPHABET = "0123456789+-*= "
+PAD_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<eos>", "<unk>"
+SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, UNK_TOKEN)  # ids 0, 1, 2
+MAX_POSITIONS = 128
+HEAD_DIM = 32
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizer and model configurations
+# ---------------------------------------------------------------------------------------------------------
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer for the arithmetic alphabet, built locally with ``tokenizers``.
+
+    Each character of ``ARITHMETIC_ALPHABET`` is one token; special tokens ``<pad>`` (0), ``<eos>`` (1),
+    ``<unk>`` (2, any other character). No BOS token and no post-processing, so ``encode(text)`` is exactly
+    the characters. The ``Fuse`` decoder joins tokens without separators, so ``decode`` gives back the plain
+    text (a word-level vocabulary would otherwise be decoded with spaces between tokens).
+    """
+    vocabulary = {token: index for index, token in enumerate([*SPECIAL_TOKENS, *ARITHMETIC_ALPHABET])}
+    backend = Tokenizer(models.WordLevel(vocab=vocabulary, unk_token=UNK_TOKEN))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=UNK_TOKEN,
+        model_max_length=MAX_POSITIONS,
+        padding_side="right",
+    )
+
+
+def _tiny_qwen2_config(vocab_size: int, hidden_size: int, num_layers: int) -> Qwen2Config:
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must be an int >= {len(SPECIAL_TOKENS)}, got {vocab_size!r}")
+    if hidden_size % HEAD_DIM:
+        raise ValueError(f"hidden_size must be a multiple of the head size {HEAD_DIM}, got {hidden_size}")
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    heads = hidden_size // HEAD_DIM
+    return Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=MAX_POSITIONS,
+        tie_word_embeddings=True,
+        pad_token_id=SPECIAL_TOKENS.index(PAD_TOKEN),
+        eos_token_id=SPECIAL_TOKENS.index(EOS_TOKEN),
+        bos_token_id=None,
+        dtype="float32",
+        architectures=["Qwen2ForCausalLM"],
+    )
+
+
+def tiny_policy_config(vocab_size: int, *, hidden_size: int = 128, num_layers: int = 2) -> Qwen2Config:
+    """Qwen2 configuration of the built-in policy (~0.5M parameters at the defaults; head dim 32)."""
+    return _tiny_qwen2_config(vocab_size, hidden_size, num_layers)
+
+
+def tiny_critic_config(vocab_size: int, *, hidden_size: int = 64, num_layers: int = 2) -> Qwen2Config:
+    """Qwen2 configuration of the built-in critic backbone, smaller than the policy (~0.1M parameters)."""
+    return _tiny_qwen2_config(vocab_size, hidden_size, num_layers)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Recipe and result
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WarmupRecipe:
+    """Everything that determines the built-in models (with the seed); hashed into the cache key.
+
+    The defaults are the documented recipe (module docstring). Tests pass cheaper ones.
+    """
+
+    digits: int = 2
+    operators: str = "+-"
+    policy_hidden_size: int = 128
+    policy_layers: int = 2
+    critic_hidden_size: int = 64
+    critic_layers: int = 2
+    batch_size: int = 256
+    learning_rate: float = 3e-3
+    lr_warmup_steps: int = 50
+    max_steps: int = 1500
+    eval_every: int = 25
+    eval_size: int = 512
+    target_low: float = 0.2
+    target_high: float = 0.5
+    critic_steps: int = 150
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "max_steps", "eval_every", "eval_size", "policy_layers", "critic_layers")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"WarmupRecipe.{name} must be >= 1, got {getattr(self, name)}")
+        if self.critic_steps < 0 or self.lr_warmup_steps < 0:
+            raise ValueError("WarmupRecipe.critic_steps and lr_warmup_steps must be >= 0")
+        if not 0.0 <= self.target_low <= self.target_high <= 1.0:
+            raise ValueError(
+                f"WarmupRecipe: need 0 <= target_low <= target_high <= 1, got {self.target_low}, {self.target_high}"
+            )
+        if not self.learning_rate > 0:
+            raise ValueError(f"WarmupRecipe.learning_rate must be > 0, got {self.learning_rate}")
+
+    @property
+    def max_response_tokens(self) -> int:
+        """Longest answer of the task plus EOS: the generation limit used for evaluation."""
+        largest = 10**self.digits - 1
+        longest = max(
+            len(str(largest + largest)) if "+" in self.operators else 0,
+            len(str(-largest)) if "-" in self.operators else 0,
+            len(str(largest * largest)) if "*" in self.operators else 0,
+        )
+        return longest + 1
+
+
+@dataclass(frozen=True)
+class BuiltinModels:
+    """Paths of the cached built-in checkpoints and how they were made.
+
+    ``recipe`` is the full recipe with its seed (and the tokenizer vocabulary), as hashed into the cache key;
+    ``warmup`` holds what the warm-up did (steps, evaluation history, stop reason, seconds).
+    """
+
+    policy_dir: Path
+    critic_dir: Path
+    base_accuracy: float
+    recipe: dict[str, Any]
+    warmup: dict[str, Any] = dataclasses.field(default_factory=dict)
+    from_cache: bool = False
+
+    def heldout_problems(self) -> list[Problem]:
+        """The exact held-out problems ``base_accuracy`` was measured on (compare RL accuracy on these)."""
+        return arithmetic_problems(
+            self.recipe["eval_size"],
+            split="eval",
+            seed=self.recipe["seed"],
+            digits=self.recipe["digits"],
+            operators=self.recipe["operators"],
+        )
+
+
+def default_cache_dir() -> Path:
+    """``$ASYPPO_CACHE`` if set, else ``~/.cache/asyppo``."""
+    return Path(os.environ.get("ASYPPO_CACHE") or "~/.cache/asyppo").expanduser()
+
+
+def _recipe_dict(recipe: WarmupRecipe, seed: int) -> dict[str, Any]:
+    return {
+        "version": RECIPE_VERSION,
+        "task": "arithmetic",
+        "seed": seed,
+        "vocabulary": [*SPECIAL_TOKENS, *ARITHMETIC_ALPHABET],
+        "max_response_tokens": recipe.max_response_tokens,
+        **dataclasses.asdict(recipe),
+    }
+
+
+def _recipe_key(recipe_dict: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(recipe_dict, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training and evaluation
+# ---------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _supervised_batch(
+    tokenizer: PreTrainedTokenizerFast, problems: Sequence[Problem]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``prompt + answer + <eos>`` ids, attention mask, and labels that are -100 on the prompt
+    and the padding, so the loss covers the answer and EOS only."""
+    sequences, labels = [], []
+    for problem in problems:
+        prompt_ids = tokenizer.encode(problem.prompt, add_special_tokens=False)
+        target_ids = tokenizer.encode(problem.answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+        sequences.append(prompt_ids + target_ids)
+        labels.append([-100] * len(prompt_ids) + target_ids)
+    width = max(map(len, sequences))
+    input_ids = torch.full((len(sequences), width), tokenizer.pad_token_id, dtype=torch.long)
+    label_ids = torch.full((len(sequences), width), -100, dtype=torch.long)
+    for row, (sequence, label) in enumerate(zip(sequences, labels)):
+        input_ids[row, : len(sequence)] = torch.tensor(sequence)
+        label_ids[row, : len(label)] = torch.tensor(label)
+    lengths = torch.tensor([len(sequence) for sequence in sequences])
+    attention_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    return input_ids, attention_mask, label_ids
+
+
+@torch.no_grad()
+def sampled_accuracy(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerFast,
+    problems: Sequence[Problem],
+    *,
+    seed: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    batch_size: int = 512,
+) -> float:
+    """Fraction of ``problems`` answered correctly by one sampled response each (``verify_arithmetic``).
+
+    Plain ancestral sampling at ``temperature`` (no top-k / top-p), with the torch RNG seeded from ``seed``
+    inside a forked RNG state, so the caller's random stream is untouched and the number is reproducible.
+    """
+    if not problems:
+        raise ValueError("sampled_accuracy: no problems")
+    was_training = model.training
+    model.eval()
+    generation = GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    correct = 0
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for start in range(0, len(problems), batch_size):
+                chunk = problems[start : start + batch_size]
+                encoded = tokenizer(
+                    [problem.prompt for problem in chunk],
+                    add_special_tokens=False,
+                    padding=True,
+                    padding_side="left",
+                    return_tensors="pt",
+                )
+                output = model.generate(**encoded, generation_config=generation)
+                responses = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+                correct += sum(verify_arithmetic(text, problem.answer) for text, problem in zip(responses, chunk))
+    finally:
+        model.train(was_training)
+    return correct / len(problems)
+
+
+def _language_model_warmup(
+    model: Qwen2ForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    sampler: PromptSampler,
+    recipe: WarmupRecipe,
+    steps: int,
+    evaluate: Callable[[int], bool] | None = None,
+) -> int:
+    """Supervised steps on ``prompt + answer + <eos>``; stops early when ``evaluate(step)`` returns True.
+
+    Returns the number of steps taken.
+    """
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, betas=(0.9, 0.98), weight_decay=0.0)
+    model.train()
+    for step in range(1, steps + 1):
+        warmup_fraction = min(1.0, step / recipe.lr_warmup_steps) if recipe.lr_warmup_steps else 1.0
+        for group in optimizer.param_groups:
+            group["lr"] = recipe.learning_rate * warmup_fraction
+        input_ids, attention_mask, labels = _supervised_batch(tokenizer, sampler.next_batch(recipe.batch_size))
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if evaluate is not None and step % recipe.eval_every == 0 and evaluate(step):
+            return step
+    return steps
+
+
+def _save_model(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, directory: Path) -> None:
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def _build(recipe: WarmupRecipe, seed: int, output_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """Train policy and critic into ``output_dir/policy`` and ``output_dir/critic``; return the warm-up record."""
+    started = time.perf_counter()
+    tokenizer = char_tokenizer()
+    vocab_size = len(tokenizer)
+    train = arithmetic_problems(None, split="train", seed=seed, digits=recipe.digits, operators=recipe.operators)
+    heldout = arithmetic_problems(
+        recipe.eval_size, split="eval", seed=seed, digits=recipe.digits, operators=recipe.operators
+    )
+    if recipe.batch_size > len(train):
+        raise ValueError(f"WarmupRecipe.batch_size {recipe.batch_size} exceeds the {len(train)} train problems")
+
+    torch.manual_seed(seed)
+    policy = Qwen2ForCausalLM(
+        tiny_policy_config(vocab_size, hidden_size=recipe.policy_hidden_size, num_layers=recipe.policy_layers)
+    )
+    history: list[tuple[int, float]] = []
+    eval_seed = seed + 10_000
+
+    def evaluate(step: int) -> bool:
+        accuracy = sampled_accuracy(
+            policy, tokenizer, heldout, seed=eval_seed, max_new_tokens=recipe.max_response_tokens
+        )
+        history.append((step, accuracy))
+        log(f"[bootstrap] policy step {step}: held-out sampled accuracy {accuracy:.3f}")
+        return accuracy >= recipe.target_low
+
+    policy_steps = _language_model_warmup(
+        policy, tokenizer, PromptSampler(train, seed=seed), recipe, recipe.max_steps, evaluate
+    )
+    base_accuracy = history[-1][1] if history else sampled_accuracy(
+        policy, tokenizer, heldout, seed=eval_seed, max_new_tokens=recipe.max_response_tokens
+    )
+    band = f"[{recipe.target_low}, {recipe.target_high}]"
+    if base_accuracy > recipe.target_high:
+        stop_reason = "overshot"
+        log(f"[bootstrap] WARNING: accuracy jumped past the target band {band} to {base_accuracy:.3f} at step "
+            f"{policy_steps}; evaluate more often (eval_every) or lower the learning rate")
+    elif base_accuracy < recipe.target_low:
+        stop_reason = "step_cap"
+        log(f"[bootstrap] WARNING: reached the step cap {recipe.max_steps} at accuracy {base_accuracy:.3f}, "
+            f"below the target band {band}")
+    else:
+        stop_reason = "in_band"
+        log(f"[bootstrap] policy stops at step {policy_steps}: accuracy {base_accuracy:.3f} is inside {band}")
+    _save_model(policy, tokenizer, output_dir / "policy")
+
+    torch.manual_seed(seed + 1)
+    critic = Qwen2ForCausalLM(
+        tiny_critic_config(vocab_size, hidden_size=recipe.critic_hidden_size, num_layers=recipe.critic_layers)
+    )
+    _language_model_warmup(critic, tokenizer, PromptSampler(train, seed=seed + 1), recipe, recipe.critic_steps)
+    _save_model(critic, tokenizer, output_dir / "critic")
+    seconds = time.perf_counter() - started
+    log(f"[bootstrap] critic: {recipe.critic_steps} LM steps; built-in models ready in {seconds:.1f} s")
+    return {
+        "base_accuracy": base_accuracy,
+        "policy_steps": policy_steps,
+        "critic_steps": recipe.critic_steps,
+        "stop_reason": stop_reason,
+        "history": history,
+        "seconds": round(seconds, 2),
+        "policy_parameters": sum(p.numel() for p in policy.parameters()),
+        "critic_parameters": sum(p.numel() for p in critic.parameters()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path, log: Callable[[str], None]) -> Iterator[None]:
+    """An advisory ``flock`` on ``path``, so that concurrent callers build an entry once."""
+    import fcntl
+
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"[bootstrap] waiting for another process building {path.with_suffix('')} ...")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _load_entry(entry: Path, recipe_dict: dict[str, Any]) -> BuiltinModels | None:
+    """The cached result in ``entry`` if it is complete and made by ``recipe_dict``, else ``None``."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("recipe") != recipe_dict:
+        return None
+    return BuiltinModels(
+        policy_dir=entry / "policy",
+        critic_dir=entry / "critic",
+        base_accuracy=meta["warmup"]["base_accuracy"],
+        recipe=meta["recipe"],
+        warmup=meta["warmup"],
+        from_cache=True,
+    )
+
+
+def ensure_builtin_models(
+    cache_dir: Path | None = None,
+    *,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+    recipe: WarmupRecipe | None = None,
+    num_threads: int | None = None,
+) -> BuiltinModels:
+    """The built-in policy and critic checkpoints, trained once per ``(recipe, seed)`` and cached.
+
+    ``cache_dir`` defaults to ``default_cache_dir()``. The first call trains (module docstring; about a
+    minute on 2 CPU cores with the default recipe), later calls return the cached directories at once
+    (``from_cache=True``). ``num_threads`` (default: up to 2) sets torch's intra-op threads during training;
+    it is not part of the cache key, and results are bitwise reproducible only for the same thread count.
+    """
+    recipe = recipe or WarmupRecipe()
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"ensure_builtin_models: seed must be a non-negative int, got {seed!r}")
+    recipe_dict = _recipe_dict(recipe, seed)
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    entry = cache_dir / f"arithmetic-{_recipe_key(recipe_dict)}"
+
+    cached = _load_entry(entry, recipe_dict)
+    if cached is not None:
+        log(f"[bootstrap] using cached built-in models in {entry} (base accuracy {cached.base_accuracy:.3f})")
+        return cached
+
+    with _exclusive_lock(entry.with_name(entry.name + ".lock"), log):
+        cached = _load_entry(entry, recipe_dict)  # another process may have built it while we waited
+        if cached is not None:
+            log(f"[bootstrap] using built-in models just built by another process in {entry}")
+            return cached
+        if entry.exists():  # neither complete nor ours: left by a different recipe version's bug; rebuild
+            shutil.rmtree(entry)
+        log(f"[bootstrap] building the built-in arithmetic models into {entry} (seed {seed})")
+        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=cache_dir))
+        try:
+            with _torch_threads(num_threads or max(1, min(2, os.cpu_count() or 1))):
+                warmup = _build(recipe, seed, staging, log)
+            (staging / "meta.json").write_text(json.dumps({"recipe": recipe_dict, "warmup": warmup}, indent=2))
+            os.replace(staging, entry)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return BuiltinModels(
+        policy_dir=entry / "policy",
+        critic_dir=entry / "critic",
+        base_accuracy=warmup["base_accuracy"],
+        recipe=recipe_dict,
+        warmup=warmup,
+        from_cache=False,
+    )

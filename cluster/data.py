@@ -1,0 +1,395 @@
+"""Prompts and reference answers: the built-in arithmetic task, local dataset files, and the prompt sampler.
+
+* ``arithmetic_problems`` generates the built-in task: word-free problems such as ``37+45=`` / ``82`` with
+  operands of up to ``digits`` digits. Every possible problem belongs to exactly one split, decided by a stable
+  hash of its text, so the ``eval`` problems are held out from training for any seed and count.
+* ``load_problems`` reads ``builtin:arithmetic`` or a local ``.jsonl`` / ``.json`` / ``.parquet`` file with the
+  ``datasets`` library (its packaged local builders; nothing is fetched from the hub) and validates every row
+  before anything trains; a bad row raises ``DatasetError`` naming the file, the row and the reason.
+* ``PromptSampler`` draws prompt batches in seeded epoch-wise shuffles and can be checkpointed and resumed.
+
+No Ray import here: the driver calls these functions and ships the resulting ``Problem`` objects around.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+__all__ = [
+    "ARITHMETIC_SOURCE",
+    "DatasetError",
+    "HELDOUT_FRACTION",
+    "Problem",
+    "PromptSampler",
+    "arithmetic_problems",
+    "load_problems",
+    "problem_id",
+]
+
+ARITHMETIC_SOURCE = "builtin:arithmetic"
+# One problem in ten of the built-in task's problem space is held out for evaluation.
+HELDOUT_FRACTION = 0.1
+_OPERATORS = "+-*"
+_MAX_DIGITS = 3  # 3 digits with three operators is ~3M problems, the most we enumerate in memory.
+_FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be trained on: missing file, unreadable file, bad row, no rows."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One prompt with its reference answer. ``id`` is stable across runs (it keys critic shards and logs)."""
+
+    id: str
+    prompt: str
+    answer: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"id": self.id, "prompt": self.prompt, "answer": self.answer}
+
+
+def problem_id(prompt: str) -> str:
+    """Stable id of a prompt: the first 16 hex digits of its SHA-256 (independent of PYTHONHASHSEED)."""
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
+
+
+def _is_heldout(prompt: str) -> bool:
+    # An independent hash from the id's, so that the split is not correlated with id-based critic shards.
+    digest = hashlib.sha256(b"asyppo-heldout:" + prompt.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") < HELDOUT_FRACTION * 2**64
+
+
+def _arithmetic_result(left: int, operator: str, right: int) -> int:
+    if operator == "+":
+        return left + right
+    if operator == "-":
+        return left - right
+    return left * right
+
+
+def arithmetic_problems(
+    count: int | None,
+    *,
+    split: Literal["train", "eval"],
+    seed: int = 0,
+    digits: int = 2,
+    operators: str = "+-",
+) -> list[Problem]:
+    """Deterministic problems of the built-in arithmetic task.
+
+    A problem is ``f"{a}{op}{b}="`` with ``0 <= a, b < 10**digits`` and ``op`` in ``operators`` (a subset of
+    ``+-*``); its answer is the exact integer result (negative for some subtractions). The whole problem space
+    is enumerated and split by a stable hash of the problem text (``HELDOUT_FRACTION`` goes to ``eval``), so
+    the splits never share a problem. ``count`` problems are then drawn without replacement with ``seed``
+    (``None``: the whole split, shuffled). Same arguments, same list.
+    """
+    if split not in ("train", "eval"):
+        raise ValueError(f"arithmetic_problems: split must be 'train' or 'eval', got {split!r}")
+    if isinstance(digits, bool) or not isinstance(digits, int) or not 1 <= digits <= _MAX_DIGITS:
+        raise ValueError(f"arithmetic_problems: digits must be an int in [1, {_MAX_DIGITS}], got {digits!r}")
+    if (
+        not isinstance(operators, str)
+        or not operators
+        or any(op not in _OPERATORS for op in operators)
+        or len(set(operators)) != len(operators)
+    ):
+        raise ValueError(
+            f"arithmetic_problems: operators must be distinct characters from {_OPERATORS!r}, got {operators!r}"
+        )
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise ValueError(f"arithmetic_problems: count must be a positive int or None, got {count!r}")
+
+    want_heldout = split == "eval"
+    pool: list[tuple[str, int]] = []
+    for operator in operators:
+        for left in range(10**digits):
+            for right in range(10**digits):
+                prompt = f"{left}{operator}{right}="
+                if _is_heldout(prompt) == want_heldout:
+                    pool.append((prompt, _arithmetic_result(left, operator, right)))
+    if count is not None and count > len(pool):
+        raise ValueError(
+            f"arithmetic_problems: asked for {count} {split} problems but the {split} split of "
+            f"digits={digits}, operators={operators!r} holds only {len(pool)}"
+        )
+    rng = random.Random(f"asyppo-arithmetic:{seed}")
+    chosen = rng.sample(pool, len(pool) if count is None else count)
+    return [Problem(id=problem_id(prompt), prompt=prompt, answer=str(result)) for prompt, result in chosen]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Local dataset files
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _answer_text(value: Any) -> str | None:
+    """The reference answer as text, or ``None`` when ``value`` is not a usable answer."""
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        # Arrow widens a column mixing ints and floats to float64; the integer rows were written as integers.
+        return str(int(value)) if value.is_integer() else repr(value)
+    return None
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    """For a JSON Lines file ``datasets`` refused: the first line that is not one JSON object, described."""
+    import json
+
+    with path.open("r", encoding="utf-8", errors="replace") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                return f"line {line_number}: invalid JSON ({error.msg} at column {error.colno})"
+            if not isinstance(record, dict):
+                return f"line {line_number}: expected a JSON object, got {type(record).__name__}"
+    return None
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """All rows of a local file, read with the ``datasets`` packaged builder for its format."""
+    import datasets
+
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise DatasetError(f"{path}: the file is empty (no rows)")
+    builder = _FILE_FORMATS[path.suffix.lower()]
+    bars_were_disabled = datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        # A packaged builder on a local file: no hub look-up. keep_in_memory avoids a stale on-disk copy.
+        table = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
+    except Exception as error:  # noqa: BLE001 - datasets raises many types; all mean "unreadable file"
+        detail = _first_bad_json_line(path) if path.suffix.lower() == ".jsonl" else None
+        reason = detail or f"{type(error).__name__}: {error}"
+        if error.__cause__ is not None and detail is None:
+            reason += f" ({type(error.__cause__).__name__}: {error.__cause__})"
+        raise DatasetError(f"{path}: cannot be read as {path.suffix} ({reason})") from error
+    finally:
+        if not bars_were_disabled:
+            datasets.enable_progress_bars()
+    return table.to_list()
+
+
+def _problems_from_rows(
+    rows: list[dict[str, Any]],
+    where: str,
+    *,
+    prompt_key: str,
+    answer_key: str,
+    id_key: str | None,
+    prompt_template: str,
+) -> list[Problem]:
+    if not rows:
+        raise DatasetError(f"{where}: the dataset has no rows")
+    columns = set(rows[0])
+    for role, key in (("prompt_key", prompt_key), ("answer_key", answer_key), ("id_key", id_key)):
+        if key is not None and key not in columns:
+            raise DatasetError(f"{where}: column {key!r} ({role}) not found; columns are {sorted(columns)}")
+
+    problems: list[Problem] = []
+    first_row_of_id: dict[str, int] = {}
+    for row_number, row in enumerate(rows, start=1):
+        def bad(reason: str) -> DatasetError:
+            return DatasetError(f"{where}: row {row_number}: {reason}")
+
+        question = row.get(prompt_key)
+        if question is None:
+            raise bad(f"missing {prompt_key!r}")
+        if not isinstance(question, str):
+            raise bad(f"{prompt_key!r} must be a string, got {type(question).__name__} {question!r}")
+        if not question.strip():
+            raise bad(f"empty {prompt_key!r}")
+        raw_answer = row.get(answer_key)
+        if raw_answer is None:
+            raise bad(f"missing {answer_key!r}")
+        answer = _answer_text(raw_answer)
+        if answer is None:
+            raise bad(f"{answer_key!r} must be a non-empty string or a finite number, got {raw_answer!r}")
+        prompt = prompt_template.replace("{question}", question)
+        if id_key is None:
+            identifier = problem_id(prompt)
+        else:
+            raw_id = row.get(id_key)
+            if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or not str(raw_id).strip():
+                raise bad(f"{id_key!r} must be a non-empty string or an int, got {raw_id!r}")
+            identifier = str(raw_id).strip()
+        if identifier in first_row_of_id:
+            what = f"duplicate {id_key!r} {identifier!r}" if id_key else "duplicate question (same prompt)"
+            raise bad(f"{what}, first seen at row {first_row_of_id[identifier]}")
+        first_row_of_id[identifier] = row_number
+        problems.append(Problem(id=identifier, prompt=prompt, answer=answer))
+    return problems
+
+
+def load_problems(
+    source: str,
+    *,
+    split: str = "train",
+    prompt_key: str = "question",
+    answer_key: str = "answer",
+    id_key: str | None = None,
+    prompt_template: str = "{question}",
+    limit: int | None = None,
+    seed: int = 0,
+) -> list[Problem]:
+    """Problems from ``builtin:arithmetic`` or a local ``.jsonl`` / ``.json`` / ``.parquet`` file.
+
+    * ``builtin:arithmetic``: ``arithmetic_problems(limit, split=split, seed=seed)`` with the default task
+      (``split`` is ``train`` or ``eval``; ``limit=None`` gives the whole split).
+    * A file is one split: ``split`` is not used to select rows from it (point ``source`` at the eval file for
+      evaluation). Every row is validated -- the question is a non-empty string, the answer a non-empty
+      string or a finite number (numbers are kept as their text; integral floats lose the ``.0`` that Arrow
+      adds when a column mixes ints and floats), the id (column ``id_key``, else a hash of the prompt) is
+      unique -- and the first bad row raises ``DatasetError`` with the file, the 1-based row number (blank
+      lines of a JSON Lines file are not rows) and the reason. ``limit`` then keeps a ``seed``-chosen subset
+      of that many rows, in file order.
+
+    ``prompt_template`` must contain ``{question}``, which is replaced by the question text (plain replacement,
+    so LaTeX braces elsewhere in the template are fine).
+    """
+    if not isinstance(prompt_template, str) or "{question}" not in prompt_template:
+        raise ValueError(f"load_problems: prompt_template must contain '{{question}}', got {prompt_template!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"load_problems: limit must be a positive int or None, got {limit!r}")
+
+    if source.startswith("builtin:"):
+        if source != ARITHMETIC_SOURCE:
+            raise DatasetError(f"unknown built-in dataset {source!r}; the only one is {ARITHMETIC_SOURCE!r}")
+        if split not in ("train", "eval"):
+            raise DatasetError(f"{source}: split must be 'train' or 'eval', got {split!r}")
+        problems = arithmetic_problems(limit, split=split, seed=seed)  # type: ignore[arg-type]
+        if prompt_template == "{question}":
+            return problems
+        return [
+            Problem(id=problem_id(prompt), prompt=prompt, answer=problem.answer)
+            for problem in problems
+            for prompt in [prompt_template.replace("{question}", problem.prompt)]
+        ]
+
+    path = Path(source).expanduser()
+    if path.suffix.lower() not in _FILE_FORMATS:
+        raise DatasetError(
+            f"{source}: unsupported dataset source; use {ARITHMETIC_SOURCE!r} or a file ending in "
+            f"{', '.join(_FILE_FORMATS)}"
+        )
+    rows = _read_rows(path)
+    problems = _problems_from_rows(
+        rows,
+        str(path),
+        prompt_key=prompt_key,
+        answer_key=answer_key,
+        id_key=id_key,
+        prompt_template=prompt_template,
+    )
+    if limit is not None and limit < len(problems):
+        keep = sorted(random.Random(f"asyppo-limit:{seed}").sample(range(len(problems)), limit))
+        problems = [problems[index] for index in keep]
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sampling prompts for rollouts
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _fingerprint(problems: Sequence[Problem]) -> str:
+    digest = hashlib.sha256()
+    for problem in problems:
+        digest.update(problem.id.encode("utf-8") + b"\0")
+    return digest.hexdigest()[:16]
+
+
+class PromptSampler:
+    """Seeded epoch-wise shuffling over a fixed list of problems, resumable from ``state_dict``.
+
+    Epoch ``e`` visits the problems in a permutation that depends only on ``(seed, e)``. A batch is a
+    contiguous slice of one epoch's permutation, so a batch never holds the same problem twice; when fewer
+    than ``count`` problems remain in the epoch, those are skipped and the next epoch starts (like a data
+    loader's ``drop_last``).
+    """
+
+    def __init__(self, problems: Sequence[Problem], *, seed: int = 0) -> None:
+        if not problems:
+            raise ValueError("PromptSampler: no problems to sample from")
+        self._problems = list(problems)
+        self._seed = seed
+        self._fingerprint = _fingerprint(self._problems)
+        self._epoch = 0
+        self._position = 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        order = list(range(len(self._problems)))
+        random.Random(f"asyppo-sampler:{self._seed}:{epoch}").shuffle(order)
+        return order
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def position(self) -> int:
+        return self._position
+
+    def __len__(self) -> int:
+        return len(self._problems)
+
+    def next_batch(self, count: int) -> list[Problem]:
+        """The next ``count`` distinct problems (``1 <= count <= len(self)``)."""
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= len(self._problems):
+            raise ValueError(
+                f"PromptSampler.next_batch: count must be an int in [1, {len(self._problems)}] "
+                f"(the number of problems), got {count!r}"
+            )
+        if self._position + count > len(self._problems):
+            self._epoch += 1
+            self._position = 0
+            self._order = self._permutation(self._epoch)
+        indices = self._order[self._position : self._position + count]
+        self._position += count
+        return [self._problems[index] for index in indices]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "seed": self._seed,
+            "epoch": self._epoch,
+            "position": self._position,
+            "num_problems": len(self._problems),
+            "fingerprint": self._fingerprint,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``; refuses a state saved for other problems or another seed."""
+        expected = {"seed": self._seed, "num_problems": len(self._problems), "fingerprint": self._fingerprint}
+        for key, value in expected.items():
+            if state.get(key) != value:
+                raise ValueError(
+                    f"PromptSampler.load_state_dict: {key} is {state.get(key)!r} in the saved state but "
+                    f"{value!r} here; the run is being resumed with different data or seed"
+                )
+        epoch, position = state.get("epoch"), state.get("position")
+        if not isinstance(epoch, int) or epoch < 0 or not isinstance(position, int):
+            raise ValueError(f"PromptSampler.load_state_dict: bad epoch/position {epoch!r}/{position!r}")
+        if not 0 <= position <= len(self._problems):
+            raise ValueError(f"PromptSampler.load_state_dict: position {position} out of [0, {len(self._problems)}]")
+        self._epoch = epoch
+        self._position = position
+        self._order = self._permutation(epoch)
