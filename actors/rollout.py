@@ -25,7 +25,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -114,7 +115,8 @@ class RolloutWorker:
     def generate(
         self, problems: list[dict], *, n: int, max_new_tokens: int, temperature: float, top_p: float, seed: int
     ) -> dict[str, Any]:
-        """Sample ``n`` responses per problem and score them. Rows are prompt-major (prompt i: rows i·n … i·n+n−1).
+        """Sample ``n`` responses per problem and score them. Rows are prompt-major: prompt i has rows
+        i·n … i·n+n−1.
 
         Returns ``prompt_ids`` (list of token lists), ``response_ids`` (long [P·n, T], right-padded with the pad
         id), ``response_mask`` and ``rollout_logprobs`` (float [P·n, T], 0 on padding), ``scores`` (float [P·n]),
@@ -127,13 +129,17 @@ class RolloutWorker:
         if n < 1 or max_new_tokens < 1:
             raise ValueError(f"n and max_new_tokens must be >= 1, got n={n}, max_new_tokens={max_new_tokens}")
         if not temperature > 0:
-            raise ValueError(f"temperature must be > 0 (log-probs are those of the sampling distribution), got {temperature}")
+            raise ValueError(
+                f"temperature must be > 0 (log-probs are those of the sampling distribution), got {temperature}"
+            )
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if not problems:
             raise ValueError("generate() got no problems")
         prompt_ids = []
         for position, problem in enumerate(problems):
+            if not isinstance(problem, dict):
+                raise TypeError(f"problem #{position} is a {type(problem).__name__}, not a dict")
             missing = [key for key in ("id", "prompt", "answer") if not isinstance(problem.get(key), str)]
             if missing:
                 raise ValueError(f"problem #{position} ({problem.get('id')!r}): {missing} missing or not a string")
@@ -218,7 +224,9 @@ class RolloutWorker:
                 raise ValueError(f"prompt_logprobs: sequence #{position} is empty")
             bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
             if bad:
-                raise ValueError(f"prompt_logprobs: sequence #{position} has token ids outside the vocabulary: {bad[:5]}")
+                raise ValueError(
+                    f"prompt_logprobs: sequence #{position} has token ids outside the vocabulary: {bad[:5]}"
+                )
             if len(ids) >= self.max_model_len:
                 raise ValueError(f"prompt_logprobs: sequence #{position} is longer than max_model_len")
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
@@ -241,6 +249,7 @@ class RolloutWorker:
                 f"ranks {rank_offset}..{rank_offset + self.tensor_parallel_size - 1} of this worker do not fit in a "
                 f"weight-sync world of {world_size} (rank 0 is the learner)"
             )
+        self._sync_timeout_s = None  # the engine leaves any previous group first
         self.llm.collective_rpc(
             "asyppo_init_weight_sync", timeout=timeout_s + 30.0,
             args=(master_address, master_port, rank_offset, world_size, backend, timeout_s),
@@ -296,7 +305,7 @@ class RolloutWorker:
         try:
             states = self.llm.collective_rpc("asyppo_weight_state", timeout=30.0)
             engine_alive = True
-        except Exception:
+        except Exception:  # noqa: BLE001 - whatever the failure, the engine does not answer
             states, engine_alive = [], False
         return {
             "pid": os.getpid(),
@@ -315,7 +324,9 @@ class RolloutWorker:
 
     def _accept(self, acks: list[int], version: int) -> int:
         if any(ack != version for ack in acks):
-            raise RuntimeError(f"rollout worker #{self.worker_index}: ranks acknowledged versions {acks}, not {version}")
+            raise RuntimeError(
+                f"rollout worker #{self.worker_index}: ranks acknowledged versions {acks}, not {version}"
+            )
         # KV blocks cached under the old weights must not be reused.
         self.llm.reset_prefix_cache()
         self._version = version
@@ -332,7 +343,7 @@ class RolloutWorker:
         try:
             states = self.llm.collective_rpc("asyppo_weight_state", timeout=30.0)
             self._weights_valid = all(s["weights_valid"] for s in states)
-        except Exception:
+        except Exception:  # noqa: BLE001 - an engine that cannot say must be assumed broken
             self._weights_valid = False
 
     def _require_valid_weights(self) -> None:

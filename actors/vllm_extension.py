@@ -90,7 +90,7 @@ def checkpoint_tensor_shapes(model_dir: str) -> dict[str, list[int]] | None:
     shapes: dict[str, list[int]] = {}
     for path in files:
         with safe_open(path, framework="pt") as handle:
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
                 shapes[name] = list(handle.get_slice(name).get_shape())
     return shapes
 
@@ -149,7 +149,7 @@ class _SyncGroup:
     def shutdown(self) -> None:
         try:
             self.group.shutdown()
-        except Exception:  # the peers may be gone; the group is unusable either way
+        except RuntimeError:  # the peers may be gone; the group is unusable either way
             pass
 
 

@@ -122,7 +122,7 @@ def validate_weight_plan(plan: Any) -> None:
     """Raise ``ValueError`` unless ``plan`` is a well-formed plan from :func:`build_weight_plan`: known format and
     dtype, and in every bucket tensors that tile it exactly (offset = running sum, numel = prod(shape))."""
     if not isinstance(plan, dict):
-        raise ValueError(f"weight plan must be a dict, got {type(plan).__name__}")
+        raise TypeError(f"weight plan must be a dict, got {type(plan).__name__}")
     missing = {"format", "version", "dtype", "num_tensors", "total_numel", "buckets"} - plan.keys()
     if missing:
         raise ValueError(f"weight plan lacks {sorted(missing)}")
@@ -144,7 +144,9 @@ def validate_weight_plan(plan: Any) -> None:
             names.add(entry["name"])
             running += entry["numel"]
         if running != bucket["numel"] or running == 0:
-            raise ValueError(f"weight plan bucket {index}: tensors cover {running} elements, bucket has {bucket['numel']}")
+            raise ValueError(
+                f"weight plan bucket {index}: tensors cover {running} elements, bucket has {bucket['numel']}"
+            )
         total += running
     if len(names) != plan["num_tensors"] or total != plan["total_numel"]:
         raise ValueError(
@@ -288,7 +290,7 @@ class WeightBroadcaster:
         finally:
             try:
                 group.shutdown()
-            except Exception:  # a group whose peers already died may fail to shut down cleanly; it is gone anyway
+            except RuntimeError:  # a group whose peers died may not shut down cleanly; it is gone
                 pass
 
     # -- broadcast --
@@ -414,6 +416,6 @@ class WeightBroadcaster:
         for index, ref in calls.items():
             try:
                 ray.get(ref, timeout=self.timeout_s)
-            except Exception as err:
+            except ray.exceptions.RayError as err:
                 reasons.append(f"{_describe(index, workers[index])}: {_reason(err)}")
         return "; ".join(reasons) or "a receiver refused without a reason"

@@ -17,9 +17,9 @@ import torch
 ray = pytest.importorskip("ray")
 pytest.importorskip("vllm")
 
-from actors.rollout import RolloutWorker  # noqa: E402
-from actors.vllm_extension import check_incoming_version, check_names_against_checkpoint  # noqa: E402
-from learner.weight_sync import (  # noqa: E402
+from actors.rollout import RolloutWorker
+from actors.vllm_extension import check_incoming_version, check_names_against_checkpoint
+from learner.weight_sync import (
     WeightBroadcaster,
     WeightPlanRejected,
     WeightSyncError,
@@ -235,7 +235,7 @@ def test_rollout_logprobs_match_hf_model_at_temperature(worker, policy_a):
 
 def test_seeds_reproduce_and_prompts_do_not_share_samples(worker):
     same_prompt = [{"id": "a", "prompt": "2+2=", "answer": "4"}, {"id": "b", "prompt": "2+2=", "answer": "4"}]
-    kwargs = dict(n=3, max_new_tokens=12, temperature=1.0, top_p=1.0)
+    kwargs = {"n": 3, "max_new_tokens": 12, "temperature": 1.0, "top_p": 1.0}
     first = ray.get(worker.generate.remote(same_prompt, seed=3, **kwargs))
     again = ray.get(worker.generate.remote(same_prompt, seed=3, **kwargs))
     other = ray.get(worker.generate.remote(same_prompt, seed=4, **kwargs))
@@ -321,7 +321,7 @@ def test_killed_worker_mid_broadcast_raises_within_timeout(worker, broadcaster, 
         started = time.monotonic()
         try:
             broadcaster.broadcast(policy_b.named_parameters(), version=3, dtype=torch.float32)
-        except Exception as err:  # recorded for the assertions below
+        except Exception as err:  # noqa: BLE001 - recorded for the assertions below
             outcome["error"] = err
         outcome["seconds"] = time.monotonic() - started
 

@@ -1,0 +1,225 @@
+"""Time per GB of the learner → rollout weight broadcast: the torch.distributed group (``WeightBroadcaster``)
+versus the simple path through Ray's object store, on the same vLLM engine in the same run.
+
+For each model size a random Qwen2 (float32, a small character vocabulary so that the layers hold the bytes) is
+saved, one ``RolloutWorker`` actor loads it, and this process plays the learner's rank 0:
+
+- ``process_group``: ``WeightBroadcaster.broadcast`` (plan through Ray, buckets through gloo, vLLM's in-place
+  layerwise reload, ack). Its own ``seconds``: from sending the plan to the last ack.
+- ``object_store``: ``ray.put`` of the state dict, then ``receive_weights_from_object_store`` on the worker (the
+  actor fetches it, serialises it for vLLM's RPC, the vLLM worker loads it with the same reload). Timed from
+  ``ray.put`` to the ack.
+
+Both paths include the same reload, so their ratio is what the transport costs. One unmeasured warm-up of each,
+then ``--repeats`` alternating measurements; the median is reported. Each path loads different weights, and after
+its last measurement the engine's log-probs are compared with the learner model's, so a timing never counts a
+load that did not happen.
+
+    python benchmarks/bench_weight_sync.py                        # 10M, 30M, 100M params: ~3 min on 2 shared cores
+    python benchmarks/bench_weight_sync.py --sizes 30M --repeats 5 --bucket-mb 16
+
+Writes ``benchmarks/results/weight_sync.json`` (or ``--output``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import string
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# name → (hidden, layers, intermediate, attention heads, kv heads); head_dim 64 throughout.
+SIZES = {
+    "10M": (256, 10, 1024, 4, 2),
+    "30M": (512, 8, 2048, 8, 4),
+    "100M": (768, 12, 3072, 12, 4),
+    "300M": (1024, 24, 4096, 16, 4),
+}
+CHARACTERS = string.digits + "+-*=? ." + "abcdefghijklmnop"
+
+
+def constant_reward(response_text: str, answer: str, *, response_length: int, truncated: bool) -> float:
+    """The engine needs a reward function; nothing is generated here."""
+    return 0.0
+
+
+def build_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for char in CHARACTERS:
+        vocab[char] = len(vocab)
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def build_model(size: str, vocab_size: int, seed: int):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    hidden, layers, intermediate, heads, kv_heads = SIZES[size]
+    config = Qwen2Config(
+        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, intermediate_size=intermediate,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64,
+        tie_word_embeddings=True, eos_token_id=1, pad_token_id=0, bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config).eval()
+
+
+def probe_logprobs(model, ids: list[int]) -> list[float]:
+    import torch
+
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].double(), dim=-1)
+    return [float(logp[k, token]) for k, token in enumerate(ids[1:])]
+
+
+def check_loaded(worker, model, probe: list[int], what: str) -> float:
+    import ray
+
+    got = ray.get(worker.prompt_logprobs.remote([probe]))[0]
+    gap = max(abs(a - b) for a, b in zip(got, probe_logprobs(model, probe)))
+    if gap > 1e-3:
+        raise RuntimeError(f"{what}: the engine's log-probs differ from the learner's by {gap:.3g} after the load")
+    return gap
+
+
+def bench_size(size: str, args, tokenizer, workdir: Path) -> dict:
+    import ray
+    import torch
+
+    from actors.rollout import RolloutWorker
+    from learner.weight_sync import WeightBroadcaster
+
+    model_dir = workdir / size
+    build_model(size, len(tokenizer), seed=0).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    via_group, via_store = build_model(size, len(tokenizer), seed=1), build_model(size, len(tokenizer), seed=2)
+    num_params = sum(p.numel() for p in via_group.parameters())
+    num_bytes = 4 * num_params
+    probe = tokenizer.encode("12+34=46 ok")
+
+    started = time.perf_counter()
+    worker = ray.remote(RolloutWorker).options(name=f"rollout-bench-{size}", num_cpus=1).remote(
+        str(model_dir), reward_fn=constant_reward, max_model_len=64, cpu_kv_cache_gib=args.kv_cache_gib,
+    )
+    ray.get(worker.health.remote())
+    engine_start = time.perf_counter() - started
+    broadcaster = WeightBroadcaster("gloo", timeout_s=120.0, bucket_mb=args.bucket_mb)
+    broadcaster.setup([worker], tensor_parallel_size=1)
+    version = 0
+
+    def process_group() -> float:
+        nonlocal version
+        version += 1
+        return broadcaster.broadcast(via_group.named_parameters(), version, torch.float32)["seconds"]
+
+    def object_store() -> float:
+        nonlocal version
+        version += 1
+        begin = time.perf_counter()
+        state = ray.put({name: p.detach().to(torch.float32) for name, p in via_store.named_parameters()})
+        ray.get(worker.receive_weights_from_object_store.remote(state, version))
+        seconds = time.perf_counter() - begin
+        del state
+        return seconds
+
+    try:
+        process_group(), object_store()  # warm-up: first-touch of buffers, code paths
+        times: dict[str, list[float]] = {"process_group": [], "object_store": []}
+        for repeat in range(args.repeats):
+            order = (process_group, object_store) if repeat % 2 == 0 else (object_store, process_group)
+            for path in order:
+                times[path.__name__].append(path())
+                # Check each path's weights right after its final measurement, before the other overwrites them.
+                if repeat == args.repeats - 1 and path is process_group:
+                    gap_group = check_loaded(worker, via_group, probe, f"{size} process group")
+                elif repeat == args.repeats - 1:
+                    gap_store = check_loaded(worker, via_store, probe, f"{size} object store")
+    finally:
+        broadcaster.close()
+        ray.kill(worker)
+
+    group_s, store_s = statistics.median(times["process_group"]), statistics.median(times["object_store"])
+    return {
+        "size": size,
+        "params": num_params,
+        "bytes": num_bytes,
+        "engine_start_s": engine_start,
+        "process_group_s": times["process_group"],
+        "object_store_s": times["object_store"],
+        "process_group_median_s": group_s,
+        "object_store_median_s": store_s,
+        "process_group_s_per_gb": group_s / (num_bytes / 1e9),
+        "object_store_s_per_gb": store_s / (num_bytes / 1e9),
+        "speedup_vs_object_store": store_s / group_s,
+        "max_logprob_gap": {"process_group": gap_group, "object_store": gap_store},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=["10M", "30M", "100M"], choices=sorted(SIZES))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bucket-mb", type=float, default=64.0)
+    parser.add_argument("--kv-cache-gib", type=float, default=1.0)
+    parser.add_argument("--output", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "weight_sync.json")
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+
+    import ray
+    import torch
+    import vllm
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ray.init(num_cpus=4, object_store_memory=2 * 2**30, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    tokenizer = build_tokenizer()
+    results = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-weight-sync-") as workdir:
+            for size in args.sizes:
+                results.append(bench_size(size, args, tokenizer, Path(workdir)))
+                row = results[-1]
+                print(f"{size}: {row['params'] / 1e6:.1f}M params, group {row['process_group_median_s']:.3f}s, "
+                      f"object store {row['object_store_median_s']:.3f}s", flush=True)
+    finally:
+        ray.shutdown()
+
+    header = f"{'size':>6} {'params':>8} {'MB':>7} {'group s':>8} {'s/GB':>7} {'store s':>8} {'s/GB':>7} {'speedup':>8}"
+    print(header)
+    for row in results:
+        print(f"{row['size']:>6} {row['params'] / 1e6:>7.1f}M {row['bytes'] / 1e6:>7.1f} "
+              f"{row['process_group_median_s']:>8.3f} {row['process_group_s_per_gb']:>7.2f} "
+              f"{row['object_store_median_s']:>8.3f} {row['object_store_s_per_gb']:>7.2f} "
+              f"{row['speedup_vs_object_store']:>7.2f}x")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "benchmark": "weight_sync",
+        "backend": "gloo",
+        "dtype": "float32",
+        "bucket_mb": args.bucket_mb,
+        "repeats": args.repeats,
+        "statistic": "median",
+        "speedup": "object_store seconds / process_group seconds (same engine, same run)",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                    "vllm": vllm.__version__, "ray": ray.__version__},
+        "results": results,
+    }
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
