@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -433,7 +434,7 @@ def _connect_ray(cfg: JobConfig) -> bool:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return False
     # Logical CPUs: fractional roles share this machine's cores (ARCHITECTURE.md, scaling knobs).
-    needed = total_cpus(cfg) + 1
+    needed = math.ceil(total_cpus(cfg)) + 1
     ray.init(num_cpus=max(needed, os.cpu_count() or 1), num_gpus=torch.cuda.device_count(),
              object_store_memory=512 * 1024**2, log_to_driver=True)
     return True

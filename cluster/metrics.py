@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -116,9 +117,7 @@ def _wandb_run_id(run_path: Path) -> str:
     id_file = run_path / "wandb_run_id"
     if id_file.exists():
         return id_file.read_text().strip()
-    import wandb
-
-    run_id = wandb.util.generate_id()
+    run_id = uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
     return run_id
 
