@@ -19,9 +19,10 @@ import math
 import operator
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
 
@@ -169,11 +170,11 @@ def verify_math(response: str, answer: str, *, timeout_seconds: int = 5) -> bool
 def _as_int(name: str, value: Any) -> int:
     """``value`` as a Python int; accepts numpy / torch integer scalars, rejects bools, floats and the rest."""
     if isinstance(value, bool):
-        raise ValueError(f"overlong_penalty: {name} must be an integer, got {value!r}")
+        raise TypeError(f"overlong_penalty: {name} must be an integer, got {value!r}")
     try:
         return operator.index(value)
     except TypeError:
-        raise ValueError(f"overlong_penalty: {name} must be an integer, got {value!r}") from None
+        raise TypeError(f"overlong_penalty: {name} must be an integer, got {value!r}") from None
 
 
 def overlong_penalty(length: int, max_length: int, buffer: int, factor: float) -> float:
@@ -189,9 +190,13 @@ def overlong_penalty(length: int, max_length: int, buffer: int, factor: float) -
     if length < 0:
         raise ValueError(f"overlong_penalty: length must be >= 0, got {length}")
     if not 0 < buffer <= max_length:
-        raise ValueError(f"overlong_penalty: need 0 < buffer <= max_length, got buffer={buffer}, max_length={max_length}")
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor < 0:
-        raise ValueError(f"overlong_penalty: factor must be a finite number >= 0, got {factor!r}")
+        raise ValueError(
+            f"overlong_penalty: need 0 < buffer <= max_length, got buffer={buffer}, max_length={max_length}"
+        )
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+        raise TypeError(f"overlong_penalty: factor must be a number, got {factor!r}")
+    if not math.isfinite(factor) or factor < 0:
+        raise ValueError(f"overlong_penalty: factor must be finite and >= 0, got {factor!r}")
     expected = max_length - buffer
     return min(-(length - expected) / buffer * factor, 0.0)
 
@@ -208,39 +213,39 @@ class RewardFunction:
     """Outcome reward for one response (ALGORITHMS.md §1); picklable, so it can be shipped to Ray actors.
 
     ``correct`` / ``wrong`` are the scores for accepted / rejected responses (the spec's default 1 / 0; ERC's
-    recipe uses +1 / -1). Overlong shaping is off unless ``overlong_max_length`` and ``overlong_buffer`` are
-    both set; it then adds ``overlong_penalty(response_length, ...)`` to the score. ``truncated_is_wrong``
-    makes a response cut off by the generation limit (no EOS) score as wrong even if its text happens to state
-    the answer; off by default, since a truncated response rarely states it anyway.
+    recipe uses +1 / -1). DAPO overlong shaping is off unless ``max_length`` and ``buffer`` are both set; it
+    then adds ``overlong_penalty(response_length, max_length, buffer, factor)`` to the score.
+    ``truncated_is_wrong`` makes a response cut off by the generation limit (no EOS) score as wrong even if its
+    text happens to state the answer; off by default, since a truncated response rarely states it anyway.
     """
 
     task: Task = "arithmetic"
     correct: float = 1.0
     wrong: float = 0.0
-    overlong_max_length: int | None = None
-    overlong_buffer: int | None = None
-    overlong_factor: float = 1.0
+    max_length: int | None = None
+    buffer: int | None = None
+    factor: float = 1.0
     truncated_is_wrong: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in _VERIFIERS:
             raise ValueError(f"RewardFunction: task must be one of {sorted(_VERIFIERS)}, got {self.task!r}")
-        for name in ("correct", "wrong", "overlong_factor"):
+        for name in ("correct", "wrong", "factor"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"RewardFunction: {name} must be a finite number, got {value!r}")
-        if (self.overlong_max_length is None) != (self.overlong_buffer is None):
+        if (self.max_length is None) != (self.buffer is None):
             raise ValueError(
-                "RewardFunction: set both overlong_max_length and overlong_buffer to enable overlong shaping, "
-                f"or neither (got {self.overlong_max_length!r} and {self.overlong_buffer!r})"
+                "RewardFunction: set both max_length and buffer to enable overlong shaping, or neither "
+                f"(got max_length={self.max_length!r}, buffer={self.buffer!r})"
             )
         if self.overlong_enabled:
             # Validates the numbers once, up front, instead of on the first scored response.
-            overlong_penalty(0, self.overlong_max_length, self.overlong_buffer, self.overlong_factor)
+            overlong_penalty(0, self.max_length, self.buffer, self.factor)
 
     @property
     def overlong_enabled(self) -> bool:
-        return self.overlong_max_length is not None
+        return self.max_length is not None
 
     def is_correct(self, response_text: str, answer: str) -> bool:
         """Whether the verifier of ``task`` accepts the response (logged as accuracy, apart from the reward)."""
@@ -251,7 +256,5 @@ class RewardFunction:
         accepted = self.is_correct(response_text, answer) and not (truncated and self.truncated_is_wrong)
         reward = float(self.correct if accepted else self.wrong)
         if self.overlong_enabled:
-            reward += overlong_penalty(
-                response_length, self.overlong_max_length, self.overlong_buffer, self.overlong_factor
-            )
+            reward += overlong_penalty(response_length, self.max_length, self.buffer, self.factor)
         return reward

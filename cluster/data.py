@@ -1,11 +1,13 @@
 """Prompts and reference answers: the built-in arithmetic task, local dataset files, and the prompt sampler.
 
 * ``arithmetic_problems`` generates the built-in task: word-free problems such as ``37+45=`` / ``82`` with
-  operands of up to ``digits`` digits. Every possible problem belongs to exactly one split, decided by a stable
+  operands of up to ``digits`` digits (default: the built-in task, ``ARITHMETIC_DIGITS`` and
+  ``ARITHMETIC_OPERATORS``). Every possible problem belongs to exactly one split, decided by a stable
   hash of its text, so the ``eval`` problems are held out from training for any seed and count.
-* ``load_problems`` reads ``builtin:arithmetic`` or a local ``.jsonl`` / ``.json`` / ``.parquet`` file with the
-  ``datasets`` library (its packaged local builders; nothing is fetched from the hub) and validates every row
-  before anything trains; a bad row raises ``DatasetError`` naming the file, the row and the reason.
+* ``load_problems`` reads ``builtin:arithmetic`` or a local ``.jsonl`` / ``.json`` / ``.parquet`` file (Parquet
+  with the ``datasets`` packaged builder, which never contacts the hub for a local file; JSON with the
+  standard library, see ``_read_rows`` for why) and validates every row before anything trains; a bad row
+  raises ``DatasetError`` naming the file, the line or row and the reason.
 * ``PromptSampler`` draws prompt batches in seeded epoch-wise shuffles and can be checkpointed and resumed.
 
 No Ray import here: the driver calls these functions and ships the resulting ``Problem`` objects around.
@@ -16,14 +18,17 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 __all__ = [
+    "ARITHMETIC_DIGITS",
+    "ARITHMETIC_OPERATORS",
     "ARITHMETIC_SOURCE",
-    "DatasetError",
     "HELDOUT_FRACTION",
+    "DatasetError",
     "Problem",
     "PromptSampler",
     "arithmetic_problems",
@@ -32,11 +37,15 @@ __all__ = [
 ]
 
 ARITHMETIC_SOURCE = "builtin:arithmetic"
+# The built-in task (what ``builtin:arithmetic`` and the built-in models use): two operands below 100, "+".
+# cluster/bootstrap.py explains the choice.
+ARITHMETIC_DIGITS = 2
+ARITHMETIC_OPERATORS = "+"
 # One problem in ten of the built-in task's problem space is held out for evaluation.
 HELDOUT_FRACTION = 0.1
 _OPERATORS = "+-*"
 _MAX_DIGITS = 3  # 3 digits with three operators is ~3M problems, the most we enumerate in memory.
-_FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_FILE_FORMATS = (".jsonl", ".json", ".parquet")
 
 
 class DatasetError(ValueError):
@@ -79,8 +88,8 @@ def arithmetic_problems(
     *,
     split: Literal["train", "eval"],
     seed: int = 0,
-    digits: int = 2,
-    operators: str = "+-",
+    digits: int = ARITHMETIC_DIGITS,
+    operators: str = ARITHMETIC_OPERATORS,
 ) -> list[Problem]:
     """Deterministic problems of the built-in arithmetic task.
 
@@ -140,56 +149,118 @@ def _answer_text(value: Any) -> str | None:
     if isinstance(value, float):
         if not math.isfinite(value):
             return None
-        # Arrow widens a column mixing ints and floats to float64; the integer rows were written as integers.
-        return str(int(value)) if value.is_integer() else repr(value)
+        return repr(value)
     return None
 
 
-def _first_bad_json_line(path: Path) -> str | None:
-    """For a JSON Lines file ``datasets`` refused: the first line that is not one JSON object, described."""
+def _read_json_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
     import json
 
-    with path.open("r", encoding="utf-8", errors="replace") as handle:
+    rows = []
+    with path.open("r", encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
+            where = f"line {line_number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                return f"line {line_number}: invalid JSON ({error.msg} at column {error.colno})"
+                raise DatasetError(f"{path}: {where}: invalid JSON ({error.msg} at column {error.colno})") from None
             if not isinstance(record, dict):
-                return f"line {line_number}: expected a JSON object, got {type(record).__name__}"
-    return None
+                raise DatasetError(f"{path}: {where}: expected a JSON object, got {type(record).__name__}")
+            rows.append((where, record))
+    return rows
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    """All rows of a local file, read with the ``datasets`` packaged builder for its format."""
+def _read_json_array(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    import json
+
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        if error.msg == "Extra data":  # several top-level values: a JSON Lines file named .json
+            return _read_json_lines(path)
+        raise DatasetError(f"{path}: invalid JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
+    if not isinstance(records, list):
+        raise DatasetError(f"{path}: expected a JSON array of objects (or JSON Lines), got {type(records).__name__}")
+    rows = []
+    for row_number, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            raise DatasetError(f"{path}: row {row_number}: expected a JSON object, got {type(record).__name__}")
+        rows.append((f"row {row_number}", record))
+    return rows
+
+
+def _read_parquet(path: Path) -> list[tuple[str, dict[str, Any]]]:
     import datasets
 
+    bars_were_disabled = datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        # The packaged parquet builder on a local file: no hub look-up. keep_in_memory: no stale on-disk copy.
+        table = datasets.load_dataset("parquet", data_files=str(path), split="train", keep_in_memory=True)
+    except Exception as error:  # datasets / pyarrow raise many types; all of them mean "unreadable"
+        raise DatasetError(f"{path}: cannot be read as Parquet ({type(error).__name__}: {error})") from error
+    finally:
+        if not bars_were_disabled:
+            datasets.enable_progress_bars()
+    return [(f"row {row_number}", record) for row_number, record in enumerate(table.to_list(), start=1)]
+
+
+def _read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """All records of a local file, each with where it is (``line N`` of a JSON Lines file, else ``row N``).
+
+    Parquet goes through ``datasets``. JSON is read with the standard library instead: the ``datasets`` JSON
+    builder (5.x) rewrites string answers in a column that mixes strings and numbers (``"2"`` becomes ``2``),
+    fails with an unrelated message on such a file when it also holds a blank line, and loses line numbers,
+    which the error messages need.
+    """
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise DatasetError(f"{path}: the file is empty (no rows)")
-    builder = _FILE_FORMATS[path.suffix.lower()]
-    bars_were_disabled = datasets.utils.are_progress_bars_disabled()
-    datasets.disable_progress_bars()
+    suffix = path.suffix.lower()
     try:
-        # A packaged builder on a local file: no hub look-up. keep_in_memory avoids a stale on-disk copy.
-        table = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
-    except Exception as error:  # noqa: BLE001 - datasets raises many types; all mean "unreadable file"
-        detail = _first_bad_json_line(path) if path.suffix.lower() == ".jsonl" else None
-        reason = detail or f"{type(error).__name__}: {error}"
-        if error.__cause__ is not None and detail is None:
-            reason += f" ({type(error.__cause__).__name__}: {error.__cause__})"
-        raise DatasetError(f"{path}: cannot be read as {path.suffix} ({reason})") from error
-    finally:
-        if not bars_were_disabled:
-            datasets.enable_progress_bars()
-    return table.to_list()
+        if suffix == ".jsonl":
+            return _read_json_lines(path)
+        if suffix == ".json":
+            return _read_json_array(path)
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{path}: not UTF-8 text ({error})") from None
+    return _read_parquet(path)
+
+
+class _RowError(Exception):
+    """Why one row is unusable; ``_problems_from_rows`` adds the file and the row's place."""
+
+
+def _validated_fields(
+    row: dict[str, Any], prompt_key: str, answer_key: str, id_key: str | None
+) -> tuple[str, str, str | None]:
+    """The row's question, answer text and id (``None`` without ``id_key``), or ``_RowError``."""
+    question = row.get(prompt_key)
+    if question is None:
+        raise _RowError(f"missing {prompt_key!r}")
+    if not isinstance(question, str):
+        raise _RowError(f"{prompt_key!r} must be a string, got {type(question).__name__} {question!r}")
+    if not question.strip():
+        raise _RowError(f"empty {prompt_key!r}")
+    raw_answer = row.get(answer_key)
+    if raw_answer is None:
+        raise _RowError(f"missing {answer_key!r}")
+    answer = _answer_text(raw_answer)
+    if answer is None:
+        raise _RowError(f"{answer_key!r} must be a non-empty string or a finite number, got {raw_answer!r}")
+    if id_key is None:
+        return question, answer, None
+    raw_id = row.get(id_key)
+    if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or not str(raw_id).strip():
+        raise _RowError(f"{id_key!r} must be a non-empty string or an int, got {raw_id!r}")
+    return question, answer, str(raw_id).strip()
 
 
 def _problems_from_rows(
-    rows: list[dict[str, Any]],
+    rows: list[tuple[str, dict[str, Any]]],
     where: str,
     *,
     prompt_key: str,
@@ -199,42 +270,24 @@ def _problems_from_rows(
 ) -> list[Problem]:
     if not rows:
         raise DatasetError(f"{where}: the dataset has no rows")
-    columns = set(rows[0])
+    columns = set().union(*(row for _, row in rows))
     for role, key in (("prompt_key", prompt_key), ("answer_key", answer_key), ("id_key", id_key)):
         if key is not None and key not in columns:
-            raise DatasetError(f"{where}: column {key!r} ({role}) not found; columns are {sorted(columns)}")
+            raise DatasetError(f"{where}: column {key!r} ({role}) not found in any row; keys are {sorted(columns)}")
 
     problems: list[Problem] = []
-    first_row_of_id: dict[str, int] = {}
-    for row_number, row in enumerate(rows, start=1):
-        def bad(reason: str) -> DatasetError:
-            return DatasetError(f"{where}: row {row_number}: {reason}")
-
-        question = row.get(prompt_key)
-        if question is None:
-            raise bad(f"missing {prompt_key!r}")
-        if not isinstance(question, str):
-            raise bad(f"{prompt_key!r} must be a string, got {type(question).__name__} {question!r}")
-        if not question.strip():
-            raise bad(f"empty {prompt_key!r}")
-        raw_answer = row.get(answer_key)
-        if raw_answer is None:
-            raise bad(f"missing {answer_key!r}")
-        answer = _answer_text(raw_answer)
-        if answer is None:
-            raise bad(f"{answer_key!r} must be a non-empty string or a finite number, got {raw_answer!r}")
+    first_place_of_id: dict[str, str] = {}
+    for place, row in rows:
+        try:
+            question, answer, raw_id = _validated_fields(row, prompt_key, answer_key, id_key)
+        except _RowError as error:
+            raise DatasetError(f"{where}: {place}: {error}") from None
         prompt = prompt_template.replace("{question}", question)
-        if id_key is None:
-            identifier = problem_id(prompt)
-        else:
-            raw_id = row.get(id_key)
-            if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or not str(raw_id).strip():
-                raise bad(f"{id_key!r} must be a non-empty string or an int, got {raw_id!r}")
-            identifier = str(raw_id).strip()
-        if identifier in first_row_of_id:
+        identifier = problem_id(prompt) if raw_id is None else raw_id
+        if identifier in first_place_of_id:
             what = f"duplicate {id_key!r} {identifier!r}" if id_key else "duplicate question (same prompt)"
-            raise bad(f"{what}, first seen at row {first_row_of_id[identifier]}")
-        first_row_of_id[identifier] = row_number
+            raise DatasetError(f"{where}: {place}: {what}, first seen at {first_place_of_id[identifier]}")
+        first_place_of_id[identifier] = place
         problems.append(Problem(id=identifier, prompt=prompt, answer=answer))
     return problems
 
@@ -255,12 +308,12 @@ def load_problems(
     * ``builtin:arithmetic``: ``arithmetic_problems(limit, split=split, seed=seed)`` with the default task
       (``split`` is ``train`` or ``eval``; ``limit=None`` gives the whole split).
     * A file is one split: ``split`` is not used to select rows from it (point ``source`` at the eval file for
-      evaluation). Every row is validated -- the question is a non-empty string, the answer a non-empty
-      string or a finite number (numbers are kept as their text; integral floats lose the ``.0`` that Arrow
-      adds when a column mixes ints and floats), the id (column ``id_key``, else a hash of the prompt) is
-      unique -- and the first bad row raises ``DatasetError`` with the file, the 1-based row number (blank
-      lines of a JSON Lines file are not rows) and the reason. ``limit`` then keeps a ``seed``-chosen subset
-      of that many rows, in file order.
+      evaluation). A ``.json`` file is an array of objects (or JSON Lines). Every row is validated -- the
+      question is a non-empty string, the answer a non-empty string or a finite number (a number becomes its
+      text: ``42`` -> ``"42"``, ``0.5`` -> ``"0.5"``), the id (column ``id_key``, else a hash of the prompt)
+      is unique -- and the first bad row raises ``DatasetError`` with the file, where the row is (``line N``
+      of a JSON Lines file, 1-based ``row N`` otherwise) and the reason. ``limit`` then keeps a
+      ``seed``-chosen subset of that many rows, in file order.
 
     ``prompt_template`` must contain ``{question}``, which is replaced by the question text (plain replacement,
     so LaTeX braces elsewhere in the template are fine).

@@ -240,10 +240,14 @@ class Learner:
                 out.append(logp.cpu().tolist())
         return out
 
-    def weights_checksum(self) -> dict[str, float]:
-        """Per-parameter sums, for tests that compare the learner's weights with a rollout worker's."""
+    def gradients(self) -> dict[str, torch.Tensor]:
+        """This rank's accumulated (not yet all-reduced) gradients, for inspection."""
+        return {name: p.grad.detach().cpu().clone() for name, p in self.engine.module.named_parameters()
+                if p.grad is not None}
+
+    def parameters_snapshot(self) -> dict[str, torch.Tensor]:
         with full_parameters(self.engine) as module:
-            return {name: float(p.detach().double().sum()) for name, p in module.named_parameters()}
+            return {name: p.detach().cpu().clone() for name, p in module.named_parameters()}
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
 
