@@ -94,7 +94,7 @@ class DataConfig(_Section):
     id_key: str | None = None
     prompt_template: str = Field("{question}", description="format string; {question} is the prompt_key column")
     train_limit: int | None = Field(None, ge=1)
-    eval_size: int = Field(256, ge=1, description="held-out problems scored at each evaluation")
+    eval_size: int = Field(512, ge=1, description="held-out problems scored at each evaluation")
 
 
 class RewardConfig(_Section):
@@ -165,11 +165,11 @@ class LearnerConfig(_Section):
 class TrainerConfig(_Section):
     name: str = Field("asyppo-arithmetic", min_length=1)
     run_dir: str = "runs"
-    steps: int = Field(40, ge=1)
+    steps: int = Field(100, ge=1)
     max_staleness: int = Field(0, ge=0, le=4)
     seed: int = 0
-    eval_every: int = Field(10, ge=0, description="steps between held-out evaluations; 0 = only at start and end")
-    checkpoint_every: int = Field(20, ge=0, description="0 = only at the end")
+    eval_every: int = Field(25, ge=0, description="steps between held-out evaluations; 0 = only at start and end")
+    checkpoint_every: int = Field(50, ge=0, description="0 = only at the end")
     keep_checkpoints: int = Field(2, ge=1)
     actor_restarts: int = Field(1, ge=0, description="times Ray restarts a dead actor before the job fails")
     call_timeout_s: float = Field(900.0, gt=0, description="longest wait on any actor call; then a clear error")

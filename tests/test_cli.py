@@ -35,6 +35,6 @@ def test_a_bad_dataset_row_is_reported_before_any_actor_starts(tmp_path):
     data.write_text('{"question": "1+1=", "answer": "2"}\n{"question": "2+2="}\n')
     result = run("train", f"data.train={data}", "data.eval=null", f"trainer.run_dir={tmp_path / 'runs'}")
     assert result.returncode == 1
-    assert str(data) in result.stderr and "row 2" in result.stderr and "answer" in result.stderr
+    assert str(data) in result.stderr and "line 2" in result.stderr and "answer" in result.stderr
     assert "Started a local Ray instance" not in result.stderr + result.stdout
     assert not (tmp_path / "runs").exists()
