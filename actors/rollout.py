@@ -266,16 +266,9 @@ class RolloutWorker:
         if timeout_s is None:
             raise RuntimeError("receive_weights before init_weight_sync: this worker is in no weight-sync group")
         buckets = len(plan.get("buckets", ())) if isinstance(plan, dict) else 0
-        try:
-            acks = self.llm.collective_rpc(
-                "asyppo_receive_weights", timeout=(buckets + 2) * timeout_s + 60.0, args=(plan, version)
-            )
-        except Exception as err:
-            if REJECTED_MARKER in str(err):
-                raise self._rejection(err) from None
-            self._refresh_weight_state()
-            raise
-        return self._accept(acks, version)
+        return self._load_on_workers(
+            "asyppo_receive_weights", (plan, version), version, timeout=(buckets + 2) * timeout_s + 60.0
+        )
 
     def receive_weights_from_object_store(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
         """The simple path: the state dict came through Ray's object store (pass an ObjectRef); same checks."""
@@ -283,8 +276,12 @@ class RolloutWorker:
 
         # vLLM's RPC serialises tensor arguments in a way its worker queue cannot pickle; plain bytes pass.
         blob = save({name: tensor.detach().contiguous() for name, tensor in state_dict.items()})
+        return self._load_on_workers("asyppo_load_serialized_weights", (blob, version), version)
+
+    def _load_on_workers(self, method: str, args: tuple, version: int, timeout: float | None = None) -> int:
+        """Run a weight-loading RPC on every vLLM worker; a rejected plan keeps the old weights valid."""
         try:
-            acks = self.llm.collective_rpc("asyppo_load_serialized_weights", args=(blob, version))
+            acks = self.llm.collective_rpc(method, timeout=timeout, args=args)
         except Exception as err:
             if REJECTED_MARKER in str(err):
                 raise self._rejection(err) from None

@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import statistics
-import string
 import tempfile
 import time
 from pathlib import Path
@@ -41,7 +40,6 @@ SIZES = {
     "100M": (768, 12, 3072, 12, 4),
     "300M": (1024, 24, 4096, 16, 4),
 }
-CHARACTERS = string.digits + "+-*=? ." + "abcdefghijklmnop"
 
 
 def constant_reward(response_text: str, answer: str, *, response_length: int, truncated: bool) -> float:
@@ -50,16 +48,9 @@ def constant_reward(response_text: str, answer: str, *, response_length: int, tr
 
 
 def build_tokenizer():
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from cluster.bootstrap import char_tokenizer
 
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
-    for char in CHARACTERS:
-        vocab[char] = len(vocab)
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tokenizer.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    return char_tokenizer()
 
 
 def build_model(size: str, vocab_size: int, seed: int):

@@ -119,10 +119,14 @@ class Trainer:
             log.info("resuming %s from %s (step %d)", cfg.trainer.name, checkpoint, self.start_step)
 
         self.owns_ray = _connect_ray(cfg)
-        self.placement = Placement(cfg)
-        self._spawn(policy_dir, resume_dir)
-        self.sink = MetricsSink(cfg, self.run_path, resumed=checkpoint is not None,
-                                total_steps=cfg.trainer.steps, start_step=self.start_step)
+        try:
+            self.placement = Placement(cfg)
+            self._spawn(policy_dir, resume_dir)
+            self.sink = MetricsSink(cfg, self.run_path, resumed=checkpoint is not None,
+                                    total_steps=cfg.trainer.steps, start_step=self.start_step)
+        except BaseException:
+            self.close()  # never leave actors, placement groups or an embedded cluster behind
+            raise
 
     # ---- actors -------------------------------------------------------------------------------------------------
 
@@ -335,16 +339,21 @@ class Trainer:
         return self.checkpoints.commit(step, state)
 
     def close(self) -> None:
-        sink = getattr(self, "sink", None)
+        """Release everything this job holds; safe to call more than once and on a half-built trainer."""
+        sink, self.sink = getattr(self, "sink", None), None
         if sink is not None:
             sink.close()
+        critics = getattr(self, "critics", None)
         for actor in getattr(self, "rollout_workers", []) + getattr(self, "learners", []) + (
-            self.critics.actors if getattr(self, "critics", None) else []
+            critics.actors if critics else []
         ):
             ray.kill(actor, no_restart=True)
-        if getattr(self, "placement", None) is not None:
-            self.placement.remove()
+        self.rollout_workers, self.learners, self.critics = [], [], None
+        placement, self.placement = getattr(self, "placement", None), None
+        if placement is not None:
+            placement.remove()
         if getattr(self, "owns_ray", False):
+            self.owns_ray = False
             ray.shutdown()
 
 

@@ -6,7 +6,6 @@ One engine is started for the whole module (about half a minute) and reused; the
 
 from __future__ import annotations
 
-import string
 import sys
 import threading
 import time
@@ -31,7 +30,6 @@ from learner.weight_sync import (
 
 pytestmark = pytest.mark.cluster
 
-CHARACTERS = string.digits + "+-*=? ." + "abcdefghijklmnop"
 TEMPERATURE = 0.8
 PROBLEMS = [
     {"id": "p0", "prompt": "1+2=", "answer": "3"},
@@ -44,16 +42,9 @@ PROBLEMS = [
 
 
 def build_char_tokenizer():
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from cluster.bootstrap import char_tokenizer
 
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
-    for char in CHARACTERS:
-        vocab[char] = len(vocab)
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tokenizer.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    return char_tokenizer()
 
 
 def build_tiny_qwen2(vocab_size: int, seed: int):
@@ -313,8 +304,8 @@ def test_stale_version_and_foreign_names_rejected_group_survives(worker, broadca
 
 def test_killed_worker_mid_broadcast_raises_within_timeout(worker, broadcaster, policy_b):
     # Keep the worker busy so the broadcast is under way (plan sent, learner in the handshake) when it dies.
-    busy = [{"id": f"b{i}", "prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(32)]
-    generating = worker.generate.remote(busy, n=8, max_new_tokens=200, temperature=1.0, top_p=1.0, seed=0)
+    busy = [{"id": f"b{i}", "prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(256)]
+    generating = worker.generate.remote(busy, n=16, max_new_tokens=200, temperature=1.0, top_p=1.0, seed=0)
     outcome: dict = {}
 
     def learner():
