@@ -13,7 +13,7 @@ import pytest
 import ray
 
 from cluster.config import build_config
-from cluster.driver import JobFailed, Trainer, train
+from cluster.driver import JobFailed, Trainer, evaluate_policy, train
 from cluster.metrics import read_metrics, required_metric_keys
 
 pytestmark = pytest.mark.cluster
@@ -104,6 +104,9 @@ def test_two_workers_three_critics_async_then_resume(tmp_path):
     assert [line["rollout_weight_version"] for line in lines] == [0, 0, 1]
     assert 0 <= summary["base_accuracy"] <= 1 and 0 <= summary["final_accuracy"] <= 1
     assert (run_path / "checkpoints" / "step-2" / "policy" / "config.json").is_file()
+    # The checkpointed policy, served by fresh engines (`asyppo eval`), reproduces the final evaluation.
+    accuracy, count = evaluate_policy(cfg, str(run_path / "checkpoints" / "step-2" / "policy"))
+    assert count == 24 and accuracy == summary["final_accuracy"]
 
     resumed = train(build_config(overrides=[*_overrides_of(cfg), "trainer.steps=5"]), resume=True)
     assert resumed["run_dir"] == str(run_path)
