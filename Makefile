@@ -14,6 +14,7 @@ train: $(VENV)/.installed
 	$(VENV)/bin/asyppo train $(ARGS)
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check --quiet .
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
