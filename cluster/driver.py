@@ -43,22 +43,21 @@ class JobFailed(RuntimeError):
 class Models:
     policy: str
     critic: str
-    base_accuracy: float | None = None
 
 
 def resolve_models(cfg: JobConfig) -> Models:
     """Local model directories for the policy and the critics; the built-in ones are bootstrapped (cached)."""
-    if BUILTIN_POLICY in (cfg.model.policy, cfg.model.critic) or BUILTIN_CRITIC in (cfg.model.policy, cfg.model.critic):
+    paths = {"model.policy": cfg.model.policy, "model.critic": cfg.model.critic}
+    if {BUILTIN_POLICY, BUILTIN_CRITIC} & set(paths.values()):
         from cluster.bootstrap import ensure_builtin_models
 
         builtin = ensure_builtin_models(seed=cfg.trainer.seed, log=log.info)
         pick = {BUILTIN_POLICY: str(builtin.policy_dir), BUILTIN_CRITIC: str(builtin.critic_dir)}
-        return Models(pick.get(cfg.model.policy, cfg.model.policy), pick.get(cfg.model.critic, cfg.model.critic),
-                      builtin.base_accuracy)
-    for field, path in (("model.policy", cfg.model.policy), ("model.critic", cfg.model.critic)):
+        paths = {field: pick.get(path, path) for field, path in paths.items()}
+    for field, path in paths.items():
         if not (Path(path) / "config.json").is_file():
             raise JobFailed(f"{field}: {path} is not a local Hugging Face model directory (no config.json)")
-    return Models(cfg.model.policy, cfg.model.critic)
+    return Models(paths["model.policy"], paths["model.critic"])
 
 
 def load_datasets(cfg: JobConfig):
@@ -174,7 +173,7 @@ class Trainer:
                 f"{self._resume_hint()}"
             ) from None
         except ray.exceptions.RayActorError as exc:
-            raise JobFailed(f"{what}: an actor died ({_actor_name(exc)}): {exc}{self._resume_hint()}") from exc
+            raise JobFailed(f"{what}: an actor died: {exc}{self._resume_hint()}") from exc
 
     def _resume_hint(self) -> str:
         latest = self.checkpoints.latest()
@@ -450,14 +449,6 @@ def _connect_ray(cfg: JobConfig) -> bool:
     ray.init(num_cpus=max(needed, os.cpu_count() or 1), num_gpus=torch.cuda.device_count(),
              object_store_memory=512 * 1024**2, log_to_driver=True)
     return True
-
-
-def _actor_name(exc: Exception) -> str:
-    for attr in ("actor_id", "_actor_id"):
-        actor_id = getattr(exc, attr, None)
-        if actor_id:
-            return f"actor {actor_id}"
-    return "see the Ray dashboard"
 
 
 def train(cfg: JobConfig, *, resume: bool = False) -> dict[str, Any]:

@@ -234,10 +234,13 @@ class Learner:
         self.engine.module.eval()
         with torch.no_grad():
             for ids in token_ids:
+                # The first token is the "prompt", the rest the "response" of the shared batch layout.
                 inputs = torch.tensor([ids], device=self.device)
-                logits = self.engine.module(input_ids=inputs).logits.float()
-                logp = torch.log_softmax(logits[0, :-1], dim=-1).gather(-1, inputs[0, 1:, None])[:, 0]
-                out.append(logp.cpu().tolist())
+                logp, _ = response_logprobs(
+                    self.engine.module, inputs, torch.ones_like(inputs), len(ids) - 1, temperature=1.0,
+                    chunk_size=self.cfg.learner.logprob_chunk, with_entropy=False,
+                )
+                out.append(logp[0].float().cpu().tolist())
         return out
 
     def gradients(self) -> dict[str, torch.Tensor]:
