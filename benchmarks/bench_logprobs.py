@@ -1,6 +1,6 @@
 """Peak memory and time of chunked vs naive log-prob + entropy (forward + backward), on CPU.
 
-The chunked variant is ``learner.logprobs.logprobs_and_entropy`` (checkpointed chunks of ``--chunk-size``
+The chunked variant is ``asyppo.core.logprobs.logprobs_and_entropy`` (checkpointed chunks of ``--chunk-size``
 positions). The naive variant materialises the full ``[N, T, vocab]`` float32 logits. Both compute
 ``logp`` with a graph and the entropy without one (what the learner's PPO step does), then backpropagate
 ``Σ w·logp`` into the hidden states and the LM head.
@@ -67,8 +67,8 @@ def _run_worker(args: argparse.Namespace) -> None:
     import torch
 
     sys.path.insert(0, str(REPO_ROOT))
-    from learner.logprobs import logprobs_and_entropy
-    from learner.losses import entropy_from_logits
+    from asyppo.core.logprobs import logprobs_and_entropy
+    from asyppo.core.losses import entropy_from_logits
 
     num_rows, length, vocab = args.worker_size
     torch.manual_seed(0)

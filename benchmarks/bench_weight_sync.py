@@ -48,7 +48,7 @@ def constant_reward(response_text: str, answer: str, *, response_length: int, tr
 
 
 def build_tokenizer():
-    from cluster.bootstrap import char_tokenizer
+    from asyppo.tasks.arithmetic_models import char_tokenizer
 
     return char_tokenizer()
 
@@ -89,8 +89,8 @@ def bench_size(size: str, args, tokenizer, workdir: Path) -> dict:
     import ray
     import torch
 
-    from actors.rollout import RolloutWorker
-    from learner.weight_sync import WeightBroadcaster
+    from asyppo.actors.rollout import RolloutWorker
+    from asyppo.weight_sync.sender import WeightBroadcaster
 
     model_dir = workdir / size
     build_model(size, len(tokenizer), seed=0).save_pretrained(model_dir)

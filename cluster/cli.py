@@ -8,14 +8,17 @@ starts.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
 import shlex
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
-from cluster.config import ConfigError, JobConfig, load_config
+from asyppo.cluster.config import ConfigError, JobConfig, load_config
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +58,7 @@ def _load(args) -> JobConfig:
 
 
 def _train(args) -> int:
-    from cluster.driver import train
+    from asyppo.cluster.driver import train
 
     summary = train(_load(args), resume=args.resume)
     if "base_accuracy" in summary and "final_accuracy" in summary:
@@ -75,8 +78,10 @@ def _submit(args) -> int:
                *(["--resume"] if args.resume else []), *args.overrides]
     env_vars = {key: os.environ[key] for key in ("WANDB_API_KEY", "WANDB_MODE") if key in os.environ}
     client = JobSubmissionClient(args.address)
-    job_id = client.submit_job(entrypoint=shlex.join(command),
-                               runtime_env={"working_dir": args.working_dir, "env_vars": env_vars})
+    with tempfile.TemporaryDirectory(prefix="asyppo-submit-") as staging:
+        runtime_env = {"working_dir": args.working_dir, "py_modules": [str(stage_package(Path(staging)))],
+                       "env_vars": env_vars}
+        job_id = client.submit_job(entrypoint=shlex.join(command), runtime_env=runtime_env)
     print(f"submitted {job_id} to {args.address}: {shlex.join(command)}")
     if args.no_wait:
         return 0
@@ -91,8 +96,29 @@ def _submit(args) -> int:
     return 0 if status == JobStatus.SUCCEEDED else 1
 
 
+# The packages under `asyppo` (pyproject.toml's package-dir; tests/test_packaging.py checks that they agree).
+SUBPACKAGES = ("actors", "cluster", "core", "critics", "learner", "tasks", "weight_sync")
+
+
+def stage_package(target: Path) -> Path:
+    """This installation's ``asyppo`` copied into ``target/asyppo``, one directory for a Ray job's ``py_modules``.
+
+    The repository's top-level folders are installed under the name ``asyppo`` by a package-dir mapping, so a job's
+    ``working_dir`` alone does not make them importable as ``asyppo.*``: without this the cluster would run the copy
+    installed in its image. The staged copy is a regular package, which Python prefers to the image's namespace
+    package wherever it sits on the path.
+    """
+    staged = target / "asyppo"
+    staged.mkdir(parents=True)
+    (staged / "__init__.py").write_text('"""asyppo, staged for a Ray job by `asyppo submit`."""\n')
+    for name in SUBPACKAGES:
+        source = Path(importlib.import_module(f"asyppo.{name}").__file__).parent
+        shutil.copytree(source, staged / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return staged
+
+
 def _eval(args) -> int:
-    from cluster.driver import evaluate_policy
+    from asyppo.cluster.driver import evaluate_policy
 
     checkpoint = args.checkpoint
     policy_dir = checkpoint / "policy" if (checkpoint / "policy" / "config.json").is_file() else checkpoint
@@ -116,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"asyppo: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - the CLI's job is to turn known failures into one clear line
-        from cluster.data import DatasetError
-        from cluster.driver import JobFailed
+        from asyppo.tasks.problems import DatasetError
+        from asyppo.cluster.driver import JobFailed
 
         if isinstance(exc, (DatasetError, JobFailed)):
             print(f"asyppo: {exc}", file=sys.stderr)

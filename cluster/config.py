@@ -1,30 +1,44 @@
 """The job configuration: one pydantic model of everything a training job needs.
 
 A config is built in three layers, later ones winning:
-  1. the named preset (ALGORITHMS.md §6) chosen by the top-level ``preset`` key,
+  1. the named preset (docs/algorithms.md §6) chosen by the top-level ``preset`` key,
   2. the YAML file given with ``--config``,
   3. dotted ``key=value`` overrides from the command line (values parsed as YAML, so ``3``, ``0.5``, ``null``,
      ``[0.95, 1.05]`` and ``true`` mean what they look like).
 Everything is validated before any actor starts. Every problem is reported with the field path and the reason,
 e.g. ``critics.num_critics: advantage mask k>0 needs at least 2 critics``.
+
+Sections and who reads them: ``algorithm`` (the math of docs/algorithms.md: estimator, clipping, ERC band, masks,
+coefficients; the learner and the critics), ``model``, ``data`` and ``reward`` (the driver and the rollout workers),
+``rollout``, ``critics`` and ``learner`` (each role's size and optimisation), ``weight_sync`` (the broadcast),
+``trainer`` and ``logging`` (the driver). Each role is handed only the sections it uses.
+
+Names that moved in 0.2 (``learner.estimator`` -> ``algorithm.estimator``, ...) are still read for one release,
+with a warning naming the new field: see ``RENAMED``.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from asyppo.tasks.registry import TASKS
+
+log = logging.getLogger("asyppo")
+
 PresetName = Literal["asyppo", "ppo", "grpo", "dapo-erc", "gppo-erc"]
 
-# ALGORITHMS.md §6. Each preset only sets the algorithm switches; every one stays independently overridable.
+# docs/algorithms.md §6. Each preset sets only the algorithm switches (and the number of critics they need); every one
+# stays independently overridable.
 PRESETS: dict[str, dict[str, Any]] = {
     "asyppo": {
         "critics": {"num_critics": 2},
-        "learner": {
+        "algorithm": {
             "estimator": "asyppo", "clip_mode": "ppo", "clip_low": 0.2, "clip_high": 0.28, "dual_clip": 3.0,
             "erc_band": [0.95, 1.05], "entropy_coef": 1e-3, "adv_mask_fraction": 0.2,
             "entropy_filter_fraction": 0.2,
@@ -32,21 +46,21 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "ppo": {
         "critics": {"num_critics": 1},
-        "learner": {
+        "algorithm": {
             "estimator": "gae", "clip_mode": "ppo", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": 3.0,
             "erc_band": None, "entropy_coef": 1e-3, "adv_mask_fraction": 0.0, "entropy_filter_fraction": 0.0,
         },
     },
     "grpo": {
         "critics": {"num_critics": 0},
-        "learner": {
+        "algorithm": {
             "estimator": "grpo", "clip_mode": "ppo", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": 3.0,
             "erc_band": None, "entropy_coef": 0.0, "adv_mask_fraction": 0.0, "entropy_filter_fraction": 0.0,
         },
     },
     "dapo-erc": {
         "critics": {"num_critics": 0},
-        "learner": {
+        "algorithm": {
             "estimator": "grpo", "clip_mode": "ppo", "clip_low": 0.2, "clip_high": 0.28, "dual_clip": 10.0,
             "erc_band": [0.95, 1.05], "entropy_coef": 0.0, "adv_mask_fraction": 0.0,
             "entropy_filter_fraction": 0.0,
@@ -54,7 +68,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "gppo-erc": {
         "critics": {"num_critics": 0},
-        "learner": {
+        "algorithm": {
             "estimator": "grpo", "clip_mode": "gppo", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": 10.0,
             "erc_band": [0.95, 1.05], "entropy_coef": 0.0, "adv_mask_fraction": 0.0,
             "entropy_filter_fraction": 0.0,
@@ -62,9 +76,26 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+# Fields that moved to another section in 0.2: old dotted name -> new one. Read for one release, with a warning.
+RENAMED: dict[str, str] = {
+    **{f"learner.{name}": f"algorithm.{name}" for name in (
+        "estimator", "clip_mode", "clip_low", "clip_high", "dual_clip", "erc_band", "entropy_coef",
+        "adv_mask_fraction", "entropy_filter_fraction", "agg", "gamma", "lam", "nll_coef",
+    )},
+    "critics.ensemble": "algorithm.ensemble",
+    "critics.value_clip": "algorithm.value_clip",
+    "critics.split": "algorithm.critic_split",
+    "learner.sync_backend": "weight_sync.backend",
+    "learner.sync_timeout_s": "weight_sync.timeout_s",
+    "learner.sync_bucket_mb": "weight_sync.bucket_mb",
+    "learner.sync_check_tolerance": "weight_sync.check_tolerance",
+}
+
 BUILTIN_POLICY = "builtin:tiny"
 BUILTIN_CRITIC = "builtin:tiny-critic"
 BUILTIN_DATA = "builtin:arithmetic"
+# The tasks of asyppo.tasks.registry: adding one there makes it a valid data.task here.
+TaskName = Literal[tuple(TASKS)]  # type: ignore[valid-type]
 
 
 class ConfigError(ValueError):
@@ -88,7 +119,7 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     train: str = BUILTIN_DATA
     eval: str | None = BUILTIN_DATA
-    task: Literal["arithmetic", "math"] = "arithmetic"
+    task: TaskName = "arithmetic"
     prompt_key: str = "question"
     answer_key: str = "answer"
     id_key: str | None = None
@@ -122,14 +153,34 @@ class CriticsConfig(_Section):
     num_critics: int = Field(2, ge=0)
     gpus_per_critic: float = Field(0.0, ge=0)
     cpus_per_critic: float = Field(0.5, gt=0)
-    split: Literal["prompt", "response"] = "prompt"
     lr: float = Field(1e-3, gt=0)
-    value_clip: float = Field(0.5, gt=0)
-    ensemble: Literal["mean", "min"] = "mean"
     epochs: int = Field(1, ge=1)
     micro_batch_size: int = Field(64, ge=1)
     zero_stage: int = Field(0, ge=0, le=3)
     grad_clip: float = Field(1.0, gt=0)
+
+
+class AlgorithmConfig(_Section):
+    """The math of docs/algorithms.md, in one place: what the learner and the critics compute."""
+
+    estimator: Literal["asyppo", "gae", "grpo"] = Field("asyppo", description="advantage estimator (§3)")
+    clip_mode: Literal["ppo", "gppo"] = Field("ppo", description="ppo clip, or gradient-preserving gppo (§5)")
+    clip_low: float = Field(0.2, ge=0, lt=1, description="ε_low: the ratio is clipped below at 1 − ε_low")
+    clip_high: float = Field(0.28, ge=0, description="ε_high: the ratio is clipped above at 1 + ε_high")
+    dual_clip: float | None = Field(3.0, gt=1, description="c of the dual clip for A < 0; null = off")
+    erc_band: tuple[float, float] | None = Field(
+        (0.95, 1.05), description="ERC: [low, high] bounds on H/H_old, tokens outside lose their gradient; null = off"
+    )
+    entropy_coef: float = Field(1e-3, ge=0, description="β_ent of the entropy bonus")
+    adv_mask_fraction: float = Field(0.2, ge=0, lt=1, description="k: agreement mask fraction (§4)")
+    entropy_filter_fraction: float = Field(0.2, ge=0, lt=1, description="h: divergence filter fraction (§4)")
+    agg: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(1.0, ge=0, le=1)
+    nll_coef: float = Field(0.0, ge=0, description="α_nll of the optional NLL term")
+    ensemble: Literal["mean", "min"] = Field("mean", description="how the critics' values combine into V̄ (§3)")
+    value_clip: float = Field(0.5, gt=0, description="c_v of the critics' clipped value loss (§2)")
+    critic_split: Literal["prompt", "response"] = Field("prompt", description="which rows each critic trains on (§2)")
 
 
 class LearnerConfig(_Section):
@@ -142,24 +193,14 @@ class LearnerConfig(_Section):
     epochs: int = Field(1, ge=1)
     mini_batch_size: int = Field(64, ge=1, description="responses per optimizer step")
     micro_batch_size: int = Field(64, ge=1, description="responses per forward/backward")
-    estimator: Literal["asyppo", "gae", "grpo"] = "asyppo"
-    clip_mode: Literal["ppo", "gppo"] = "ppo"
-    clip_low: float = Field(0.2, ge=0, lt=1)
-    clip_high: float = Field(0.28, ge=0)
-    dual_clip: float | None = Field(3.0, gt=1)
-    erc_band: tuple[float, float] | None = Field((0.95, 1.05), description="[low, high] bounds on H/H_old; null=off")
-    entropy_coef: float = Field(1e-3, ge=0)
-    adv_mask_fraction: float = Field(0.2, ge=0, lt=1, description="k: agreement mask fraction (AsyPPO §4)")
-    entropy_filter_fraction: float = Field(0.2, ge=0, lt=1, description="h: divergence filter fraction (§4)")
-    agg: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(1.0, ge=0, le=1)
-    nll_coef: float = Field(0.0, ge=0)
     logprob_chunk: int = Field(256, ge=1, description="sequence positions per chunk of the vocab projection")
-    sync_backend: Literal["auto", "gloo", "nccl"] = "auto"
-    sync_timeout_s: float = Field(120.0, gt=0)
-    sync_bucket_mb: float = Field(64.0, gt=0)
-    sync_check_tolerance: float = Field(1e-3, gt=0, description="max mean |logp diff| rollout vs learner")
+
+
+class WeightSyncConfig(_Section):
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl when both sides have GPUs")
+    timeout_s: float = Field(120.0, gt=0)
+    bucket_mb: float = Field(64.0, gt=0)
+    check_tolerance: float = Field(1e-3, gt=0, description="max mean |logp diff| rollout vs learner")
 
 
 class TrainerConfig(_Section):
@@ -189,8 +230,10 @@ class JobConfig(_Section):
     data: DataConfig = DataConfig()
     reward: RewardConfig = RewardConfig()
     rollout: RolloutConfig = RolloutConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
     critics: CriticsConfig = CriticsConfig()
     learner: LearnerConfig = LearnerConfig()
+    weight_sync: WeightSyncConfig = WeightSyncConfig()
     trainer: TrainerConfig = TrainerConfig()
     logging: LoggingConfig = LoggingConfig()
 
@@ -221,31 +264,31 @@ class JobConfig(_Section):
 def cross_field_problems(cfg: JobConfig) -> list[tuple[str, str]]:
     """Rules that involve more than one field; each problem names the field a user should change."""
     problems: list[tuple[str, str]] = []
-    lrn, crit, roll = cfg.learner, cfg.critics, cfg.rollout
+    alg, lrn, crit, roll = cfg.algorithm, cfg.learner, cfg.critics, cfg.rollout
     m = crit.num_critics
 
-    if lrn.estimator == "grpo" and m > 0:
+    if alg.estimator == "grpo" and m > 0:
         problems.append(("critics.num_critics", f"estimator grpo uses no critics, got {m}"))
-    if lrn.estimator == "gae" and m != 1:
+    if alg.estimator == "gae" and m != 1:
         problems.append(("critics.num_critics", f"estimator gae is classic PPO with exactly 1 critic, got {m}"))
-    if lrn.estimator == "asyppo" and m < 1:
+    if alg.estimator == "asyppo" and m < 1:
         problems.append(("critics.num_critics", "estimator asyppo needs at least 1 critic"))
-    if lrn.adv_mask_fraction > 0 and m < 2:
+    if alg.adv_mask_fraction > 0 and m < 2:
         problems.append(("critics.num_critics", f"advantage mask k>0 needs at least 2 critics, got {m}"))
-    if lrn.entropy_filter_fraction > 0 and m < 2:
+    if alg.entropy_filter_fraction > 0 and m < 2:
         problems.append(("critics.num_critics", f"entropy filter h>0 needs at least 2 critics, got {m}"))
-    if lrn.estimator == "grpo" and roll.samples_per_prompt < 2:
+    if alg.estimator == "grpo" and roll.samples_per_prompt < 2:
         problems.append(("rollout.samples_per_prompt", "grpo needs at least 2 samples per prompt for a group std"))
-    if crit.split == "response" and m > 0 and roll.samples_per_prompt % m:
+    if alg.critic_split == "response" and m > 0 and roll.samples_per_prompt % m:
         problems.append((
-            "critics.split",
+            "algorithm.critic_split",
             f"response split needs samples_per_prompt ({roll.samples_per_prompt}) divisible by num_critics ({m})",
         ))
 
-    if lrn.erc_band is not None:
-        low, high = lrn.erc_band
+    if alg.erc_band is not None:
+        low, high = alg.erc_band
         if not (0 <= low < 1 < high):
-            problems.append(("learner.erc_band", f"needs 0 <= low < 1 < high, got [{low}, {high}]"))
+            problems.append(("algorithm.erc_band", f"needs 0 <= low < 1 < high, got [{low}, {high}]"))
 
     n = cfg.batch_size
     ranks = cfg.learner_ranks
@@ -263,8 +306,8 @@ def cross_field_problems(cfg: JobConfig) -> list[tuple[str, str]]:
 
     if crit.gpus_per_critic > 1 and not float(crit.gpus_per_critic).is_integer():
         problems.append(("critics.gpus_per_critic", "above 1 it must be a whole number of GPUs"))
-    if lrn.sync_backend == "nccl" and (roll.gpus_per_worker == 0 or lrn.num_gpus == 0):
-        problems.append(("learner.sync_backend", "nccl needs GPUs on both the learner and the rollout workers"))
+    if cfg.weight_sync.backend == "nccl" and (roll.gpus_per_worker == 0 or lrn.num_gpus == 0):
+        problems.append(("weight_sync.backend", "nccl needs GPUs on both the learner and the rollout workers"))
     if cfg.model.dtype != "float32" and roll.gpus_per_worker == 0:
         problems.append(("model.dtype", "the CPU vLLM engine in this project runs float32 only"))
     if cfg.reward.overlong_buffer is not None and cfg.reward.overlong_buffer >= roll.max_new_tokens:
@@ -319,9 +362,37 @@ def _format_validation_error(exc: ValidationError) -> list[tuple[str, str]]:
     return problems
 
 
+def apply_renames(user: dict) -> dict:
+    """Move fields written under their pre-0.2 names (``RENAMED``) to their new place, warning once per field.
+
+    Giving both the old and the new name of one field is an error, since it is unclear which one was meant.
+    """
+    user = copy.deepcopy(user)
+    problems = []
+    for old, new in RENAMED.items():
+        old_section, old_name = old.split(".")
+        section = user.get(old_section)
+        if not isinstance(section, dict) or old_name not in section:
+            continue
+        value = section.pop(old_name)
+        new_section, new_name = new.split(".")
+        target = user.setdefault(new_section, {})
+        if not isinstance(target, dict):
+            continue  # the section itself is malformed; validation reports it
+        if new_name in target:
+            problems.append((old, f"renamed to {new}, which is also set; keep only {new}"))
+            continue
+        target[new_name] = value
+        log.warning("config: %s is now %s; the old name is read until the next release", old, new)
+    if problems:
+        raise ConfigError(problems)
+    return user
+
+
 def build_config(raw: dict | None = None, overrides: list[str] | None = None) -> JobConfig:
     """Preset defaults ← ``raw`` (a YAML mapping) ← dotted ``overrides``; raises ConfigError."""
-    user = _deep_merge(raw or {}, parse_overrides(overrides or []))
+    # Each layer is renamed on its own, so that a new-name override still wins over an old-name YAML field.
+    user = _deep_merge(apply_renames(raw or {}), apply_renames(parse_overrides(overrides or [])))
     preset = user.get("preset", "asyppo")
     if preset not in PRESETS:
         raise ConfigError([("preset", f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")])
@@ -346,11 +417,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(raw, dict):
             raise ConfigError([("--config", f"{path} must hold a mapping at the top level")])
     return build_config(raw, overrides)
-
-
-def erc_betas(cfg: LearnerConfig) -> tuple[float | None, float | None]:
-    """Band [low, high] on H/H_old → (β_low, β_high) as in ALGORITHMS.md §5; (None, None) when ERC is off."""
-    if cfg.erc_band is None:
-        return None, None
-    low, high = cfg.erc_band
-    return 1.0 - low, high - 1.0

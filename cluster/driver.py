@@ -1,4 +1,4 @@
-"""The driver loop: one AsyPPO training step after another on a Ray cluster (ARCHITECTURE.md, "One training step").
+"""The driver loop: one AsyPPO training step after another on a Ray cluster (docs/architecture.md, "One training step").
 
 Per step: rollout workers generate and score → the learner recomputes logπ_old/H_old while every critic scores
 every token → the learner computes σ, masks and advantages → critics train on their shards while the learner runs
@@ -27,10 +27,11 @@ import numpy as np
 import ray
 import torch
 
-from cluster.checkpoint import CheckpointDir, read_trainer_state
-from cluster.config import BUILTIN_CRITIC, BUILTIN_POLICY, JobConfig
-from cluster.metrics import MetricsSink
-from cluster.resources import Placement, total_cpus
+from asyppo.cluster.actor_group import ActorGroup, role_resources, total_cpus
+from asyppo.cluster.checkpoint import CheckpointDir, read_trainer_state
+from asyppo.cluster.config import BUILTIN_CRITIC, BUILTIN_POLICY, JobConfig
+from asyppo.cluster.metrics import MetricsSink
+from asyppo.tasks.registry import TASKS, load_problems
 
 log = logging.getLogger("asyppo")
 
@@ -49,9 +50,12 @@ def resolve_models(cfg: JobConfig) -> Models:
     """Local model directories for the policy and the critics; the built-in ones are bootstrapped (cached)."""
     paths = {"model.policy": cfg.model.policy, "model.critic": cfg.model.critic}
     if {BUILTIN_POLICY, BUILTIN_CRITIC} & set(paths.values()):
-        from cluster.bootstrap import ensure_builtin_models
-
-        builtin = ensure_builtin_models(seed=cfg.trainer.seed, log=log.info)
+        task = TASKS[cfg.data.task]
+        if task.builtin_models is None:
+            field = "model.policy" if paths["model.policy"] == BUILTIN_POLICY else "model.critic"
+            raise JobFailed(f"{field}: the task {task.name!r} has no built-in models; point model.policy and "
+                            f"model.critic at local Hugging Face directories")
+        builtin = task.builtin_models(cfg.trainer.seed, log.info)
         pick = {BUILTIN_POLICY: str(builtin.policy_dir), BUILTIN_CRITIC: str(builtin.critic_dir)}
         paths = {field: pick.get(path, path) for field, path in paths.items()}
     for field, path in paths.items():
@@ -62,8 +66,6 @@ def resolve_models(cfg: JobConfig) -> Models:
 
 def load_datasets(cfg: JobConfig):
     """Train and held-out problems, every row validated before any actor starts."""
-    from cluster.data import load_problems
-
     data = cfg.data
     common = dict(prompt_key=data.prompt_key, answer_key=data.answer_key, id_key=data.id_key,
                   prompt_template=data.prompt_template, seed=cfg.trainer.seed)
@@ -89,7 +91,7 @@ class Trainer:
     def __init__(self, cfg: JobConfig, *, resume: bool = False):
         from transformers import AutoTokenizer
 
-        from cluster.data import PromptSampler
+        from asyppo.tasks.problems import PromptSampler
 
         self.cfg = cfg = unique_run_path(cfg, resume)
         self.run_path = cfg.run_path
@@ -117,9 +119,11 @@ class Trainer:
             policy_dir, resume_dir = str(checkpoint / "policy"), str(checkpoint)
             log.info("resuming %s from %s (step %d)", cfg.trainer.name, checkpoint, self.start_step)
 
+        self.rollout_workers: ActorGroup | None = None
+        self.learners: ActorGroup | None = None
+        self.critics: ActorGroup | None = None
         self.owns_ray = _connect_ray(cfg)
         try:
-            self.placement = Placement(cfg)
             self._spawn(policy_dir, resume_dir)
             self.sink = MetricsSink(cfg, self.run_path, resumed=checkpoint is not None,
                                     total_steps=cfg.trainer.steps, start_step=self.start_step)
@@ -130,33 +134,36 @@ class Trainer:
     # ---- actors -------------------------------------------------------------------------------------------------
 
     def _spawn(self, policy_dir: str, resume_dir: str | None) -> None:
-        from critics.actor import CriticPool
-        from learner.actor import Learner
+        from asyppo.critics.actor import MiniCritic
+        from asyppo.learner.actor import Learner
 
         cfg = self.cfg
-        roll = cfg.rollout
-        self.rollout_workers = spawn_rollout_workers(cfg, self.placement, policy_dir, self.reward_fn)
+        resources = role_resources(cfg)
+        self.rollout_workers = spawn_rollout_workers(cfg, policy_dir, self.reward_fn)
+        self.learners = ActorGroup("learner", resources["learner"], pack=True)
         address, port = ray.get(
-            _learner_address.options(**self.placement.options_for("learner", 0)).remote(),
-            timeout=cfg.trainer.call_timeout_s,
+            _learner_address.options(**self.learners.bundle_options(0)).remote(), timeout=cfg.trainer.call_timeout_s,
         )
-        ranks = cfg.learner_ranks
         state_dir = str(Path(resume_dir) / "policy_state") if resume_dir else None
-        self.learners = [
-            ray.remote(Learner).options(
-                name="learner" if rank == 0 else f"learner-rank{rank}", max_restarts=0,
-                **self.placement.options_for("learner", rank),
-            ).remote(cfg, policy_dir, rank=rank, world_size=ranks, master_addr=address, master_port=port,
-                     resume_state_dir=state_dir)
-            for rank in range(ranks)
-        ]
-        self.critics = CriticPool(cfg, self.models.critic, self.placement, resume_dir) if cfg.critics.num_critics else None
-        critic_actors = self.critics.actors if self.critics else []
-        self._get([a.ping.remote() for a in self.learners + critic_actors], "starting the learner and critics")
-        self._get([w.health.remote() for w in self.rollout_workers], "starting the rollout engines")
-        self._get([learner.set_version.remote(self.version) for learner in self.learners], "setting the version")
+        self.learners.spawn(
+            Learner,
+            lambda rank: learner_arguments(cfg, policy_dir, rank=rank, world_size=cfg.learner_ranks,
+                                           master_addr=address, master_port=port, resume_state_dir=state_dir),
+            name=lambda rank: "learner" if rank == 0 else f"learner-rank{rank}",
+        )
+        if cfg.critics.num_critics:
+            self.critics = ActorGroup("critics", resources["critics"])
+            self.critics.spawn(MiniCritic, lambda m: critic_arguments(cfg, self.models.critic, m, resume_dir),
+                               name=lambda m: f"critic-{m}")
+        critic_pings = self.critics.call("ping") if self.critics else []
+        self._get(self.learners.call("ping") + critic_pings, "starting the learner and critics")
+        self._get(self.rollout_workers.call("health"), "starting the rollout engines")
+        self._get(self.learners.call("set_version", self.version), "setting the version")
         self._get(
-            self.learners[0].setup_weight_sync.remote(self.rollout_workers, max(1, roll.gpus_per_worker)),
+            self.learners[0].setup_weight_sync.remote(
+                list(self.rollout_workers), max(1, cfg.rollout.gpus_per_worker), cfg.weight_sync,
+                cfg.rollout.gpus_per_worker > 0,
+            ),
             "creating the learner → rollout weight-sync group",
         )
         if self.version:
@@ -184,14 +191,12 @@ class Trainer:
     def _launch_rollout(self, step: int):
         roll = self.cfg.rollout
         problems = self.sampler.next_batch(roll.prompts_per_step)
-        refs = self._generate(problems, n=roll.samples_per_prompt, seed=self.cfg.trainer.seed * 100_003 + step)
+        refs = generate(self.rollout_workers, self.cfg, problems, n=roll.samples_per_prompt,
+                        seed=self.cfg.trainer.seed * 100_003 + step)
         return problems, refs, time.perf_counter()
 
-    def _generate(self, problems, *, n: int, seed: int):
-        return generate(self.rollout_workers, self.cfg, problems, n=n, seed=seed)
-
     def _collate(self, problems, outputs):
-        from learner.batch import collate_rollouts, concat_batches
+        from asyppo.core.batch import collate_rollouts, concat_batches
 
         batches, start = [], 0
         for out in outputs:
@@ -232,69 +237,71 @@ class Trainer:
             self.close()
 
     def train_step(self, step: int, problems, rollout_refs, launched_at: float) -> dict[str, float]:
-        cfg = self.cfg
+        """One step (docs/architecture.md, "One training step"): collect the rollout, score it, train, sync."""
         step_start = time.perf_counter()
         outputs = self._get(rollout_refs, f"step {step}: rollout")
-        time_rollout = time.perf_counter() - launched_at
+        timings = {"time_rollout": time.perf_counter() - launched_at}
         batch = self._collate(problems, outputs)
-        if self.version - batch.weight_version > cfg.trainer.max_staleness:
+        if self.version - batch.weight_version > self.cfg.trainer.max_staleness:
             raise JobFailed(
                 f"step {step}: the rollout batch was generated with weights v{batch.weight_version} while the "
-                f"learner is at v{self.version} (trainer.max_staleness={cfg.trainer.max_staleness})"
+                f"learner is at v{self.version} (trainer.max_staleness={self.cfg.trainer.max_staleness})"
             )
         batch_ref = ray.put(batch)
-
-        phase = time.perf_counter()
-        old_refs = [learner.compute_old.remote(batch_ref) for learner in self.learners]
-        value_refs = self.critics.values(batch_ref) if self.critics else []
-        prepared = [learner.prepare.options(num_returns=2).remote(*value_refs) for learner in self.learners]
+        old_stats, prepared, old_refs = self._score(step, batch_ref, timings)
         returns_ref, adv_stats_ref = prepared[0]
-        old_stats = self._get(old_refs[0], f"step {step}: old log-probs")
-        time_old = time.perf_counter() - phase
-        self._get(value_refs, f"step {step}: critic values")
-        time_values = time.perf_counter() - phase
-
-        phase = time.perf_counter()
-        critic_refs = self.critics.train(returns_ref, batch.prompt_ids, batch.group_size, step) if self.critics else []
-        update_refs = [learner.update.remote(step) for learner in self.learners]
-        update_stats = self._get(update_refs, f"step {step}: learner update")[0]
-        time_update = time.perf_counter() - phase
-        critic_stats = self._get(critic_refs, f"step {step}: critic training")
-        time_critic_train = time.perf_counter() - phase
+        update_stats, critic_stats = self._train(step, batch, returns_ref, timings)
         adv_stats = self._get(adv_stats_ref, f"step {step}: advantages")
         self._get([ref for ref, _ in prepared[1:]], f"step {step}: advantages on learner ranks")
         self._get(old_refs[1:], f"step {step}: old log-probs on learner ranks")
-
-        phase = time.perf_counter()
-        sync_stats = self._get([learner.broadcast_weights.remote() for learner in self.learners],
-                               f"step {step}: weight broadcast")[0]
-        self.version = int(update_stats["policy_version"])
-        logp_diff = self.check_rollout_weights(batch)
-        time_sync = time.perf_counter() - phase
-
-        mask = batch.response_mask
-        generated = sum(out["num_generated_tokens"] for out in outputs)
-        metrics = {
-            "reward_mean": float(batch.scores.mean()),
-            "accuracy": float(batch.correct.float().mean()),
-            "response_length": float(mask.sum(1).mean()),
-            "truncated_frac": float(np.mean([float(t) for out in outputs for t in out["truncated"]])),
-            "rollout_tokens_per_s": generated / max(time_rollout, 1e-9),
-            "rollout_weight_version": float(batch.weight_version),
-            **old_stats, **adv_stats, **update_stats, **sync_stats,
-            "weight_sync_seconds": sync_stats.get("weight_sync_seconds", time_sync),
-            "weight_sync_logp_diff": logp_diff,
-            "time_rollout": time_rollout, "time_old_logprobs": time_old, "time_values": time_values,
-            "time_update": time_update, "time_critic_train": time_critic_train, "time_weight_sync": time_sync,
-        }
-        for m, stats in enumerate(critic_stats):
-            metrics[f"value_loss_critic_{m}"] = stats["value_loss"]
-            metrics[f"value_clip_frac_critic_{m}"] = stats["value_clip_frac"]
-            metrics["skipped_steps"] += stats["skipped_steps"]
-        if critic_stats:
-            metrics["critic_tokens_per_s"] = sum(s["tokens_per_s"] for s in critic_stats)
+        sync_stats, logp_diff = self._sync_weights(step, batch, update_stats, timings)
+        metrics = step_metrics(batch, outputs, old_stats, adv_stats, update_stats, sync_stats, critic_stats,
+                               logp_diff, timings)
         metrics["time_step"] = time.perf_counter() - step_start
         return metrics
+
+    def _score(self, step: int, batch_ref, timings: dict[str, float]):
+        """logπ_old and H_old on every learner rank while every critic scores every token; the critics' values go
+        straight to the learner, which turns them into advantages and critic targets (``prepare``).
+
+        Returns rank 0's old-log-prob stats, each rank's ``prepare`` refs (targets, stats) and the
+        ``compute_old`` refs."""
+        phase = time.perf_counter()
+        old_refs = self.learners.call("compute_old", batch_ref)
+        value_refs = self.critics.call("values", batch_ref) if self.critics else []
+        prepared = [learner.prepare.options(num_returns=2).remote(*value_refs) for learner in self.learners]
+        old_stats = self._get(old_refs[0], f"step {step}: old log-probs")
+        timings["time_old_logprobs"] = time.perf_counter() - phase
+        self._get(value_refs, f"step {step}: critic values")
+        timings["time_values"] = time.perf_counter() - phase
+        return old_stats, prepared, old_refs
+
+    def _train(self, step: int, batch, returns_ref, timings: dict[str, float]):
+        """Each critic on its own shard (the targets go straight from the learner to the critics) while every
+        learner rank runs its PPO + ERC epochs. Returns rank 0's update stats and each critic's stats."""
+        from asyppo.critics.sharding import assign_shards
+
+        phase = time.perf_counter()
+        critic_refs = []
+        if self.critics:
+            shards = assign_shards(batch.prompt_ids, batch.group_size, len(self.critics),
+                                   self.cfg.algorithm.critic_split, seed=self.cfg.trainer.seed + step)
+            critic_refs = [critic.train.remote(returns_ref, rows) for critic, rows in zip(self.critics, shards)]
+        update_refs = self.learners.call("update", step)
+        update_stats = self._get(update_refs, f"step {step}: learner update")[0]
+        timings["time_update"] = time.perf_counter() - phase
+        critic_stats = self._get(critic_refs, f"step {step}: critic training")
+        timings["time_critic_train"] = time.perf_counter() - phase
+        return update_stats, critic_stats
+
+    def _sync_weights(self, step: int, batch, update_stats: dict[str, float], timings: dict[str, float]):
+        """Broadcast the new weights, then check that every rollout engine now assigns the learner's log-probs."""
+        phase = time.perf_counter()
+        sync_stats = self._get(self.learners.call("broadcast_weights"), f"step {step}: weight broadcast")[0]
+        self.version = int(update_stats["policy_version"])
+        logp_diff = self.check_rollout_weights(batch)
+        timings["time_weight_sync"] = time.perf_counter() - phase
+        return sync_stats, logp_diff
 
     def check_rollout_weights(self, batch) -> float:
         """After a broadcast every rollout engine must assign the learner's log-probs (stale weights fail loudly)."""
@@ -303,16 +310,17 @@ class Trainer:
             ids = batch.input_ids[row][batch.attention_mask[row].bool()].tolist()
             probe.append(ids)
         learner_logps = self._get(self.learners[0].probe_logprobs.remote(probe), "weight check on the learner")
-        worker_logps = self._get([w.prompt_logprobs.remote(probe) for w in self.rollout_workers],
+        worker_logps = self._get(self.rollout_workers.call("prompt_logprobs", probe),
                                  "weight check on the rollout workers")
         reference = np.concatenate([np.asarray(x) for x in learner_logps])
+        tolerance = self.cfg.weight_sync.check_tolerance
         worst = 0.0
         for index, logps in enumerate(worker_logps):
             diff = float(np.abs(np.concatenate([np.asarray(x) for x in logps]) - reference).mean())
-            if diff > self.cfg.learner.sync_check_tolerance:
+            if diff > tolerance:
                 raise JobFailed(
                     f"rollout-{index} disagrees with the learner after the weight broadcast: mean |Δlogp| = "
-                    f"{diff:.3g} > learner.sync_check_tolerance={self.cfg.learner.sync_check_tolerance}"
+                    f"{diff:.3g} > weight_sync.check_tolerance={tolerance}"
                 )
             worst = max(worst, diff)
         return worst
@@ -323,7 +331,8 @@ class Trainer:
         Every evaluation uses the same sampling seeds, so successive numbers differ by the weights, not the dice.
         """
         start = time.perf_counter()
-        outputs = self._get(self._generate(self.eval_problems, n=1, seed=EVAL_SEED), "evaluation")
+        outputs = self._get(generate(self.rollout_workers, self.cfg, self.eval_problems, n=1, seed=EVAL_SEED),
+                            "evaluation")
         accuracy = held_out_accuracy(outputs)
         self.sink.log_event(step, {"eval_accuracy": accuracy, "eval_problems": float(len(self.eval_problems)),
                                    "time_eval": time.perf_counter() - start})
@@ -331,9 +340,9 @@ class Trainer:
 
     def save_checkpoint(self, step: int) -> Path:
         staging = self.checkpoints.begin(step)
-        refs = [learner.save.remote(str(staging)) for learner in self.learners]
+        refs = self.learners.call("save", str(staging))
         if self.critics:
-            refs += self.critics.save(str(staging))
+            refs += self.critics.call("save", str(staging))
         self._get(refs, f"step {step}: checkpoint")
         # No global RNG state is saved because none is used: every random draw (prompt order, sampling seeds,
         # mini-batch shuffles, response shards) is keyed by (trainer.seed, step).
@@ -345,15 +354,11 @@ class Trainer:
         sink, self.sink = getattr(self, "sink", None), None
         if sink is not None:
             sink.close()
-        critics = getattr(self, "critics", None)
-        for actor in getattr(self, "rollout_workers", []) + getattr(self, "learners", []) + (
-            critics.actors if critics else []
-        ):
-            ray.kill(actor, no_restart=True)
-        self.rollout_workers, self.learners, self.critics = [], [], None
-        placement, self.placement = getattr(self, "placement", None), None
-        if placement is not None:
-            placement.remove()
+        for group in (getattr(self, "rollout_workers", None), getattr(self, "learners", None),
+                      getattr(self, "critics", None)):
+            if group is not None:
+                group.close()
+        self.rollout_workers = self.learners = self.critics = None
         if getattr(self, "owns_ray", False):
             self.owns_ray = False
             ray.shutdown()
@@ -362,24 +367,68 @@ class Trainer:
 EVAL_SEED = 10**6
 
 
-def spawn_rollout_workers(cfg: JobConfig, placement: Placement, policy_dir: str, reward_fn) -> list:
+def step_metrics(batch, outputs, old_stats, adv_stats, update_stats, sync_stats, critic_stats, logp_diff,
+                 timings: dict[str, float]) -> dict[str, float]:
+    """Every number of one step (docs/algorithms.md §7), from the phases' own stats and the driver's timings."""
+    mask = batch.response_mask
+    generated = sum(out["num_generated_tokens"] for out in outputs)
+    metrics = {
+        "reward_mean": float(batch.scores.mean()),
+        "accuracy": float(batch.correct.float().mean()),
+        "response_length": float(mask.sum(1).mean()),
+        "truncated_frac": float(np.mean([float(t) for out in outputs for t in out["truncated"]])),
+        "rollout_tokens_per_s": generated / max(timings["time_rollout"], 1e-9),
+        "rollout_weight_version": float(batch.weight_version),
+        **old_stats, **adv_stats, **update_stats, **sync_stats,
+        "weight_sync_seconds": sync_stats.get("weight_sync_seconds", timings["time_weight_sync"]),
+        "weight_sync_logp_diff": logp_diff,
+        **{key: timings[key] for key in ("time_rollout", "time_old_logprobs", "time_values", "time_update",
+                                          "time_critic_train", "time_weight_sync")},
+    }
+    for m, stats in enumerate(critic_stats):
+        metrics[f"value_loss_critic_{m}"] = stats["value_loss"]
+        metrics[f"value_clip_frac_critic_{m}"] = stats["value_clip_frac"]
+        metrics["skipped_steps"] += stats["skipped_steps"]
+    if critic_stats:
+        metrics["critic_tokens_per_s"] = sum(s["tokens_per_s"] for s in critic_stats)
+    return metrics
+
+
+def learner_arguments(cfg: JobConfig, policy_dir: str, **rank: Any) -> tuple[tuple, dict]:
+    """``Learner(*args, **kwargs)`` for this job: the sections it uses, the few settings it needs from others, and
+    ``rank`` (rank, world_size, master_addr, master_port, resume_state_dir)."""
+    return (policy_dir, cfg.algorithm, cfg.learner), dict(
+        temperature=cfg.rollout.temperature, dtype=cfg.model.dtype, seed=cfg.trainer.seed,
+        timeout_s=cfg.trainer.call_timeout_s, **rank,
+    )
+
+
+def critic_arguments(cfg: JobConfig, critic_dir: str, index: int, resume_dir: str | None = None) -> tuple[tuple, dict]:
+    """``MiniCritic(*args, **kwargs)`` for critic ``index`` of this job."""
+    return (critic_dir, index, cfg.critics, cfg.algorithm), dict(
+        dtype=cfg.model.dtype, seed=cfg.trainer.seed, timeout_s=cfg.trainer.call_timeout_s, resume_dir=resume_dir,
+    )
+
+
+def spawn_rollout_workers(cfg: JobConfig, policy_dir: str, reward_fn) -> ActorGroup:
     """``rollout-0`` … : one vLLM engine per actor, tensor-parallel over its bundle's GPUs."""
-    from actors.rollout import RolloutWorker
+    from asyppo.actors.rollout import RolloutWorker
 
     roll = cfg.rollout
-    return [
-        ray.remote(RolloutWorker).options(
-            name=f"rollout-{i}", max_restarts=0, **placement.options_for("rollout", i),
-        ).remote(
-            policy_dir, reward_fn=reward_fn, worker_index=i, tensor_parallel_size=max(1, roll.gpus_per_worker),
+    group = ActorGroup("rollout", role_resources(cfg)["rollout"])
+    try:
+        group.spawn(RolloutWorker, lambda i: ((policy_dir,), dict(
+            reward_fn=reward_fn, worker_index=i, tensor_parallel_size=max(1, roll.gpus_per_worker),
             dtype=cfg.model.dtype, seed=cfg.trainer.seed + i, max_model_len=roll.max_model_len,
             gpu_memory_utilization=roll.gpu_memory_utilization, cpu_kv_cache_gib=roll.cpu_kv_cache_gib,
-        )
-        for i in range(roll.num_workers)
-    ]
+        )))
+    except BaseException:
+        group.close()
+        raise
+    return group
 
 
-def generate(workers: list, cfg: JobConfig, problems, *, n: int, seed: int) -> list:
+def generate(workers, cfg: JobConfig, problems, *, n: int, seed: int) -> list:
     """Contiguous slices of whole prompts to each worker (a prompt's n samples stay together)."""
     roll = cfg.rollout
     slices = np.array_split(np.arange(len(problems)), len(workers))
@@ -405,21 +454,20 @@ def evaluate_policy(cfg: JobConfig, policy_dir: str) -> tuple[float, int]:
     if not held_out:
         raise JobFailed("data.eval: no held-out data configured")
     owns_ray = _connect_ray(cfg)
-    placement = Placement(cfg, roles=("rollout",))
-    workers = spawn_rollout_workers(cfg, placement, policy_dir, reward_function(cfg))
+    workers = None
     try:
+        workers = spawn_rollout_workers(cfg, policy_dir, reward_function(cfg))
         outputs = ray.get(generate(workers, cfg, held_out, n=1, seed=EVAL_SEED), timeout=cfg.trainer.call_timeout_s)
         return held_out_accuracy(outputs), len(held_out)
     finally:
-        for worker in workers:
-            ray.kill(worker, no_restart=True)
-        placement.remove()
+        if workers is not None:
+            workers.close()
         if owns_ray:
             ray.shutdown()
 
 
 def reward_function(cfg: JobConfig):
-    from actors.rewards import RewardFunction
+    from asyppo.tasks.rewards import RewardFunction
 
     overlong = {}
     if cfg.reward.overlong_buffer:
@@ -430,7 +478,7 @@ def reward_function(cfg: JobConfig):
 
 @ray.remote(num_cpus=0)
 def _learner_address() -> tuple[str, int]:
-    from learner.deepspeed_engine import free_port
+    from asyppo.cluster.deepspeed_engine import free_port
 
     return ray.util.get_node_ip_address(), free_port()
 
@@ -444,7 +492,7 @@ def _connect_ray(cfg: JobConfig) -> bool:
         # sets the same variables makes Ray refuse the job.
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return False
-    # Logical CPUs: fractional roles share this machine's cores (ARCHITECTURE.md, scaling knobs).
+    # Logical CPUs: fractional roles share this machine's cores (docs/architecture.md, "Scaling knobs").
     needed = math.ceil(total_cpus(cfg)) + 1
     ray.init(num_cpus=max(needed, os.cpu_count() or 1), num_gpus=torch.cuda.device_count(),
              object_store_memory=512 * 1024**2, log_to_driver=True)

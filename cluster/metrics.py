@@ -1,6 +1,6 @@
 """Where the numbers of every step go: metrics.jsonl, W&B, Ray's metrics (dashboard) and the console.
 
-ALGORITHMS.md §7 lists what is logged each step; :func:`required_metric_keys` is that list as it applies to a
+docs/algorithms.md §7 lists what is logged each step; :func:`required_metric_keys` is that list as it applies to a
 given config (no σ without two critics, no value loss without critics).
 """
 
@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from cluster.config import JobConfig
+from asyppo.cluster.config import JobConfig
 
 PHASES = ("rollout", "old_logprobs", "values", "update", "critic_train", "weight_sync", "step")
 

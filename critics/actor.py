@@ -1,8 +1,9 @@
-"""Mini-critic actors (AsyPPO, ALGORITHMS.md §2) and the pool that spawns and drives them.
+"""The ``MiniCritic`` actor (AsyPPO, docs/algorithms.md §2).
 
-Each ``MiniCritic`` is its own Ray actor with its own DeepSpeed engine and optimizer. Every critic scores every
-token of every response (the ensemble mean and the disagreement σ need all M values), but critic m trains only on
-the rows of its own shard (``critics.sharding.assign_shards``).
+Each mini-critic is its own Ray actor (``critic-0``, ... in the dashboard) with its own DeepSpeed engine and
+optimizer. Every critic scores every token of every response (the ensemble mean and the disagreement σ need all M
+values), but critic m trains only on the rows of its own shard (``asyppo.critics.sharding.assign_shards``, which the
+driver calls).
 """
 
 from __future__ import annotations
@@ -10,34 +11,41 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import ray
 import torch
 
-from cluster.config import JobConfig
-from critics.sharding import assign_shards
-from critics.value_model import ValueModel
-from learner.batch import RolloutBatch
-from learner.deepspeed_engine import (
+from asyppo.cluster.config import AlgorithmConfig, CriticsConfig
+from asyppo.cluster.deepspeed_engine import (
     accelerator_device, free_port, init_process_group, make_engine, optimizer_step,
 )
-from learner.losses import value_loss
+from asyppo.core.batch import RolloutBatch
+from asyppo.core.losses import value_loss
+from asyppo.critics.value_model import ValueModel
 
 
 class MiniCritic:
-    """One mini-critic: a causal-LM backbone with a scalar head, trained on its own shard only."""
+    """One mini-critic: a causal-LM backbone with a scalar head, trained on its own shard only.
 
-    def __init__(self, cfg: JobConfig, critic_path: str, index: int, resume_dir: str | None = None):
-        self.cfg = cfg
+    ``critics`` and ``algorithm`` are the config sections it uses (its optimisation; ``value_clip``); ``dtype`` is
+    the model's (bf16 on GPU), ``seed`` keys its shuffles, ``timeout_s`` bounds its process group's collectives.
+    """
+
+    def __init__(
+        self, critic_path: str, index: int, critics: CriticsConfig, algorithm: AlgorithmConfig, *, dtype: str,
+        seed: int, timeout_s: float, resume_dir: str | None = None,
+    ):
+        self.config = critics
+        self.value_clip = algorithm.value_clip
+        self.seed = seed
         self.index = index
         # All critics start from the same checkpoint (§2); only the data they see differs.
-        torch.manual_seed(cfg.trainer.seed)
-        init_process_group(0, 1, "127.0.0.1", free_port(), cfg.trainer.call_timeout_s)
+        torch.manual_seed(seed)
+        init_process_group(0, 1, "127.0.0.1", free_port(), timeout_s)
         self.device = accelerator_device()
         source = Path(resume_dir) / f"critic-{index}" if resume_dir else Path(critic_path)
         model = ValueModel.from_pretrained(str(source))
         self.engine = make_engine(
-            model.to(self.device), lr=cfg.critics.lr, weight_decay=0.0, zero_stage=cfg.critics.zero_stage,
-            grad_clip=cfg.critics.grad_clip, bf16=self.device.type == "cuda" and cfg.model.dtype == "bfloat16",
+            model.to(self.device), lr=critics.lr, weight_decay=0.0, zero_stage=critics.zero_stage,
+            grad_clip=critics.grad_clip, bf16=self.device.type == "cuda" and dtype == "bfloat16",
         )
         if resume_dir:
             self.engine.load_checkpoint(str(Path(resume_dir) / f"critic-{index}-state"), tag="state")
@@ -50,7 +58,7 @@ class MiniCritic:
         self.engine.module.eval()
         chunks = []
         with torch.no_grad():
-            for rows in torch.arange(batch.num_sequences).split(self.cfg.critics.micro_batch_size):
+            for rows in torch.arange(batch.num_sequences).split(self.config.micro_batch_size):
                 chunks.append(self._values(batch.rows(rows)).float().cpu())
         self._old_values = torch.cat(chunks) * batch.response_mask
         return self._old_values
@@ -68,9 +76,9 @@ class MiniCritic:
         if not rows:  # with the prompt split a small batch can leave a critic's shard empty this step
             return {"value_loss": 0.0, "value_clip_frac": 0.0, "tokens_per_s": 0.0, "skipped_steps": 0.0,
                     "time_train": 0.0, "num_rows": 0.0}
-        crit = self.cfg.critics
+        crit = self.config
         batch, rows_t = self._batch, torch.as_tensor(rows, dtype=torch.long)
-        generator = torch.Generator().manual_seed(self.cfg.trainer.seed + 7919 * self.index)
+        generator = torch.Generator().manual_seed(self.seed + 7919 * self.index)
         losses, clip_fracs, tokens, skipped = [], [], 0, 0
         self.engine.module.train()
         for _ in range(crit.epochs):
@@ -83,7 +91,7 @@ class MiniCritic:
                 mask = sub.response_mask.to(self.device)
                 loss, stats = value_loss(
                     self._values(sub), self._old_values[micro].to(self.device), returns[micro].to(self.device),
-                    mask, clip=crit.value_clip, denominator=denominator,
+                    mask, clip=self.value_clip, denominator=denominator,
                 )
                 if not torch.isfinite(loss):
                     finite = False
@@ -111,32 +119,3 @@ class MiniCritic:
 
     def ping(self) -> int:
         return self.index
-
-
-class CriticPool:
-    """Driver-side handle on M ``MiniCritic`` actors (named ``critic-0`` … ``critic-{M-1}``)."""
-
-    def __init__(self, cfg: JobConfig, critic_path: str, placement, resume_dir: str | None = None):
-        self.cfg = cfg
-        self.actors = [
-            ray.remote(MiniCritic).options(
-                name=f"critic-{m}", max_restarts=0, **placement.options_for("critics", m),
-            ).remote(cfg, critic_path, m, resume_dir)
-            for m in range(cfg.critics.num_critics)
-        ]
-
-    def __len__(self) -> int:
-        return len(self.actors)
-
-    def values(self, batch_ref) -> list:
-        """One ``[N, T]`` ObjectRef per critic; the learner stacks them into ``[M, N, T]``."""
-        return [actor.values.remote(batch_ref) for actor in self.actors]
-
-    def train(self, returns_ref, prompt_ids: list[str], group_size: int, step: int) -> list:
-        shards = assign_shards(
-            prompt_ids, group_size, len(self.actors), self.cfg.critics.split, seed=self.cfg.trainer.seed + step
-        )
-        return [actor.train.remote(returns_ref, rows) for actor, rows in zip(self.actors, shards)]
-
-    def save(self, checkpoint_dir: str) -> list:
-        return [actor.save.remote(checkpoint_dir) for actor in self.actors]

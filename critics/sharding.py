@@ -1,4 +1,4 @@
-"""Which rows of a rollout batch each mini-critic trains on (ALGORITHMS.md §2, "Training data split").
+"""Which rows of a rollout batch each mini-critic trains on (docs/algorithms.md §2).
 
 Pure Python, no Ray. Batch layout: ``N = P × n`` rows, the ``n`` samples of prompt ``i`` are rows
 ``i*n .. i*n+n-1``. Every assignment is a pure function of its arguments and uses SHA-256 (never the
@@ -43,7 +43,7 @@ def assign_shards(
     *,
     seed: int = 0,
 ) -> list[list[int]]:
-    """Row indices of the batch that each critic trains on (ALGORITHMS.md §2).
+    """Row indices of the batch that each critic trains on (docs/algorithms.md §2).
 
     - ``split="prompt"``: all ``n`` rows of prompt ``i`` go to critic ``prompt_shard(prompt_ids[i], M)``.
       A critic whose shard holds no prompt of this batch gets an empty list. ``seed`` is unused.

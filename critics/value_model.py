@@ -1,4 +1,4 @@
-"""The mini-critic's value model: a causal-LM backbone plus a scalar value head (ALGORITHMS.md §2).
+"""The mini-critic's value model: a causal-LM backbone plus a scalar value head (docs/algorithms.md §2).
 
 Pure PyTorch + transformers, no Ray.
 
@@ -131,7 +131,7 @@ class ValueModel(torch.nn.Module):
     def response_values(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int
     ) -> torch.Tensor:
-        """``V(s_t)`` for the ``T = response_len`` response tokens, ``[N, T]`` float32 (ALGORITHMS.md §2).
+        """``V(s_t)`` for the ``T = response_len`` response tokens, ``[N, T]`` float32 (docs/algorithms.md §2).
 
         Response token ``t`` sits at ``Lp+t``; its state ``s_t`` is the hidden state at ``Lp+t−1`` (before the
         token is emitted), so this returns positions ``[Lp−1, Lp+T−1)``.

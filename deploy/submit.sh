@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Submit `asyppo train` to a running Ray cluster with plain `ray job submit`, using deploy/runtime_env.yaml
-# (source tree as working_dir, vLLM/NCCL settings) plus W&B variables taken from your shell.
+# (source tree as working_dir, vLLM/NCCL settings) plus W&B variables taken from your shell, and, when asyppo is
+# importable by $PYTHON, a copy of it as the job's py_modules so the cluster runs your local code (else the asyppo
+# installed in the cluster's image runs).
 # `asyppo submit` does the same from Python; this script is the raw Ray form.
 #
 # Usage: deploy/submit.sh [--address URL] [--no-wait] [--] [asyppo train arguments ...]
@@ -42,17 +44,26 @@ fi
 
 # mktemp creates the file readable by its owner only; it may hold WANDB_API_KEY.
 runtime_env_file="$(mktemp -t asyppo-runtime-env.XXXXXX)"
-trap 'rm -f "$runtime_env_file"' EXIT
-"${PYTHON:-python3}" - "$repo_root/deploy/runtime_env.yaml" "$runtime_env_file" <<'PY' \
+staging_dir="$(mktemp -d -t asyppo-submit.XXXXXX)"
+trap 'rm -rf "$runtime_env_file" "$staging_dir"' EXIT
+"${PYTHON:-python3}" - "$repo_root/deploy/runtime_env.yaml" "$runtime_env_file" "$staging_dir" <<'PY' \
   || die "could not write the runtime env (needs a Python with PyYAML; set PYTHON=...)"
 import os
 import sys
+from pathlib import Path
 
 import yaml
 
-source, target = sys.argv[1:]
+source, target, staging = sys.argv[1:]
 with open(source, encoding="utf-8") as handle:
     runtime_env = yaml.safe_load(handle) or {}
+try:
+    from asyppo.cluster.cli import stage_package
+except ImportError:
+    print("submit.sh: asyppo is not importable here; the cluster runs the asyppo installed in its image",
+          file=sys.stderr)
+else:
+    runtime_env["py_modules"] = [str(stage_package(Path(staging)))]
 env_vars = runtime_env.setdefault("env_vars", {})
 for name in ("WANDB_API_KEY", "WANDB_ENTITY", "WANDB_BASE_URL"):
     if os.environ.get(name):

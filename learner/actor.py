@@ -1,8 +1,8 @@
 """The ``Learner`` actor: owns the policy's DeepSpeed engine and runs the AsyPPO + ERC update.
 
-A thin shell around the pure core (``learner.batch``, ``learner.losses``, ``learner.logprobs``). One instance per
-data-parallel rank; rank 0 (named ``learner`` in the Ray dashboard) also owns the weight broadcast to the
-rollout workers. Every rank receives the whole rollout batch and computes the same advantages; rank r runs
+A thin shell around the pure core (``asyppo.core.batch``, ``asyppo.core.losses``, ``asyppo.core.logprobs``). One
+instance per data-parallel rank; rank 0 (named ``learner`` in the Ray dashboard) also owns the weight broadcast to
+the rollout workers (``asyppo.weight_sync.sender``). Section numbers (§N) refer to docs/algorithms.md. Every rank receives the whole rollout batch and computes the same advantages; rank r runs
 micro-batches r, r+R, … of each mini-batch, so the token-mean denominator is the whole mini-batch's on every rank.
 """
 
@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from cluster.config import JobConfig, erc_betas
-from learner.batch import AdvantageResult, RolloutBatch, compute_advantages
-from learner.deepspeed_engine import (
+from asyppo.cluster.config import AlgorithmConfig, LearnerConfig, WeightSyncConfig
+from asyppo.cluster.deepspeed_engine import (
     accelerator_device, full_parameters, init_process_group, make_engine, optimizer_step,
 )
-from learner.logprobs import response_logprobs
-from learner.losses import entropy_bonus, nll_loss, policy_loss
+from asyppo.core.batch import AdvantageResult, RolloutBatch, compute_advantages
+from asyppo.core.logprobs import response_logprobs
+from asyppo.core.losses import entropy_bonus, nll_loss, policy_loss
 
 log = logging.getLogger(__name__)
 
@@ -30,25 +30,37 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 class Learner:
+    """One data-parallel rank of the learner.
+
+    ``algorithm`` and ``learner`` are the config sections it uses; ``temperature`` is the rollout's (log-probs and
+    entropies are those of the sampling distribution), ``dtype`` the model's (bf16 on GPU, and the wire dtype of the
+    broadcast), ``seed`` keys every random draw, ``timeout_s`` bounds the process group's collectives.
+    """
+
     def __init__(
-        self, cfg: JobConfig, policy_path: str, *, rank: int = 0, world_size: int = 1,
+        self, policy_path: str, algorithm: AlgorithmConfig, learner: LearnerConfig, *, temperature: float,
+        dtype: str, seed: int, timeout_s: float, rank: int = 0, world_size: int = 1,
         master_addr: str = "127.0.0.1", master_port: int = 29500, resume_state_dir: str | None = None,
     ):
         from transformers import AutoModelForCausalLM
 
-        self.cfg = cfg
+        self.algorithm = algorithm
+        self.config = learner
+        self.temperature = temperature
+        self.dtype = dtype
+        self.seed = seed
         self.rank = rank
         self.world_size = world_size
         self.policy_path = policy_path
-        torch.manual_seed(cfg.trainer.seed)
-        init_process_group(rank, world_size, master_addr, master_port, cfg.trainer.call_timeout_s)
+        torch.manual_seed(seed)
+        init_process_group(rank, world_size, master_addr, master_port, timeout_s)
         self.device = accelerator_device()
-        bf16 = self.device.type == "cuda" and cfg.model.dtype == "bfloat16"
+        bf16 = self.device.type == "cuda" and dtype == "bfloat16"
         model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
         model.config.use_cache = False
         self.engine = make_engine(
-            model.to(self.device), lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay,
-            zero_stage=cfg.learner.zero_stage, grad_clip=cfg.learner.grad_clip, bf16=bf16,
+            model.to(self.device), lr=learner.lr, weight_decay=learner.weight_decay,
+            zero_stage=learner.zero_stage, grad_clip=learner.grad_clip, bf16=bf16,
         )
         if resume_state_dir is not None:
             self.engine.load_checkpoint(resume_state_dir, tag="state", load_module_strict=True)
@@ -64,19 +76,19 @@ class Learner:
     def _forward(self, batch: RolloutBatch, *, with_entropy: bool, entropy_requires_grad: bool = False):
         return response_logprobs(
             self.engine.module, batch.input_ids.to(self.device), batch.attention_mask.to(self.device),
-            batch.response_length, temperature=self.cfg.rollout.temperature,
-            chunk_size=self.cfg.learner.logprob_chunk, with_entropy=with_entropy,
+            batch.response_length, temperature=self.temperature,
+            chunk_size=self.config.logprob_chunk, with_entropy=with_entropy,
             entropy_requires_grad=entropy_requires_grad,
         )
 
     def compute_old(self, batch: RolloutBatch) -> dict[str, float]:
-        """logπ_old and H_old for every response token, no graph, in micro-batches (ALGORITHMS.md §5)."""
+        """logπ_old and H_old for every response token, no graph, in micro-batches (docs/algorithms.md §5)."""
         start = time.perf_counter()
         self._batch = batch
         logps, entropies = [], []
         self.engine.module.eval()
         with torch.no_grad():
-            for rows in torch.arange(batch.num_sequences).split(self.cfg.learner.micro_batch_size):
+            for rows in torch.arange(batch.num_sequences).split(self.config.micro_batch_size):
                 logp, entropy = self._forward(batch.rows(rows), with_entropy=True)
                 logps.append(logp.float().cpu())
                 entropies.append(entropy.float().cpu())
@@ -96,7 +108,7 @@ class Learner:
         if self._batch is None:
             raise RuntimeError("prepare() before compute_old(): the learner has no rollout batch")
         stacked = torch.stack([v.float() for v in values]) if values else None
-        lrn = self.cfg.learner
+        alg = self.algorithm
         valid = self._batch.response_mask > 0
         if stacked is not None and not bool(torch.isfinite(stacked[:, valid]).all()):
             # A diverged critic: NaN advantages and returns make every loss of this step non-finite, so the
@@ -106,9 +118,8 @@ class Learner:
             self._advantages = AdvantageResult(nan, nan, None, None, {"nonfinite_values": 1.0})
             return nan, self._advantages.stats
         self._advantages = compute_advantages(
-            self._batch, stacked, estimator=lrn.estimator, gamma=lrn.gamma, lam=lrn.lam,
-            ensemble=self.cfg.critics.ensemble, adv_mask_fraction=lrn.adv_mask_fraction,
-            entropy_filter_fraction=lrn.entropy_filter_fraction,
+            self._batch, stacked, estimator=alg.estimator, gamma=alg.gamma, lam=alg.lam, ensemble=alg.ensemble,
+            adv_mask_fraction=alg.adv_mask_fraction, entropy_filter_fraction=alg.entropy_filter_fraction,
         )
         return self._advantages.returns, self._advantages.stats
 
@@ -117,8 +128,8 @@ class Learner:
         if self._advantages is None or self._batch is None:
             raise RuntimeError("update() before prepare(): nothing to train on")
         start = time.perf_counter()
-        lrn = self.cfg.learner
-        generator = torch.Generator().manual_seed(self.cfg.trainer.seed * 1_000_003 + step)
+        lrn = self.config
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         self.engine.module.train()
         totals: dict[str, float] = {}
         micro_count = applied = skipped = tokens = 0
@@ -157,12 +168,11 @@ class Learner:
         Each micro-batch loss is normalised by the whole mini-batch's denominator, so the accumulated gradient
         equals the gradient of one big batch under either aggregation (§5).
         """
-        lrn = self.cfg.learner
         batch = self._batch
         mini_mask = batch.response_mask[mini]
-        denominator = float(mini_mask.sum()) if lrn.agg == "token-mean" else float(len(mini))
+        denominator = float(mini_mask.sum()) if self.algorithm.agg == "token-mean" else float(len(mini))
         all_stats, tokens = [], 0
-        for micro in mini.split(lrn.micro_batch_size)[self.rank::self.world_size]:
+        for micro in mini.split(self.config.micro_batch_size)[self.rank::self.world_size]:
             loss, stats = self._micro_loss(micro, denominator)
             if not torch.isfinite(loss):
                 return False, all_stats, tokens
@@ -173,53 +183,51 @@ class Learner:
         return True, all_stats, tokens
 
     def _micro_loss(self, rows: torch.Tensor, denominator: float) -> tuple[torch.Tensor, dict[str, float]]:
-        lrn = self.cfg.learner
+        alg = self.algorithm
         adv = self._advantages
         micro_batch = self._batch.rows(rows)
-        erc_low, erc_high = erc_betas(lrn)
-        use_entropy = erc_low is not None or lrn.entropy_coef > 0
+        use_entropy = alg.erc_band is not None or alg.entropy_coef > 0
         mask = micro_batch.response_mask.to(self.device)
         logp, entropy = self._forward(
-            micro_batch, with_entropy=use_entropy, entropy_requires_grad=lrn.entropy_coef > 0
+            micro_batch, with_entropy=use_entropy, entropy_requires_grad=alg.entropy_coef > 0
         )
 
         def pick(tensor):
             return None if tensor is None else tensor[rows].to(self.device)
 
         loss, stats = policy_loss(
-            logp, pick(self._old_logp), pick(adv.advantages), mask, clip_low=lrn.clip_low,
-            clip_high=lrn.clip_high, dual_clip=lrn.dual_clip, clip_mode=lrn.clip_mode, adv_mask=pick(adv.adv_mask),
+            logp, pick(self._old_logp), pick(adv.advantages), mask, clip_low=alg.clip_low,
+            clip_high=alg.clip_high, dual_clip=alg.dual_clip, clip_mode=alg.clip_mode, adv_mask=pick(adv.adv_mask),
             entropy=entropy if use_entropy else None, old_entropy=pick(self._old_entropy) if use_entropy else None,
-            erc_low=erc_low, erc_high=erc_high, agg=lrn.agg, denominator=denominator,
+            erc_band=alg.erc_band, agg=alg.agg, denominator=denominator,
         )
         stats = dict(stats)
-        if lrn.entropy_coef > 0:
-            bonus = entropy_bonus(entropy, mask, pick(adv.entropy_filter), agg=lrn.agg, denominator=denominator)
-            loss = loss - lrn.entropy_coef * bonus
+        if alg.entropy_coef > 0:
+            bonus = entropy_bonus(entropy, mask, pick(adv.entropy_filter), agg=alg.agg, denominator=denominator)
+            loss = loss - alg.entropy_coef * bonus
             stats["entropy_bonus"] = float(bonus.detach())
-        if lrn.nll_coef > 0:
+        if alg.nll_coef > 0:
             best = (micro_batch.scores >= self._batch.scores.max()).to(self.device)
-            loss = loss + lrn.nll_coef * nll_loss(logp, mask, best, agg=lrn.agg, denominator=denominator)
+            loss = loss + alg.nll_coef * nll_loss(logp, mask, best, agg=alg.agg, denominator=denominator)
         stats["policy_loss"] = float(loss.detach())
         return loss, stats
 
     # ---- weights -----------------------------------------------------------------------------------------------
 
-    def setup_weight_sync(self, workers: list, tensor_parallel_size: int) -> None:
+    def setup_weight_sync(self, workers: list, tensor_parallel_size: int, sync: WeightSyncConfig,
+                          rollout_on_gpu: bool) -> None:
         """Rank 0 only: the learner → rollout-worker group, created once and reused every step."""
-        from learner.weight_sync import WeightBroadcaster
+        from asyppo.weight_sync.sender import WeightBroadcaster
 
-        lrn = self.cfg.learner
-        backend = lrn.sync_backend
+        backend = sync.backend
         if backend == "auto":
-            backend = "nccl" if self.device.type == "cuda" and self.cfg.rollout.gpus_per_worker > 0 else "gloo"
-        self.broadcaster = WeightBroadcaster(backend=backend, timeout_s=lrn.sync_timeout_s,
-                                             bucket_mb=lrn.sync_bucket_mb)
+            backend = "nccl" if self.device.type == "cuda" and rollout_on_gpu else "gloo"
+        self.broadcaster = WeightBroadcaster(backend=backend, timeout_s=sync.timeout_s, bucket_mb=sync.bucket_mb)
         self.broadcaster.setup(workers, tensor_parallel_size)
 
     def broadcast_weights(self) -> dict[str, float]:
         """Send the current weights, stamped with this learner's version, to every rollout worker."""
-        dtype = getattr(torch, self.cfg.model.dtype)
+        dtype = getattr(torch, self.dtype)
         with full_parameters(self.engine) as module:
             if self.rank != 0:
                 return {}
@@ -238,7 +246,7 @@ class Learner:
                 inputs = torch.tensor([ids], device=self.device)
                 logp, _ = response_logprobs(
                     self.engine.module, inputs, torch.ones_like(inputs), len(ids) - 1, temperature=1.0,
-                    chunk_size=self.cfg.learner.logprob_chunk, with_entropy=False,
+                    chunk_size=self.config.logprob_chunk, with_entropy=False,
                 )
                 out.append(logp[0].float().cpu().tolist())
         return out

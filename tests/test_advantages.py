@@ -1,4 +1,4 @@
-"""Advantage estimators against independent reference implementations (ALGORITHMS.md §1, §3)."""
+"""Advantage estimators against independent reference implementations (docs/algorithms.md §1, §3)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import statistics
 import pytest
 import torch
 
-from learner.advantages import ensemble_values, gae, grpo_advantages, place_outcome_rewards, whiten
+from asyppo.core.advantages import ensemble_values, gae, grpo_advantages, place_outcome_rewards, whiten
 
 
 def reference_gae(rewards, values, mask, gamma, lam):

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cluster.bootstrap import (
+from asyppo.tasks.arithmetic_models import (
     ARITHMETIC_ALPHABET,
     WarmupRecipe,
     char_tokenizer,
@@ -26,7 +26,7 @@ from cluster.bootstrap import (
     tiny_critic_config,
     tiny_policy_config,
 )
-from cluster.data import arithmetic_problems
+from asyppo.tasks.arithmetic import arithmetic_problems
 
 CHEAP = WarmupRecipe(
     policy_hidden_size=32,

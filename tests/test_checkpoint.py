@@ -1,6 +1,6 @@
 """Checkpoints are atomic: a crash while writing leaves the previous checkpoint as the latest one."""
 
-from cluster.checkpoint import CheckpointDir, read_trainer_state
+from asyppo.cluster.checkpoint import CheckpointDir, read_trainer_state
 
 
 def write_checkpoint(ckpt: CheckpointDir, step: int):

@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-ASYPPO = shutil.which("asyppo") or f"{sys.executable} -m cluster.cli"
+ASYPPO = shutil.which("asyppo") or f"{sys.executable} -m asyppo.cluster.cli"
 
 
 def run(*args, timeout=120):
@@ -18,8 +18,8 @@ def test_config_prints_the_resolved_config():
     result = run("config", "preset=gppo-erc", "rollout.num_workers=2")
     assert result.returncode == 0, result.stderr
     resolved = yaml.safe_load(result.stdout)
-    assert resolved["learner"]["clip_mode"] == "gppo" and resolved["rollout"]["num_workers"] == 2
-    assert resolved["learner"]["erc_band"] == [0.95, 1.05]
+    assert resolved["algorithm"]["clip_mode"] == "gppo" and resolved["rollout"]["num_workers"] == 2
+    assert resolved["algorithm"]["erc_band"] == [0.95, 1.05]
 
 
 @pytest.mark.parametrize("command", ["config", "train"])

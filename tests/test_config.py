@@ -1,9 +1,12 @@
-"""Job configuration: presets (ALGORITHMS.md §6), YAML + dotted overrides, and errors that name the field."""
+"""Job configuration: presets (docs/algorithms.md §6), YAML + dotted overrides, and errors that name the field."""
+
+import logging
 
 import pytest
 import yaml
 
-from cluster.config import PRESETS, ConfigError, JobConfig, build_config, erc_betas, load_config, parse_overrides
+from asyppo.cluster.config import RENAMED, PRESETS, ConfigError, JobConfig, build_config, load_config, parse_overrides
+from asyppo.tasks.registry import TASKS
 
 
 def problems_of(overrides, raw=None):
@@ -14,18 +17,18 @@ def problems_of(overrides, raw=None):
 
 def test_default_is_the_asyppo_preset_of_the_spec_table():
     cfg = build_config()
-    lrn = cfg.learner
+    alg = cfg.algorithm
     assert cfg.preset == "asyppo"
-    assert (lrn.estimator, cfg.critics.num_critics, lrn.clip_mode) == ("asyppo", 2, "ppo")
-    assert (lrn.clip_low, lrn.clip_high, lrn.dual_clip) == (0.2, 0.28, 3.0)
-    assert lrn.erc_band == (0.95, 1.05)
-    assert lrn.entropy_coef == 1e-3
-    assert (lrn.adv_mask_fraction, lrn.entropy_filter_fraction) == (0.2, 0.2)
-    assert (lrn.gamma, lrn.lam) == (1.0, 1.0)
-    assert cfg.critics.value_clip == 0.5 and cfg.critics.split == "prompt"
+    assert (alg.estimator, cfg.critics.num_critics, alg.clip_mode) == ("asyppo", 2, "ppo")
+    assert (alg.clip_low, alg.clip_high, alg.dual_clip) == (0.2, 0.28, 3.0)
+    assert alg.erc_band == (0.95, 1.05)
+    assert alg.entropy_coef == 1e-3
+    assert (alg.adv_mask_fraction, alg.entropy_filter_fraction) == (0.2, 0.2)
+    assert (alg.gamma, alg.lam) == (1.0, 1.0)
+    assert alg.value_clip == 0.5 and alg.critic_split == "prompt"
 
 
-# The §6 table, typed in here independently of cluster.config.PRESETS.
+# The §6 table, typed in here independently of asyppo.cluster.config.PRESETS.
 SPEC_TABLE = {
     "asyppo": ("asyppo", 2, "ppo", 0.2, 0.28, 3.0, (0.95, 1.05), 1e-3, 0.2, 0.2),
     "ppo": ("gae", 1, "ppo", 0.2, 0.2, 3.0, None, 1e-3, 0.0, 0.0),
@@ -38,19 +41,19 @@ SPEC_TABLE = {
 @pytest.mark.parametrize("name", sorted(SPEC_TABLE))
 def test_presets_match_the_spec_table(name):
     cfg = build_config(overrides=[f"preset={name}"])
-    lrn = cfg.learner
-    got = (lrn.estimator, cfg.critics.num_critics, lrn.clip_mode, lrn.clip_low, lrn.clip_high, lrn.dual_clip,
-           lrn.erc_band, lrn.entropy_coef, lrn.adv_mask_fraction, lrn.entropy_filter_fraction)
+    alg = cfg.algorithm
+    got = (alg.estimator, cfg.critics.num_critics, alg.clip_mode, alg.clip_low, alg.clip_high, alg.dual_clip,
+           alg.erc_band, alg.entropy_coef, alg.adv_mask_fraction, alg.entropy_filter_fraction)
     assert got == SPEC_TABLE[name]
     assert set(PRESETS) == set(SPEC_TABLE)
 
 
 def test_every_switch_stays_independently_configurable():
-    cfg = build_config(overrides=["learner.clip_mode=gppo", "learner.erc_band=[0.9, 1.1]", "critics.num_critics=3"])
-    assert cfg.learner.estimator == "asyppo" and cfg.learner.clip_mode == "gppo"
-    assert cfg.learner.erc_band == (0.9, 1.1) and cfg.critics.num_critics == 3
-    assert erc_betas(cfg.learner) == pytest.approx((0.1, 0.1))
-    assert erc_betas(build_config(overrides=["preset=ppo"]).learner) == (None, None)
+    cfg = build_config(overrides=["algorithm.clip_mode=gppo", "algorithm.erc_band=[0.9, 1.1]", "critics.num_critics=3"])
+    assert cfg.algorithm.estimator == "asyppo" and cfg.algorithm.clip_mode == "gppo"
+    # The band reaches the loss as the bounds the user wrote.
+    assert cfg.algorithm.erc_band == (0.9, 1.1) and cfg.critics.num_critics == 3
+    assert build_config(overrides=["preset=ppo"]).algorithm.erc_band is None
 
 
 def test_yaml_file_then_overrides_win(tmp_path):
@@ -72,20 +75,25 @@ def test_override_values_are_parsed_as_yaml():
 @pytest.mark.parametrize("overrides, path, fragment", [
     (["critics.num_critics=1"], "critics.num_critics", "k>0 needs at least 2 critics"),
     (["rollout.num_workers=0"], "rollout.num_workers", "greater than or equal to 1"),
-    (["learner.erc_band=[1.0, 1.05]"], "learner.erc_band", "low < 1 < high"),
-    (["learner.erc_band=[0.9, 0.99]"], "learner.erc_band", "low < 1 < high"),
-    (["learner.clip_mode=fancy"], "learner.clip_mode", "'ppo' or 'gppo'"),
+    (["algorithm.erc_band=[1.0, 1.05]"], "algorithm.erc_band", "low < 1 < high"),
+    (["algorithm.erc_band=[0.9, 0.99]"], "algorithm.erc_band", "low < 1 < high"),
+    (["algorithm.erc_band=[0.95]"], "algorithm.erc_band.1", "Field required"),
+    (["algorithm.clip_mode=fancy"], "algorithm.clip_mode", "'ppo' or 'gppo'"),
+    (["algorithm.dual_clip=0.5"], "algorithm.dual_clip", "greater than 1"),
+    (["algorithm.clip_low=1.2"], "algorithm.clip_low", "less than 1"),
+    (["data.task=poetry"], "data.task", "'arithmetic' or 'math'"),
     (["learner.lernrate=1"], "learner.lernrate", "unknown field"),
     (["preset=grpo", "critics.num_critics=2"], "critics.num_critics", "grpo uses no critics"),
     (["preset=ppo", "critics.num_critics=2"], "critics.num_critics", "exactly 1 critic"),
     (["preset=grpo", "rollout.samples_per_prompt=1", "learner.mini_batch_size=32",
       "learner.micro_batch_size=32"], "rollout.samples_per_prompt", "at least 2 samples"),
-    (["critics.split=response", "critics.num_critics=3"], "critics.split", "divisible by num_critics"),
+    (["algorithm.critic_split=response", "critics.num_critics=3"], "algorithm.critic_split",
+     "divisible by num_critics"),
     (["learner.mini_batch_size=100"], "learner.mini_batch_size", "must divide the rollout batch"),
     (["learner.micro_batch_size=48"], "learner.micro_batch_size", "must divide mini_batch_size"),
     (["learner.num_gpus=2", "learner.micro_batch_size=64"], "learner.micro_batch_size", "×2"),
     (["critics.gpus_per_critic=1.5"], "critics.gpus_per_critic", "whole number"),
-    (["learner.sync_backend=nccl"], "learner.sync_backend", "nccl needs GPUs"),
+    (["weight_sync.backend=nccl"], "weight_sync.backend", "nccl needs GPUs"),
     (["preset=nope"], "preset", "unknown preset"),
     (["novalue"], "novalue", "dotted.key=value"),
 ])
@@ -113,3 +121,32 @@ def test_bad_config_files(tmp_path):
     scalar.write_text("42")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(scalar)
+
+
+def test_task_names_come_from_the_registry(monkeypatch):
+    assert set(JobConfig.model_fields["data"].annotation.model_fields["task"].annotation.__args__) == set(TASKS)
+
+
+@pytest.mark.parametrize("old, new", sorted(RENAMED.items()))
+def test_old_names_still_read_with_a_warning(old, new, caplog):
+    value = {"estimator": "gae", "erc_band": [0.9, 1.1], "clip_mode": "gppo", "agg": "seq-mean-token-mean",
+             "ensemble": "min", "split": "response", "sync_backend": "gloo", "dual_clip": 2.0}.get(old.split(".")[1], 0.5)
+    extra = ["critics.num_critics=1", "algorithm.adv_mask_fraction=0", "algorithm.entropy_filter_fraction=0"] \
+        if value == "gae" else []
+    with caplog.at_level(logging.WARNING, logger="asyppo"):
+        cfg = build_config(overrides=[f"{old}={yaml.safe_dump(value, default_flow_style=True).strip()}", *extra])
+    section, name = new.split(".")
+    got = getattr(getattr(cfg, section), name)
+    assert (list(got) if isinstance(got, tuple) else got) == value
+    assert any(old in record.message and new in record.message for record in caplog.records)
+
+
+def test_old_and_new_name_together_is_an_error(tmp_path):
+    problems, _ = problems_of(["learner.clip_low=0.1", "algorithm.clip_low=0.3"])
+    assert problems == [("learner.clip_low", "renamed to algorithm.clip_low, which is also set; keep only "
+                                             "algorithm.clip_low")]
+    # An old name in the YAML file and the new one on the command line: the command line wins, as always.
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({"learner": {"clip_low": 0.1}, "critics": {"split": "response"}}))
+    cfg = load_config(path, ["algorithm.clip_low=0.3"])
+    assert cfg.algorithm.clip_low == 0.3 and cfg.algorithm.critic_split == "response"

@@ -9,14 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from cluster.data import (
-    ARITHMETIC_SOURCE,
-    DatasetError,
-    Problem,
-    PromptSampler,
-    arithmetic_problems,
-    load_problems,
-)
+from asyppo.tasks.arithmetic import arithmetic_problems
+from asyppo.tasks.problems import DatasetError, Problem, PromptSampler
+from asyppo.tasks.registry import load_problems
+
+ARITHMETIC_SOURCE = "builtin:arithmetic"
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

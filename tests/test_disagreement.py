@@ -1,4 +1,4 @@
-"""Disagreement statistics and masks (ALGORITHMS.md §4, §7)."""
+"""Disagreement statistics and masks (docs/algorithms.md §4, §7)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from learner.disagreement import agreement_mask, critic_std, divergence_mask, std_quantiles
+from asyppo.core.disagreement import agreement_mask, critic_std, divergence_mask, std_quantiles
 
 
 def test_critic_std_is_population_std():

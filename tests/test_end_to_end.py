@@ -12,9 +12,9 @@ import time
 import pytest
 import ray
 
-from cluster.config import build_config
-from cluster.driver import JobFailed, Trainer, evaluate_policy, train
-from cluster.metrics import read_metrics, required_metric_keys
+from asyppo.cluster.config import build_config
+from asyppo.cluster.driver import JobFailed, Trainer, evaluate_policy, train
+from asyppo.cluster.metrics import read_metrics, required_metric_keys
 
 pytestmark = pytest.mark.cluster
 
@@ -24,7 +24,7 @@ def small_job(tmp_path, *extra):
         "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4", "learner.mini_batch_size=16",
         "learner.micro_batch_size=16", "critics.micro_batch_size=32", "data.eval_size=32",
         f"trainer.run_dir={tmp_path}", "trainer.steps=3", "trainer.eval_every=0", "trainer.checkpoint_every=0",
-        "trainer.call_timeout_s=180", "learner.sync_timeout_s=60", "logging.wandb_mode=offline", *extra,
+        "trainer.call_timeout_s=180", "weight_sync.timeout_s=60", "logging.wandb_mode=offline", *extra,
     ])
 
 
@@ -74,7 +74,7 @@ def test_one_worker_two_critics_sync(tmp_path):
             valid = round(line["response_length"] * cfg.batch_size)
             assert round(line["adv_mask_frac"] * valid) == math.floor(0.2 * valid)
             assert round(line["entropy_filter_frac"] * valid) == math.floor(0.2 * valid)
-            assert line["weight_sync_logp_diff"] < cfg.learner.sync_check_tolerance
+            assert line["weight_sync_logp_diff"] < cfg.weight_sync.check_tolerance
             assert line["value_loss_critic_0"] >= 0 and line["value_loss_critic_1"] >= 0
         # The two critics train on disjoint shards, so their losses are their own.
         assert any(line["value_loss_critic_0"] != line["value_loss_critic_1"] for line in lines)

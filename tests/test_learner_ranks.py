@@ -6,9 +6,10 @@ import pytest
 import ray
 import torch
 
-from cluster.config import build_config
-from learner.actor import Learner
-from learner.deepspeed_engine import free_port
+from asyppo.cluster.config import build_config
+from asyppo.cluster.deepspeed_engine import free_port
+from asyppo.cluster.driver import learner_arguments
+from asyppo.learner.actor import Learner
 from tests.test_learner_step import make_batch
 
 pytestmark = pytest.mark.cluster
@@ -24,14 +25,19 @@ def local_ray():
 def test_two_ranks_split_the_work_and_agree_with_one_rank(local_ray, tiny_policy_dir):
     cfg = build_config(overrides=[
         "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4", "learner.mini_batch_size=8",
-        "learner.micro_batch_size=2", "learner.lr=1e-2", "learner.entropy_coef=0.01",
+        "learner.micro_batch_size=2", "learner.lr=1e-2", "algorithm.entropy_coef=0.01",
     ])
     batch = make_batch()
     values = [torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(m)) for m in range(2)]
     port = free_port()
     actor = ray.remote(Learner).options(num_cpus=1)
-    pair = [actor.remote(cfg, tiny_policy_dir, rank=r, world_size=2, master_port=port) for r in range(2)]
-    single = actor.remote(cfg, tiny_policy_dir, master_port=free_port())
+
+    def spawn(**rank):
+        args, kwargs = learner_arguments(cfg, tiny_policy_dir, **rank)
+        return actor.remote(*args, **kwargs)
+
+    pair = [spawn(rank=r, world_size=2, master_port=port) for r in range(2)]
+    single = spawn(master_port=free_port())
     everyone = [*pair, single]
     ray.get([a.compute_old.remote(batch) for a in everyone])
     ray.get([a.prepare.remote(*values) for a in everyone])

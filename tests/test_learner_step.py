@@ -11,10 +11,11 @@ import math
 import pytest
 import torch
 
-from cluster.config import build_config
-from critics.actor import MiniCritic
-from learner.actor import Learner
-from learner.batch import collate_rollouts, compute_advantages
+from asyppo.cluster.config import build_config
+from asyppo.cluster.driver import critic_arguments, learner_arguments
+from asyppo.critics.actor import MiniCritic
+from asyppo.learner.actor import Learner
+from asyppo.core.batch import collate_rollouts, compute_advantages
 
 N_PROMPTS, GROUP, T = 4, 4, 5
 
@@ -40,6 +41,16 @@ def cfg():
     ])
 
 
+def make_learner(cfg, policy_dir):
+    args, kwargs = learner_arguments(cfg, policy_dir)
+    return Learner(*args, **kwargs)
+
+
+def make_critic(cfg, critic_dir, index):
+    args, kwargs = critic_arguments(cfg, critic_dir, index)
+    return MiniCritic(*args, **kwargs)
+
+
 def params(module):
     return {name: p.detach().clone() for name, p in module.named_parameters()}
 
@@ -53,7 +64,7 @@ def test_collate_layout_matches_the_batch_contract():
 
 
 def test_learner_update_changes_weights_and_reports_finite_stats(cfg, tiny_policy_dir):
-    learner = Learner(cfg, tiny_policy_dir)
+    learner = make_learner(cfg, tiny_policy_dir)
     batch = make_batch()
     before = params(learner.engine.module)
     old = learner.compute_old(batch)
@@ -74,7 +85,7 @@ def test_learner_update_changes_weights_and_reports_finite_stats(cfg, tiny_polic
 
 @pytest.mark.parametrize("poison", ["old_logprobs", "critic_values"])
 def test_learner_skips_a_nan_step_and_leaves_weights_untouched(cfg, tiny_policy_dir, poison):
-    learner = Learner(cfg, tiny_policy_dir)
+    learner = make_learner(cfg, tiny_policy_dir)
     batch = make_batch(seed=1)
     learner.compute_old(batch)
     values = [torch.randn(batch.response_mask.shape) for _ in range(2)]
@@ -100,9 +111,9 @@ def test_micro_batch_accumulation_equals_one_big_batch(tiny_policy_dir, agg):
     for micro in (8, 2):
         cfg = build_config(overrides=[
             "rollout.prompts_per_step=2", "rollout.samples_per_prompt=4", "learner.mini_batch_size=8",
-            f"learner.micro_batch_size={micro}", f"learner.agg={agg}", "learner.entropy_coef=0.01",
+            f"learner.micro_batch_size={micro}", f"algorithm.agg={agg}", "algorithm.entropy_coef=0.01",
         ])
-        learner = Learner(cfg, tiny_policy_dir)
+        learner = make_learner(cfg, tiny_policy_dir)
         batch = make_batch().rows(list(range(8)))
         batch.prompt_ids = batch.prompt_ids[:2]
         learner.compute_old(batch)
@@ -119,7 +130,7 @@ def test_micro_batch_accumulation_equals_one_big_batch(tiny_policy_dir, agg):
 
 
 def test_critic_scores_every_token_and_trains_only_on_its_rows(cfg, tiny_critic_dir):
-    critic = MiniCritic(cfg, tiny_critic_dir, index=0)
+    critic = make_critic(cfg, tiny_critic_dir, index=0)
     batch = make_batch()
     values = critic.values(batch)
     assert values.shape == batch.response_mask.shape
@@ -131,7 +142,7 @@ def test_critic_scores_every_token_and_trains_only_on_its_rows(cfg, tiny_critic_
     # Returns of rows it does not own must not matter: poison them and train a fresh critic on the same rows.
     poisoned = returns.clone()
     poisoned[4:] = float("nan")
-    twin = MiniCritic(cfg, tiny_critic_dir, index=0)
+    twin = make_critic(cfg, tiny_critic_dir, index=0)
     twin.values(batch)
     twin_stats = twin.train(poisoned, rows)
     assert twin_stats["value_loss"] == pytest.approx(stats["value_loss"])
@@ -140,7 +151,7 @@ def test_critic_scores_every_token_and_trains_only_on_its_rows(cfg, tiny_critic_
 
 
 def test_critic_skips_nan_returns(cfg, tiny_critic_dir):
-    critic = MiniCritic(cfg, tiny_critic_dir, index=1)
+    critic = make_critic(cfg, tiny_critic_dir, index=1)
     batch = make_batch()
     critic.values(batch)
     before = params(critic.engine.module)

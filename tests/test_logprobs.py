@@ -1,4 +1,4 @@
-"""Chunked log-probs / entropies equal the naive full-vocabulary computation (ALGORITHMS.md §5)."""
+"""Chunked log-probs / entropies equal the naive full-vocabulary computation (docs/algorithms.md §5)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, Qwen2Config
 
-from learner.logprobs import logprobs_and_entropy, response_logprobs
+from asyppo.core.logprobs import logprobs_and_entropy, response_logprobs
 
 NUM_ROWS, LENGTH, HIDDEN, VOCAB = 3, 5, 16, 37
 

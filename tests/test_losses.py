@@ -1,4 +1,4 @@
-"""Policy / value / entropy / NLL losses against per-token reference loops (ALGORITHMS.md §2, §5)."""
+"""Policy / value / entropy / NLL losses against per-token reference loops (docs/algorithms.md §2, §5)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from learner.losses import aggregate, entropy_bonus, entropy_from_logits, nll_loss, policy_loss, value_loss
+from asyppo.core.losses import aggregate, entropy_bonus, entropy_from_logits, nll_loss, policy_loss, value_loss
 
 DTYPE = torch.float64
 
@@ -23,7 +23,7 @@ def make_batch(seed: int, num_rows: int = 6, length: int = 7, spread: float = 0.
 
 
 def reference_policy_terms(logp, old_logp, advantages, *, clip_low, clip_high, clip_mode, dual_clip=None):
-    """Per-token loss value and d(loss)/d(logp), written case by case from ALGORITHMS.md §5."""
+    """Per-token loss value and d(loss)/d(logp), written case by case from docs/algorithms.md §5."""
     values, grads, clipped, dual = {}, {}, {}, {}
     num_rows, length = logp.shape
     for n in range(num_rows):
@@ -157,7 +157,7 @@ def test_erc_drops_gradient_but_keeps_value():
     kwargs = dict(clip_low=0.2, clip_high=0.28)
     base_loss, _, base_grad = run_policy_loss(logp, old_logp, advantages, mask, **kwargs)
     erc_loss, stats, erc_grad = run_policy_loss(
-        logp, old_logp, advantages, mask, entropy=entropy, old_entropy=old_entropy, erc_low=0.05, erc_high=0.05,
+        logp, old_logp, advantages, mask, entropy=entropy, old_entropy=old_entropy, erc_band=(0.95, 1.05),
         **kwargs,
     )
     assert erc_loss.item() == base_loss.item()
@@ -179,12 +179,12 @@ def test_erc_band_is_strict():
     logp = torch.zeros(1, 3, dtype=DTYPE, requires_grad=True)
     zeros = torch.zeros(1, 3, dtype=DTYPE)
     # In float32, 1e-8 is below half an ulp of 1.0 and 2.0, so ρ is exactly 0.5, 1.0 and 2.0; with the band
-    # (1 − 0.5, 1 + 1.0) = (0.5, 2.0) both edge tokens fall outside the strict band.
+    # (0.5, 2.0) both edge tokens fall outside the strict band.
     old_entropy = torch.tensor([[2.0, 1.0, 1.0]], dtype=torch.float32)
     entropy = torch.tensor([[1.0, 1.0, 2.0]], dtype=torch.float32)
     _, stats = policy_loss(
         logp, zeros, torch.ones(1, 3, dtype=DTYPE), torch.ones(1, 3, dtype=DTYPE), clip_low=0.2, clip_high=0.2,
-        entropy=entropy, old_entropy=old_entropy, erc_low=0.5, erc_high=1.0,
+        entropy=entropy, old_entropy=old_entropy, erc_band=(0.5, 2.0),
     )
     assert stats["erc_kept_frac"] == pytest.approx(1 / 3)
 
@@ -308,6 +308,8 @@ def test_value_loss_with_clipping():
 
 
 def test_policy_loss_rejects_bad_input():
+    # The ranges of ε, c and the ERC band are the config's to check (tests/test_config.py); what only a caller
+    # can get wrong is checked here.
     logp, old_logp, advantages, mask = make_batch(17)
     kwargs = dict(clip_low=0.2, clip_high=0.2)
     with pytest.raises(ValueError, match="clip_mode"):
@@ -315,10 +317,4 @@ def test_policy_loss_rejects_bad_input():
     with pytest.raises(ValueError, match="old_logp"):
         policy_loss(logp, old_logp[:, :3], advantages, mask, **kwargs)
     with pytest.raises(ValueError, match="entropy"):
-        policy_loss(logp, old_logp, advantages, mask, erc_low=0.05, erc_high=0.05, **kwargs)
-    with pytest.raises(ValueError, match="both erc_low and erc_high"):
-        policy_loss(logp, old_logp, advantages, mask, erc_low=0.05, entropy=mask, old_entropy=mask, **kwargs)
-    with pytest.raises(ValueError, match="dual_clip"):
-        policy_loss(logp, old_logp, advantages, mask, dual_clip=0.5, **kwargs)
-    with pytest.raises(ValueError, match="clip_low"):
-        policy_loss(logp, old_logp, advantages, mask, clip_low=1.2, clip_high=0.2)
+        policy_loss(logp, old_logp, advantages, mask, erc_band=(0.95, 1.05), **kwargs)

@@ -1,4 +1,4 @@
-"""Reward verifiers and overlong shaping (ALGORITHMS.md §1)."""
+"""Reward verifiers and overlong shaping (docs/algorithms.md §1)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.rewards import (
-    RewardFunction,
-    _call_with_deadline,
-    _DeadlineExceeded,
-    overlong_penalty,
-    verify_arithmetic,
-    verify_math,
-)
+from asyppo.tasks.arithmetic import verify_arithmetic
+from asyppo.tasks.math import _call_with_deadline, _DeadlineExceeded, verify_math
+from asyppo.tasks.rewards import RewardFunction, overlong_penalty
 
 # (response, answer, accepted) by the documented rule: the stripped response is exactly one plain number
 # whose value equals the answer's.
@@ -119,7 +114,7 @@ def test_deadline_helper_stops_waiting_on_a_stuck_call() -> None:
 
 
 def _dapo_reference(length: int, max_length: int, buffer: int, factor: float) -> float:
-    """ALGORITHMS.md §1 written out by cases: no penalty up to max_length - buffer, then linear."""
+    """docs/algorithms.md §1 written out by cases: no penalty up to max_length - buffer, then linear."""
     expected_length = max_length - buffer
     if length <= expected_length:
         return 0.0

@@ -16,17 +16,18 @@ import torch
 ray = pytest.importorskip("ray")
 pytest.importorskip("vllm")
 
-from actors.rollout import RolloutWorker
-from actors.vllm_extension import check_incoming_version, check_names_against_checkpoint
-from learner.weight_sync import (
-    WeightBroadcaster,
+from asyppo.actors.rollout import RolloutWorker
+from asyppo.weight_sync.protocol import (
     WeightPlanRejected,
     WeightSyncError,
     build_weight_plan,
+    check_incoming_version,
+    check_names_against_checkpoint,
     pack_bucket,
     unpack_bucket,
     validate_weight_plan,
 )
+from asyppo.weight_sync.sender import WeightBroadcaster
 
 pytestmark = pytest.mark.cluster
 
@@ -42,7 +43,7 @@ PROBLEMS = [
 
 
 def build_char_tokenizer():
-    from cluster.bootstrap import char_tokenizer
+    from asyppo.tasks.arithmetic_models import char_tokenizer
 
     return char_tokenizer()
 

@@ -1,4 +1,4 @@
-"""Critic shard assignment (ALGORITHMS.md §2, "Training data split")."""
+"""Critic shard assignment (docs/algorithms.md §2)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from critics.sharding import assign_shards, prompt_shard
+from asyppo.critics.sharding import assign_shards, prompt_shard
 
 prompt_id_lists = st.lists(st.text(min_size=0, max_size=12), min_size=0, max_size=12)
 
@@ -67,7 +67,7 @@ def test_prompt_shard_spreads_prompts():
 def test_assignment_is_stable_across_processes():
     prompt_ids = [f"gsm8k/{i}" for i in range(10)] + ["ünïcode ∑", ""]
     code = (
-        "import json, sys; from critics.sharding import assign_shards, prompt_shard; "
+        "import json, sys; from asyppo.critics.sharding import assign_shards, prompt_shard; "
         "ids = json.loads(sys.argv[1]); "
         "print(json.dumps([[prompt_shard(i, 3) for i in ids], assign_shards(ids, 4, 3, 'prompt'), "
         "assign_shards(ids, 4, 2, 'response', seed=7)]))"

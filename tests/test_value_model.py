@@ -1,4 +1,4 @@
-"""ValueModel on a tiny Qwen2 config (ALGORITHMS.md §2)."""
+"""ValueModel on a tiny Qwen2 config (docs/algorithms.md §2)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from critics.value_model import VALUE_HEAD_FILE, ValueModel
+from asyppo.critics.value_model import VALUE_HEAD_FILE, ValueModel
 
 PROMPT_LEN, RESPONSE_LEN = 4, 5
 

@@ -1,13 +1,10 @@
-"""Prompts and reference answers: the built-in arithmetic task, local dataset files, and the prompt sampler.
+"""Problems and where they come from: local dataset files and the prompt sampler.
 
-* ``arithmetic_problems`` generates the built-in task: word-free problems such as ``37+45=`` / ``82`` with
-  operands of up to ``digits`` digits (default: the built-in task, ``ARITHMETIC_DIGITS`` and
-  ``ARITHMETIC_OPERATORS``). Every possible problem belongs to exactly one split, decided by a stable
-  hash of its text, so the ``eval`` problems are held out from training for any seed and count.
-* ``load_problems`` reads ``builtin:arithmetic`` or a local ``.jsonl`` / ``.json`` / ``.parquet`` file (Parquet
-  with the ``datasets`` packaged builder, which never contacts the hub for a local file; JSON with the
-  standard library, see ``_read_rows`` for why) and validates every row before anything trains; a bad row
-  raises ``DatasetError`` naming the file, the line or row and the reason.
+* ``load_problem_file`` reads a local ``.jsonl`` / ``.json`` / ``.parquet`` file (Parquet with the ``datasets``
+  packaged builder, which never contacts the hub for a local file; JSON with the standard library, see
+  ``_read_rows`` for why) and validates every row before anything trains; a bad row raises ``DatasetError``
+  naming the file, the line or row and the reason. Built-in datasets (``builtin:<task>``) come from their task,
+  see ``asyppo.tasks.registry.load_problems``, which dispatches between the two.
 * ``PromptSampler`` draws prompt batches in seeded epoch-wise shuffles and can be checkpointed and resumed.
 
 No Ray import here: the driver calls these functions and ships the resulting ``Problem`` objects around.
@@ -21,31 +18,19 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 __all__ = [
-    "ARITHMETIC_DIGITS",
-    "ARITHMETIC_OPERATORS",
-    "ARITHMETIC_SOURCE",
-    "HELDOUT_FRACTION",
+    "FILE_FORMATS",
     "DatasetError",
     "Problem",
     "PromptSampler",
-    "arithmetic_problems",
-    "load_problems",
+    "apply_template",
+    "load_problem_file",
     "problem_id",
 ]
 
-ARITHMETIC_SOURCE = "builtin:arithmetic"
-# The built-in task (what ``builtin:arithmetic`` and the built-in models use): two operands below 100, "+".
-# cluster/bootstrap.py explains the choice.
-ARITHMETIC_DIGITS = 2
-ARITHMETIC_OPERATORS = "+"
-# One problem in ten of the built-in task's problem space is held out for evaluation.
-HELDOUT_FRACTION = 0.1
-_OPERATORS = "+-*"
-_MAX_DIGITS = 3  # 3 digits with three operators is ~3M problems, the most we enumerate in memory.
-_FILE_FORMATS = (".jsonl", ".json", ".parquet")
+FILE_FORMATS = (".jsonl", ".json", ".parquet")
 
 
 class DatasetError(ValueError):
@@ -67,70 +52,6 @@ class Problem:
 def problem_id(prompt: str) -> str:
     """Stable id of a prompt: the first 16 hex digits of its SHA-256 (independent of PYTHONHASHSEED)."""
     return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
-
-
-def _is_heldout(prompt: str) -> bool:
-    # An independent hash from the id's, so that the split is not correlated with id-based critic shards.
-    digest = hashlib.sha256(b"asyppo-heldout:" + prompt.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") < HELDOUT_FRACTION * 2**64
-
-
-def _arithmetic_result(left: int, operator: str, right: int) -> int:
-    if operator == "+":
-        return left + right
-    if operator == "-":
-        return left - right
-    return left * right
-
-
-def arithmetic_problems(
-    count: int | None,
-    *,
-    split: Literal["train", "eval"],
-    seed: int = 0,
-    digits: int = ARITHMETIC_DIGITS,
-    operators: str = ARITHMETIC_OPERATORS,
-) -> list[Problem]:
-    """Deterministic problems of the built-in arithmetic task.
-
-    A problem is ``f"{a}{op}{b}="`` with ``0 <= a, b < 10**digits`` and ``op`` in ``operators`` (a subset of
-    ``+-*``); its answer is the exact integer result (negative for some subtractions). The whole problem space
-    is enumerated and split by a stable hash of the problem text (``HELDOUT_FRACTION`` goes to ``eval``), so
-    the splits never share a problem. ``count`` problems are then drawn without replacement with ``seed``
-    (``None``: the whole split, shuffled). Same arguments, same list.
-    """
-    if split not in ("train", "eval"):
-        raise ValueError(f"arithmetic_problems: split must be 'train' or 'eval', got {split!r}")
-    if isinstance(digits, bool) or not isinstance(digits, int) or not 1 <= digits <= _MAX_DIGITS:
-        raise ValueError(f"arithmetic_problems: digits must be an int in [1, {_MAX_DIGITS}], got {digits!r}")
-    if (
-        not isinstance(operators, str)
-        or not operators
-        or any(op not in _OPERATORS for op in operators)
-        or len(set(operators)) != len(operators)
-    ):
-        raise ValueError(
-            f"arithmetic_problems: operators must be distinct characters from {_OPERATORS!r}, got {operators!r}"
-        )
-    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
-        raise ValueError(f"arithmetic_problems: count must be a positive int or None, got {count!r}")
-
-    want_heldout = split == "eval"
-    pool: list[tuple[str, int]] = []
-    for operator in operators:
-        for left in range(10**digits):
-            for right in range(10**digits):
-                prompt = f"{left}{operator}{right}="
-                if _is_heldout(prompt) == want_heldout:
-                    pool.append((prompt, _arithmetic_result(left, operator, right)))
-    if count is not None and count > len(pool):
-        raise ValueError(
-            f"arithmetic_problems: asked for {count} {split} problems but the {split} split of "
-            f"digits={digits}, operators={operators!r} holds only {len(pool)}"
-        )
-    rng = random.Random(f"asyppo-arithmetic:{seed}")
-    chosen = rng.sample(pool, len(pool) if count is None else count)
-    return [Problem(id=problem_id(prompt), prompt=prompt, answer=str(result)) for prompt, result in chosen]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -292,10 +213,21 @@ def _problems_from_rows(
     return problems
 
 
-def load_problems(
+def apply_template(problems: list[Problem], prompt_template: str) -> list[Problem]:
+    """``prompt_template`` with ``{question}`` replaced by each problem's prompt (plain replacement, so LaTeX
+    braces elsewhere in the template are fine); ids are re-derived from the new prompts."""
+    if prompt_template == "{question}":
+        return problems
+    return [
+        Problem(id=problem_id(prompt), prompt=prompt, answer=problem.answer)
+        for problem in problems
+        for prompt in [prompt_template.replace("{question}", problem.prompt)]
+    ]
+
+
+def load_problem_file(
     source: str,
     *,
-    split: str = "train",
     prompt_key: str = "question",
     answer_key: str = "answer",
     id_key: str | None = None,
@@ -303,45 +235,20 @@ def load_problems(
     limit: int | None = None,
     seed: int = 0,
 ) -> list[Problem]:
-    """Problems from ``builtin:arithmetic`` or a local ``.jsonl`` / ``.json`` / ``.parquet`` file.
+    """Problems from a local ``.jsonl`` / ``.json`` / ``.parquet`` file.
 
-    * ``builtin:arithmetic``: ``arithmetic_problems(limit, split=split, seed=seed)`` with the default task
-      (``split`` is ``train`` or ``eval``; ``limit=None`` gives the whole split).
-    * A file is one split: ``split`` is not used to select rows from it (point ``source`` at the eval file for
-      evaluation). A ``.json`` file is an array of objects (or JSON Lines). Every row is validated -- the
-      question is a non-empty string, the answer a non-empty string or a finite number (a number becomes its
-      text: ``42`` -> ``"42"``, ``0.5`` -> ``"0.5"``), the id (column ``id_key``, else a hash of the prompt)
-      is unique -- and the first bad row raises ``DatasetError`` with the file, where the row is (``line N``
-      of a JSON Lines file, 1-based ``row N`` otherwise) and the reason. ``limit`` then keeps a
-      ``seed``-chosen subset of that many rows, in file order.
-
-    ``prompt_template`` must contain ``{question}``, which is replaced by the question text (plain replacement,
-    so LaTeX braces elsewhere in the template are fine).
+    A file is one split (point ``source`` at the eval file for evaluation). A ``.json`` file is an array of
+    objects (or JSON Lines). Every row is validated -- the question is a non-empty string, the answer a
+    non-empty string or a finite number (a number becomes its text: ``42`` -> ``"42"``, ``0.5`` -> ``"0.5"``),
+    the id (column ``id_key``, else a hash of the prompt) is unique -- and the first bad row raises
+    ``DatasetError`` with the file, where the row is (``line N`` of a JSON Lines file, 1-based ``row N``
+    otherwise) and the reason. ``limit`` then keeps a ``seed``-chosen subset of that many rows, in file order.
     """
-    if not isinstance(prompt_template, str) or "{question}" not in prompt_template:
-        raise ValueError(f"load_problems: prompt_template must contain '{{question}}', got {prompt_template!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"load_problems: limit must be a positive int or None, got {limit!r}")
-
-    if source.startswith("builtin:"):
-        if source != ARITHMETIC_SOURCE:
-            raise DatasetError(f"unknown built-in dataset {source!r}; the only one is {ARITHMETIC_SOURCE!r}")
-        if split not in ("train", "eval"):
-            raise DatasetError(f"{source}: split must be 'train' or 'eval', got {split!r}")
-        problems = arithmetic_problems(limit, split=split, seed=seed)  # type: ignore[arg-type]
-        if prompt_template == "{question}":
-            return problems
-        return [
-            Problem(id=problem_id(prompt), prompt=prompt, answer=problem.answer)
-            for problem in problems
-            for prompt in [prompt_template.replace("{question}", problem.prompt)]
-        ]
-
     path = Path(source).expanduser()
-    if path.suffix.lower() not in _FILE_FORMATS:
+    if path.suffix.lower() not in FILE_FORMATS:
         raise DatasetError(
-            f"{source}: unsupported dataset source; use {ARITHMETIC_SOURCE!r} or a file ending in "
-            f"{', '.join(_FILE_FORMATS)}"
+            f"{source}: unsupported dataset source; use a built-in dataset (builtin:<task>) or a file ending in "
+            f"{', '.join(FILE_FORMATS)}"
         )
     rows = _read_rows(path)
     problems = _problems_from_rows(

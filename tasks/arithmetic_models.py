@@ -3,11 +3,11 @@
 ``asyppo train`` with no arguments needs a base policy that leaves room for RL, and nothing can be downloaded,
 so the job makes its own: ``ensure_builtin_models`` trains it once, deterministically, and caches it.
 
-Recipe (``WarmupRecipe`` defaults; ALGORITHMS.md §1 for the verifier, §2 for the critics)
+Recipe (``WarmupRecipe`` defaults; docs/algorithms.md §1 for the verifier, §2 for the critics)
 ------------------------------------------------------------------------------------------
-* Task: ``cluster.data.arithmetic_problems`` with two operands below 100 and the operator ``+``
+* Task: ``asyppo.tasks.problems.arithmetic_problems`` with two operands below 100 and the operator ``+``
   (``37+45=`` -> ``82``); answers have at most 3 digits, so a response is at most 4 tokens with EOS. 9,000
-  problems train, 1,000 are held out (``cluster.data.ARITHMETIC_*``, also what ``builtin:arithmetic``
+  problems train, 1,000 are held out (``asyppo.tasks.problems.ARITHMETIC_*``, also what ``builtin:arithmetic``
   loads). Chosen for start-up cost and headroom: the policy below reaches the target band in ~350 steps
   (the whole warm-up takes ~15 s on 2 idle CPU cores, ~30 s on busy ones); its greedy accuracy there is
   already ~0.6, so RL can sharpen sampling towards it, and further training reaches ~0.95, so the task is
@@ -32,7 +32,7 @@ Recipe (``WarmupRecipe`` defaults; ALGORITHMS.md §1 for the verifier, §2 for t
   trained with the same LM objective for a fixed 200 steps. A random backbone would make the value head
   learn from features that know nothing about digits; after a short LM warm-up the hidden states encode the
   problem and the partial answer, which is what a value function of this task needs. All critics start
-  from this one checkpoint (ALGORITHMS.md §2). Critic accuracy does not matter, so it is not evaluated; the
+  from this one checkpoint (docs/algorithms.md §2). Critic accuracy does not matter, so it is not evaluated; the
   value head belongs to the critic model, not to this checkpoint.
 
 Everything is seeded (model init, batch order, evaluation sampling) and runs with a fixed number of torch
@@ -67,8 +67,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 from transformers.utils import logging as transformers_logging
 
-from actors.rewards import verify_arithmetic
-from cluster.data import ARITHMETIC_DIGITS, ARITHMETIC_OPERATORS, Problem, PromptSampler, arithmetic_problems
+from asyppo.tasks.arithmetic import ARITHMETIC_DIGITS, ARITHMETIC_OPERATORS, arithmetic_problems, verify_arithmetic
+from asyppo.tasks.problems import Problem, PromptSampler
 
 __all__ = [
     "ARITHMETIC_ALPHABET",
@@ -430,20 +430,21 @@ def _save_model(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, dir
     tokenizer.save_pretrained(directory)
 
 
-def _build(recipe: WarmupRecipe, seed: int, output_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    """Train policy and critic into ``output_dir/policy`` and ``output_dir/critic``; return the warm-up record."""
-    started = time.perf_counter()
-    tokenizer = char_tokenizer()
-    vocab_size = len(tokenizer)
-    task = {"digits": recipe.digits, "operators": recipe.operators}
-    train = arithmetic_problems(None, split="train", seed=seed, **task)
-    heldout = arithmetic_problems(recipe.eval_size, split="eval", seed=seed, **task)
-    if recipe.batch_size > len(train):
-        raise ValueError(f"WarmupRecipe.batch_size {recipe.batch_size} exceeds the {len(train)} train problems")
+def _train_policy(
+    recipe: WarmupRecipe,
+    seed: int,
+    tokenizer: PreTrainedTokenizerFast,
+    train: list[Problem],
+    heldout: list[Problem],
+    log: Callable[[str], None],
+) -> tuple[Qwen2ForCausalLM, int, list[list[float]]]:
+    """Supervised warm-up until the held-out expected accuracy reaches ``stop_at`` (or ``max_steps``).
 
+    Returns the policy, the steps taken and the evaluation history ``[[step, expected accuracy], ...]``.
+    """
     torch.manual_seed(seed)
     policy = Qwen2ForCausalLM(
-        tiny_policy_config(vocab_size, hidden_size=recipe.policy_hidden_size, num_layers=recipe.policy_layers)
+        tiny_policy_config(len(tokenizer), hidden_size=recipe.policy_hidden_size, num_layers=recipe.policy_layers)
     )
     history: list[list[float]] = []
 
@@ -454,17 +455,17 @@ def _build(recipe: WarmupRecipe, seed: int, output_dir: Path, log: Callable[[str
             log(f"[bootstrap] policy step {step}: held-out expected accuracy {accuracy:.3f}")
         return accuracy >= recipe.stop_at
 
-    policy_steps = _language_model_warmup(
+    steps = _language_model_warmup(
         policy, tokenizer, PromptSampler(train, seed=seed), recipe, recipe.max_steps, reached_stop_point
     )
-    base_accuracy = sampled_accuracy(
-        policy,
-        tokenizer,
-        heldout,
-        seed=seed + 10_000,
-        max_new_tokens=recipe.max_response_tokens,
-        samples_per_problem=recipe.eval_samples_per_problem,
-    )
+    return policy, steps, history
+
+
+def _report_stop(
+    recipe: WarmupRecipe, base_accuracy: float, steps: int, history: list[list[float]], eval_size: int,
+    log: Callable[[str], None],
+) -> str:
+    """Log why the warm-up stopped and whether the sampled accuracy is in the target band; returns the reason."""
     band = f"[{recipe.target_low}, {recipe.target_high}]"
     if history and history[-1][1] < recipe.stop_at:
         stop_reason = "step_cap"
@@ -476,21 +477,52 @@ def _build(recipe: WarmupRecipe, seed: int, output_dir: Path, log: Callable[[str
         stop_reason = "stop_at"
     if recipe.target_low <= base_accuracy <= recipe.target_high:
         log(
-            f"[bootstrap] policy stops at step {policy_steps}: held-out sampled accuracy {base_accuracy:.3f} "
-            f"(temperature 1, {recipe.eval_samples_per_problem} x {len(heldout)} samples) is inside the target band {band}"
+            f"[bootstrap] policy stops at step {steps}: held-out sampled accuracy {base_accuracy:.3f} "
+            f"(temperature 1, {recipe.eval_samples_per_problem} x {eval_size} samples) is inside the target band {band}"
         )
     else:
         log(
             f"[bootstrap] WARNING: the base policy's held-out sampled accuracy {base_accuracy:.3f} at step "
-            f"{policy_steps} is outside the target band {band}"
+            f"{steps} is outside the target band {band}"
         )
-    _save_model(policy, tokenizer, output_dir / "policy")
+    return stop_reason
 
+
+def _train_critic(
+    recipe: WarmupRecipe, seed: int, tokenizer: PreTrainedTokenizerFast, train: list[Problem]
+) -> Qwen2ForCausalLM:
+    """The critics' shared backbone: the same LM objective for a fixed ``critic_steps`` (module docstring)."""
     torch.manual_seed(seed + 1)
     critic = Qwen2ForCausalLM(
-        tiny_critic_config(vocab_size, hidden_size=recipe.critic_hidden_size, num_layers=recipe.critic_layers)
+        tiny_critic_config(len(tokenizer), hidden_size=recipe.critic_hidden_size, num_layers=recipe.critic_layers)
     )
     _language_model_warmup(critic, tokenizer, PromptSampler(train, seed=seed + 1), recipe, recipe.critic_steps)
+    return critic
+
+
+def _build(recipe: WarmupRecipe, seed: int, output_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """Train policy and critic into ``output_dir/policy`` and ``output_dir/critic``; return the warm-up record."""
+    started = time.perf_counter()
+    tokenizer = char_tokenizer()
+    task = {"digits": recipe.digits, "operators": recipe.operators}
+    train = arithmetic_problems(None, split="train", seed=seed, **task)
+    heldout = arithmetic_problems(recipe.eval_size, split="eval", seed=seed, **task)
+    if recipe.batch_size > len(train):
+        raise ValueError(f"WarmupRecipe.batch_size {recipe.batch_size} exceeds the {len(train)} train problems")
+
+    policy, policy_steps, history = _train_policy(recipe, seed, tokenizer, train, heldout, log)
+    base_accuracy = sampled_accuracy(
+        policy,
+        tokenizer,
+        heldout,
+        seed=seed + 10_000,
+        max_new_tokens=recipe.max_response_tokens,
+        samples_per_problem=recipe.eval_samples_per_problem,
+    )
+    stop_reason = _report_stop(recipe, base_accuracy, policy_steps, history, len(heldout), log)
+    _save_model(policy, tokenizer, output_dir / "policy")
+
+    critic = _train_critic(recipe, seed, tokenizer, train)
     _save_model(critic, tokenizer, output_dir / "critic")
     seconds = time.perf_counter() - started
     log(f"[bootstrap] critic: {recipe.critic_steps} LM steps; built-in models ready in {seconds:.1f} s")

@@ -4,7 +4,7 @@ Each learner rank and each mini-critic owns a DeepSpeed engine. A critic is its 
 (its own optimizer, its own shard), so every actor process initialises its own default process group.
 
 Gradient accumulation is caller-owned (``managed_gradient_accumulation: false``): the caller runs ``backward`` on
-each micro-batch with a loss already normalised by the whole mini-batch's denominator (ALGORITHMS.md §5,
+each micro-batch with a loss already normalised by the whole mini-batch's denominator (docs/algorithms.md §5,
 token-mean), and calls :func:`optimizer_step` once per mini-batch. That is what lets a mini-batch whose loss or
 gradient is not finite be dropped without touching the weights or the optimizer state.
 """

@@ -1,4 +1,4 @@
-"""Rewards placement and advantage estimators (ALGORITHMS.md §1 and §3).
+"""Rewards placement and advantage estimators (docs/algorithms.md §1 and §3).
 
 Pure PyTorch, no Ray. All per-token tensors are ``[N, T]`` response tensors with a float ``mask[N, T]``
 that is 1.0 on real response tokens (see the batch layout in the project docs). Advantages and returns are
@@ -33,7 +33,7 @@ def _valid_bool(mask: torch.Tensor) -> torch.Tensor:
 
 
 def place_outcome_rewards(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Put each response's scalar score on its last valid token, 0 elsewhere (ALGORITHMS.md §1).
+    """Put each response's scalar score on its last valid token, 0 elsewhere (docs/algorithms.md §1).
 
     Args:
         scores: ``[N]`` one outcome score per response.
@@ -62,7 +62,7 @@ def place_outcome_rewards(scores: torch.Tensor, mask: torch.Tensor) -> torch.Ten
 
 
 def ensemble_values(values: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
-    """Combine the critics' values ``[M, N, T]`` into one ``V̄[N, T]`` (ALGORITHMS.md §3).
+    """Combine the critics' values ``[M, N, T]`` into one ``V̄[N, T]`` (docs/algorithms.md §3).
 
     ``reduce="mean"`` is the AsyPPO default; ``"min"`` is the pessimistic option.
     """
@@ -83,7 +83,7 @@ def gae(
     gamma: float = 1.0,
     lam: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over response tokens (ALGORITHMS.md §3).
+    """Generalised advantage estimation over response tokens (docs/algorithms.md §3).
 
     ``δ_t = r_t + γ·V_{t+1} − V_t`` and ``A_t = δ_t + γ·λ·A_{t+1}`` where ``t+1`` means the next *valid*
     token: a padding position passes the next value and the running advantage through unchanged, and the
@@ -130,7 +130,7 @@ def grpo_advantages(
     norm_by_std: bool = True,
     eps: float = 1e-6,
 ) -> torch.Tensor:
-    """Group-relative advantages ``(R_i − mean_group)/(std_group + eps)`` (ALGORITHMS.md §3).
+    """Group-relative advantages ``(R_i − mean_group)/(std_group + eps)`` (docs/algorithms.md §3).
 
     Rows ``i*n .. i*n+n-1`` form the group of prompt ``i`` (``n = group_size``); the std is the unbiased
     sample std within the group. Broadcast the ``[N]`` result to tokens with ``adv[:, None] * mask``.
@@ -157,7 +157,7 @@ def grpo_advantages(
 
 @torch.no_grad()
 def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Shift and scale ``x`` to mean 0 / std 1 over valid tokens only (ALGORITHMS.md §3).
+    """Shift and scale ``x`` to mean 0 / std 1 over valid tokens only (docs/algorithms.md §3).
 
     The statistics are the mean and the population variance (divide by the number of valid tokens) over all
     valid tokens of the batch; the result is ``(x − mean)/sqrt(var + eps)``. Padding positions are set to 0.

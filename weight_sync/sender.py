@@ -1,193 +1,31 @@
-"""Learner → rollout weight broadcast over a dedicated torch.distributed group (ARCHITECTURE.md "Data and weights").
+"""The sending half of the weight broadcast: ``WeightBroadcaster`` on the learner's rank 0.
 
-The group joins the learner's rank 0 (rank 0 here) with every vLLM worker process of every rollout worker
-(rank ``rank_offset + tp_rank``). It is built with vLLM's *stateless* process-group helper, so neither side's
-default group is touched: DeepSpeed owns the learner's, vLLM owns its own. gloo on CPU, NCCL on GPU.
-
-One broadcast, in order:
-
-1. **Plan** (a plain dict, shipped through Ray with ``receive_weights.remote(plan, version)``): the wire dtype,
-   the version stamp and, per bucket, every tensor's name, shape and offset in the bucket.
-2. **Handshake**: one ``MIN`` all-reduce of an accept flag. Each receiver first checks the plan (version newer
-   than what it holds, names and shapes equal to its checkpoint's); if any rank rejects, every rank stops here,
-   nothing is loaded, and the group stays usable. Without this step a rejecting receiver would leave the sender
-   blocked inside a broadcast nobody answers.
-3. **Buckets**: each bucket is one flat contiguous tensor of the wire dtype, broadcast from rank 0; receivers
-   stream the views into vLLM's layerwise reload (``actors/vllm_extension.py``).
-4. **Acks**: the Ray return values of ``receive_weights``; each says the version now loaded.
-
-Every collective has a timeout (the group's, and a deadline here); while waiting, the sender also watches the
-workers' Ray calls, so a worker that dies or raises is reported at once, by index and actor, instead of after
-the timeout. After a transport failure the group is marked broken; call :meth:`WeightBroadcaster.setup` again.
-
-The wire format helpers at the top are plain torch (the receiving side imports them).
+It forms the group with every rollout worker once (``setup``) and sends each new version (``broadcast``) following
+``asyppo.weight_sync.protocol``. Every collective has a timeout (the group's, and a deadline here); while waiting,
+the sender also watches the workers' Ray calls, so a worker that dies or raises is reported at once, by index and
+actor, instead of after the timeout. After a transport failure the group is marked broken; call
+:meth:`WeightBroadcaster.setup` again.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import math
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
 import ray
 import torch
 
-PLAN_FORMAT = 1
-# Wire dtypes a plan may name. Weights are floating point; anything else is a caller mistake.
-WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class WeightSyncError(RuntimeError):
-    """A weight broadcast or the group set-up failed; the message names the worker(s) and the phase."""
-
-
-class WeightPlanRejected(WeightSyncError):
-    """A receiver refused a plan before any tensor moved (stale or mismatched version, unknown names or shapes).
-
-    Raised by the receiving side after the handshake, and by :meth:`WeightBroadcaster.broadcast` with every
-    receiver's reason. Nothing was loaded and the group stays usable.
-    """
-
-
-# ---- wire format (plain torch) ---------------------------------------------------------------------------------
-
-
-def wire_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """The torch dtype for ``dtype`` (a torch dtype or its name), restricted to the floating wire dtypes."""
-    if isinstance(dtype, str):
-        name = dtype.removeprefix("torch.")
-        if name not in WIRE_DTYPES:
-            raise ValueError(f"weight sync dtype {dtype!r} is not one of {sorted(WIRE_DTYPES)}")
-        return WIRE_DTYPES[name]
-    if dtype not in WIRE_DTYPES.values():
-        raise ValueError(f"weight sync dtype {dtype} is not one of {sorted(WIRE_DTYPES)}")
-    return dtype
-
-
-def wire_dtype_name(dtype: torch.dtype) -> str:
-    """Inverse of :func:`wire_dtype` (plans carry the dtype as a string so they pickle and msgpack cleanly)."""
-    return str(wire_dtype(dtype)).removeprefix("torch.")
-
-
-def build_weight_plan(
-    named_shapes: Sequence[tuple[str, Sequence[int]]], dtype: torch.dtype | str, bucket_bytes: int, version: int
-) -> dict[str, Any]:
-    """Group tensors, in the given order, into buckets of at most ``bucket_bytes`` (one larger tensor gets a
-    bucket of its own) and record where each tensor lives. ARCHITECTURE.md "Data and weights".
-
-    Returns ``{"format", "version", "dtype", "num_tensors", "total_numel", "buckets": [{"numel", "tensors":
-    [{"name", "shape", "offset", "numel"}, ...]}, ...]}``; offsets and sizes count elements of ``dtype``.
-    """
-    torch_dtype = wire_dtype(dtype)
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise TypeError(f"weight version must be an int, got {type(version).__name__}")
-    if bucket_bytes <= 0:
-        raise ValueError(f"bucket size must be positive, got {bucket_bytes} bytes")
-    if not named_shapes:
-        raise ValueError("no tensors to send: the weight plan would be empty")
-    element_size = torch.empty((), dtype=torch_dtype).element_size()
-    bucket_capacity = max(1, bucket_bytes // element_size)
-    seen: set[str] = set()
-    buckets: list[dict[str, Any]] = []
-    current: dict[str, Any] = {"numel": 0, "tensors": []}
-    for name, shape in named_shapes:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"tensor name must be a non-empty string, got {name!r}")
-        if name in seen:
-            raise ValueError(f"tensor {name!r} appears twice in the weights to send")
-        seen.add(name)
-        shape = [int(size) for size in shape]
-        numel = math.prod(shape)
-        if current["tensors"] and current["numel"] + numel > bucket_capacity:
-            buckets.append(current)
-            current = {"numel": 0, "tensors": []}
-        current["tensors"].append({"name": name, "shape": shape, "offset": current["numel"], "numel": numel})
-        current["numel"] += numel
-    buckets.append(current)
-    return {
-        "format": PLAN_FORMAT,
-        "version": version,
-        "dtype": wire_dtype_name(torch_dtype),
-        "num_tensors": len(seen),
-        "total_numel": sum(bucket["numel"] for bucket in buckets),
-        "buckets": buckets,
-    }
-
-
-def validate_weight_plan(plan: Any) -> None:
-    """Raise ``ValueError`` unless ``plan`` is a well-formed plan from :func:`build_weight_plan`: known format and
-    dtype, and in every bucket tensors that tile it exactly (offset = running sum, numel = prod(shape))."""
-    if not isinstance(plan, dict):
-        raise TypeError(f"weight plan must be a dict, got {type(plan).__name__}")
-    missing = {"format", "version", "dtype", "num_tensors", "total_numel", "buckets"} - plan.keys()
-    if missing:
-        raise ValueError(f"weight plan lacks {sorted(missing)}")
-    if plan["format"] != PLAN_FORMAT:
-        raise ValueError(f"weight plan format {plan['format']!r}, this receiver reads format {PLAN_FORMAT}")
-    wire_dtype(plan["dtype"])
-    names: set[str] = set()
-    total = 0
-    for index, bucket in enumerate(plan["buckets"]):
-        running = 0
-        for entry in bucket["tensors"]:
-            where = f"weight plan bucket {index}, tensor {entry.get('name')!r}"
-            if entry["offset"] != running:
-                raise ValueError(f"{where}: offset {entry['offset']}, expected {running}")
-            if entry["numel"] != math.prod(entry["shape"]):
-                raise ValueError(f"{where}: numel {entry['numel']} does not match shape {entry['shape']}")
-            if entry["name"] in names:
-                raise ValueError(f"{where}: name appears twice")
-            names.add(entry["name"])
-            running += entry["numel"]
-        if running != bucket["numel"] or running == 0:
-            raise ValueError(
-                f"weight plan bucket {index}: tensors cover {running} elements, bucket has {bucket['numel']}"
-            )
-        total += running
-    if len(names) != plan["num_tensors"] or total != plan["total_numel"]:
-        raise ValueError(
-            f"weight plan totals disagree: {len(names)} tensors / {total} elements listed, "
-            f"header says {plan['num_tensors']} / {plan['total_numel']}"
-        )
-
-
-def plan_shapes(plan: dict[str, Any]) -> dict[str, list[int]]:
-    """Name → shape for every tensor of a plan, in plan order."""
-    return {entry["name"]: entry["shape"] for bucket in plan["buckets"] for entry in bucket["tensors"]}
-
-
-def pack_bucket(
-    bucket: dict[str, Any], tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str
-) -> torch.Tensor:
-    """One flat contiguous tensor holding a bucket's tensors back to back, cast to ``dtype`` on ``device``."""
-    flat = torch.empty(bucket["numel"], dtype=dtype, device=device)
-    with torch.no_grad():
-        for entry in bucket["tensors"]:
-            source = tensors[entry["name"]]
-            if list(source.shape) != entry["shape"]:
-                raise ValueError(
-                    f"tensor {entry['name']!r} has shape {list(source.shape)}, the plan says {entry['shape']}"
-                )
-            # copy_ casts and moves in one pass, without an intermediate tensor.
-            flat[entry["offset"]: entry["offset"] + entry["numel"]].copy_(source.detach().reshape(-1))
-    return flat
-
-
-def unpack_bucket(flat: torch.Tensor, bucket: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
-    """Views into a received flat bucket, one ``(name, tensor)`` per plan entry (no copies)."""
-    if flat.dim() != 1 or flat.numel() != bucket["numel"]:
-        raise ValueError(f"received bucket has shape {list(flat.shape)}, the plan says [{bucket['numel']}]")
-    return [
-        (entry["name"], flat[entry["offset"]: entry["offset"] + entry["numel"]].view(entry["shape"]))
-        for entry in bucket["tensors"]
-    ]
-
-
-# ---- sender (learner rank 0) -----------------------------------------------------------------------------------
+from asyppo.weight_sync.protocol import (
+    WeightPlanRejected,
+    WeightSyncError,
+    build_weight_plan,
+    pack_bucket,
+    wire_dtype,
+)
 
 
 def _describe(index: int, worker: Any) -> str:

@@ -1,15 +1,15 @@
-"""Worker extension that vLLM mixes into its worker class: the receiving end of the learner's weight broadcast.
+"""The receiving half of the weight broadcast, in the rollout worker (``EngineWeights``) and inside each of its
+vLLM worker processes (``WeightSyncExtension``). No Ray import: it follows ``asyppo.weight_sync.protocol``.
 
-Pass ``worker_extension_cls="actors.vllm_extension.WeightSyncExtension"`` to ``vllm.LLM``; every method below then
-runs inside each vLLM worker process (one per tensor-parallel rank) through ``LLM.collective_rpc``. Method and
-attribute names carry an ``asyppo_`` prefix because vLLM refuses extensions whose names clash with its worker's
-(its worker already has ``update_weights``, ``reload_weights``, ...).
+``RolloutWorker`` passes ``worker_extension_cls="asyppo.weight_sync.receiver.WeightSyncExtension"`` to ``vllm.LLM``;
+every method of that class then runs inside each vLLM worker process (one per tensor-parallel rank) through
+``LLM.collective_rpc``, which ``EngineWeights`` calls. Method and attribute names carry an ``asyppo_`` prefix
+because vLLM refuses extensions whose names clash with its worker's (its worker already has ``update_weights``,
+``reload_weights``, ...).
 
 Loading uses vLLM's own in-place reload (``Worker.reload_weights``, the layerwise reload: each layer is
 re-materialised, loaded with the model's ``load_weights`` from checkpoint-format HF names, re-processed, and copied
 back into the original storage). One gap is patched here, see :func:`reprocess_tied_layers`.
-
-The sender's side and the wire format are in ``learner/weight_sync.py``.
 """
 
 from __future__ import annotations
@@ -21,63 +21,116 @@ from typing import Any
 
 import torch
 
-from learner.weight_sync import (
+from asyppo.weight_sync.protocol import (
+    REJECTED_MARKER,
     WeightPlanRejected,
+    check_incoming_version,
+    check_names_against_checkpoint,
     plan_shapes,
+    rejection_from_engine_error,
     unpack_bucket,
     validate_weight_plan,
     wire_dtype,
 )
 
-# RolloutWorker turns an engine error whose text contains this into WeightPlanRejected (vLLM's collective_rpc
-# forwards only the message of an exception raised in its workers, not its type).
-REJECTED_MARKER = "weight plan rejected"
+EXTENSION = "asyppo.weight_sync.receiver.WeightSyncExtension"
 
 
-def check_incoming_version(plan_version: Any, version: Any, current_version: int) -> None:
-    """Accept only a plan stamped with the announced version, newer than the weights held now.
+class EngineWeights:
+    """The rollout worker's side: which weight version its vLLM engine holds, whether the weights are whole, and
+    the calls that make the engine's worker processes join the group and load a broadcast.
 
-    Raises ``WeightPlanRejected`` (message starting with ``REJECTED_MARKER``) otherwise. A stale or repeated
-    version means the sender and this worker disagree about what was loaded, so loading it could silently mix
-    policies (ARCHITECTURE.md "Data and weights").
+    ``valid`` is False after a transfer that failed half-way (layers may then hold a mix of versions); the worker
+    refuses to sample until a broadcast succeeds.
     """
-    for label, value in (("plan version", plan_version), ("announced version", version)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise WeightPlanRejected(f"{REJECTED_MARKER}: {label} {value!r} is not an int")
-    if plan_version != version:
-        raise WeightPlanRejected(
-            f"{REJECTED_MARKER}: the plan is stamped v{plan_version} but was announced as v{version}"
+
+    def __init__(self, llm, worker_index: int, tensor_parallel_size: int):
+        self.llm = llm
+        self.worker_index = worker_index
+        self.tensor_parallel_size = tensor_parallel_size
+        self.version = 0
+        self.valid = True
+        self._sync_timeout_s: float | None = None  # set once in a weight-sync group
+
+    def join(
+        self, master_address: str, master_port: int, rank_offset: int, world_size: int, backend: str,
+        timeout_s: float,
+    ) -> None:
+        """Join the learner's weight-sync group (every tensor-parallel rank; ranks rank_offset … +tp−1)."""
+        if rank_offset < 1 or rank_offset + self.tensor_parallel_size > world_size:
+            raise ValueError(
+                f"ranks {rank_offset}..{rank_offset + self.tensor_parallel_size - 1} of this worker do not fit in a "
+                f"weight-sync world of {world_size} (rank 0 is the learner)"
+            )
+        self._sync_timeout_s = None  # the engine leaves any previous group first
+        self.llm.collective_rpc(
+            "asyppo_init_weight_sync", timeout=timeout_s + 30.0,
+            args=(master_address, master_port, rank_offset, world_size, backend, timeout_s),
         )
-    if version <= current_version:
-        raise WeightPlanRejected(
-            f"{REJECTED_MARKER}: stale weight version v{version}; this worker already holds v{current_version} "
-            "(versions must increase)"
+        self._sync_timeout_s = timeout_s
+
+    def leave(self) -> None:
+        """Leave the weight-sync group (the learner is closing it)."""
+        self.llm.collective_rpc("asyppo_close_weight_sync", timeout=60.0)
+        self._sync_timeout_s = None
+
+    def receive(self, plan: dict, version: int) -> int:
+        """Receive weight ``version`` as described by ``plan`` (the learner broadcasts the buckets meanwhile).
+
+        Raises ``WeightPlanRejected`` if the plan was refused (nothing changed), else ``RuntimeError`` on a failed
+        transfer (then the weights are incomplete: the worker refuses to sample until a broadcast succeeds).
+        """
+        timeout_s = self._sync_timeout_s
+        if timeout_s is None:
+            raise RuntimeError("receive_weights before init_weight_sync: this worker is in no weight-sync group")
+        buckets = len(plan.get("buckets", ())) if isinstance(plan, dict) else 0
+        return self._load_on_workers(
+            "asyppo_receive_weights", (plan, version), version, timeout=(buckets + 2) * timeout_s + 60.0
         )
 
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
+        """The simple path: a whole state dict (e.g. through Ray's object store); same checks as a broadcast."""
+        from safetensors.torch import save
 
-def check_names_against_checkpoint(shapes: dict[str, list[int]], expected: dict[str, list[int]] | None) -> None:
-    """The incoming tensors must be exactly the checkpoint's tensors (HF names), with the same shapes.
+        # vLLM's RPC serialises tensor arguments in a way its worker queue cannot pickle; plain bytes pass.
+        blob = save({name: tensor.detach().contiguous() for name, tensor in state_dict.items()})
+        return self._load_on_workers("asyppo_load_serialized_weights", (blob, version), version)
 
-    ``expected`` is None when the engine's model directory has no safetensors files to compare with; the check is
-    then skipped. Catches a sender with wrapped names (``module.…``), a different architecture, or a missing
-    parameter, before anything is loaded.
-    """
-    if expected is None:
-        return
-    unknown = sorted(set(shapes) - set(expected))
-    missing = sorted(set(expected) - set(shapes))
-    if unknown or missing:
-        raise WeightPlanRejected(
-            f"{REJECTED_MARKER}: tensor names differ from the rollout checkpoint's: "
-            f"{len(unknown)} unknown (e.g. {unknown[:3]}), {len(missing)} missing (e.g. {missing[:3]})"
-        )
-    wrong = [(name, shape, expected[name]) for name, shape in shapes.items() if list(shape) != list(expected[name])]
-    if wrong:
-        name, got, want = wrong[0]
-        raise WeightPlanRejected(
-            f"{REJECTED_MARKER}: {len(wrong)} tensors have other shapes than the rollout checkpoint's, "
-            f"e.g. {name!r}: {got} vs {want}"
-        )
+    def require_valid(self) -> None:
+        if not self.valid:
+            raise RuntimeError(
+                f"rollout worker #{self.worker_index}: a weight transfer failed half-way, the engine holds a mix of "
+                f"versions; broadcast the weights again (or restart the worker) before sampling"
+            )
+
+    def engine_states(self) -> list[dict[str, Any]] | None:
+        """Each vLLM worker process's ``asyppo_weight_state``, or None when the engine does not answer."""
+        try:
+            return self.llm.collective_rpc("asyppo_weight_state", timeout=30.0)
+        except Exception:  # noqa: BLE001 - whatever the failure, the engine does not answer
+            return None
+
+    def _load_on_workers(self, method: str, args: tuple, version: int, timeout: float | None = None) -> int:
+        """Run a weight-loading RPC on every vLLM worker; a rejected plan keeps the old weights valid."""
+        try:
+            acks = self.llm.collective_rpc(method, timeout=timeout, args=args)
+        except Exception as err:
+            rejection = rejection_from_engine_error(err)
+            if rejection is not None:
+                raise rejection from None
+            states = self.engine_states()
+            # An engine that cannot say must be assumed broken.
+            self.valid = states is not None and all(s["weights_valid"] for s in states)
+            raise
+        if any(ack != version for ack in acks):
+            raise RuntimeError(
+                f"rollout worker #{self.worker_index}: ranks acknowledged versions {acks}, not {version}"
+            )
+        # KV blocks cached under the old weights must not be reused.
+        self.llm.reset_prefix_cache()
+        self.version = version
+        self.valid = True
+        return version
 
 
 def checkpoint_tensor_shapes(model_dir: str) -> dict[str, list[int]] | None:
@@ -130,7 +183,7 @@ class _SyncGroup:
         self.device = device
 
     def handshake(self, accept: bool) -> bool:
-        """MIN all-reduce of the accept flags (see ``learner/weight_sync.py``): True if every rank accepted."""
+        """MIN all-reduce of the accept flags (see ``asyppo.weight_sync.protocol``): True if every rank accepted."""
         flag = torch.tensor([1 if accept else 0], dtype=torch.int32, device=self.device)
         options = torch.distributed.AllreduceOptions()
         options.reduceOp = torch.distributed.ReduceOp.MIN

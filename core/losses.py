@@ -1,4 +1,4 @@
-"""Policy, entropy, NLL and value losses (ALGORITHMS.md §2 and §5).
+"""Policy, entropy, NLL and value losses (docs/algorithms.md §2 and §5).
 
 Pure PyTorch, no Ray. Per-token tensors are ``[N, T]`` with a float response ``mask[N, T]``.
 
@@ -55,7 +55,7 @@ def aggregate(
     agg: str = "token-mean",
     denominator: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reduce per-token ``values[N, T]`` to a scalar (ALGORITHMS.md §5, "Aggregation").
+    """Reduce per-token ``values[N, T]`` to a scalar (docs/algorithms.md §5, "Aggregation").
 
     - ``token-mean``: ``Σ values·mask / denominator``; default denominator = ``mask.sum()``.
     - ``seq-mean-token-mean``: ``Σ_i (Σ_t values·mask / Σ_t mask)_i / denominator``; default denominator =
@@ -86,7 +86,7 @@ def aggregate(
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Full-vocabulary entropy ``H = logsumexp(z) − Σ softmax(z)·z`` over the last dim (ALGORITHMS.md §5).
+    """Full-vocabulary entropy ``H = logsumexp(z) − Σ softmax(z)·z`` over the last dim (docs/algorithms.md §5).
 
     Computed in the dtype of ``logits``; pass float32 (temperature-scaled) logits.
     """
@@ -106,12 +106,11 @@ def policy_loss(
     adv_mask: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
     old_entropy: torch.Tensor | None = None,
-    erc_low: float | None = None,
-    erc_high: float | None = None,
+    erc_band: tuple[float, float] | None = None,
     agg: str = "token-mean",
     denominator: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped surrogate with dual-clip, AsyPPO advantage mask and ERC (ALGORITHMS.md §5), per token:
+    """Clipped surrogate with dual-clip, AsyPPO advantage mask and ERC (docs/algorithms.md §5), per token:
 
     ``r = exp(clamp(logπ − logπ_old, −20, 20))``, ``pg1 = −A·r``,
     ``pg2 = −A·clip(r, 1−ε_low, 1+ε_high)`` (``clip_mode="ppo"``) or
@@ -119,12 +118,13 @@ def policy_loss(
     gradient in a clipped region stays ``(1±ε)·A·∇logπ`` instead of 0),
     ``ℓ = max(pg1, pg2)``; where ``A < 0`` and ``dual_clip`` is set: ``ℓ = min(ℓ, −A·c)``;
     ``ℓ = I^A·ℓ``; ERC: ``ρ = (H + 1e-8)/(H_old + 1e-8)``, tokens outside the open band
-    ``(1 − erc_low, 1 + erc_high)`` keep their value but lose their gradient (``ℓ = sg(ℓ)``).
+    ``erc_band = (low, high)`` (e.g. ``(0.95, 1.05)``) keep their value but lose their gradient (``ℓ = sg(ℓ)``).
     The loss is ``aggregate(ℓ, mask, agg, denominator)``; masked-out tokens (``I^A = 0``) stay in the
     denominator.
 
     ``old_logp``, ``advantages``, ``adv_mask`` and the entropies are constants of the objective and are
-    detached. ``erc_low`` / ``erc_high`` are the band half-widths β (e.g. 0.05, 0.05); both None = ERC off.
+    detached. ``erc_band=None`` turns ERC off; with it on, ``entropy`` and ``old_entropy`` are required. The
+    ranges of ε, c and the band are the config's to guarantee (``asyppo.cluster.config.AlgorithmConfig``).
 
     Returns:
         ``(loss, stats)`` with stats ``pg_loss``, ``clip_frac`` (valid tokens where ``pg2 > pg1``),
@@ -133,29 +133,9 @@ def policy_loss(
         and ``ratio_mean``.
     """
     _check_same_shape(
-        "policy_loss",
-        mask,
-        logp=logp,
-        old_logp=old_logp,
-        advantages=advantages,
-        adv_mask=adv_mask,
-        entropy=entropy,
-        old_entropy=old_entropy,
+        "policy_loss", mask, logp=logp, old_logp=old_logp, advantages=advantages, adv_mask=adv_mask,
+        entropy=entropy, old_entropy=old_entropy,
     )
-    if clip_mode not in CLIP_MODES:
-        raise ValueError(f"policy_loss: clip_mode must be one of {CLIP_MODES}, got {clip_mode!r}")
-    if not (0.0 <= clip_low < 1.0) or clip_high < 0.0:
-        raise ValueError(f"policy_loss: need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
-    if dual_clip is not None and dual_clip <= 1.0:
-        raise ValueError(f"policy_loss: dual_clip must be > 1 (or None), got {dual_clip}")
-    erc_on = erc_low is not None or erc_high is not None
-    if erc_on:
-        if erc_low is None or erc_high is None:
-            raise ValueError("policy_loss: set both erc_low and erc_high for ERC, or neither")
-        if not (0.0 <= erc_low < 1.0) or erc_high < 0.0:
-            raise ValueError(f"policy_loss: need 0 <= erc_low < 1 and erc_high >= 0, got {erc_low}, {erc_high}")
-        if entropy is None or old_entropy is None:
-            raise ValueError("policy_loss: ERC needs both entropy and old_entropy")
 
     mask = mask.to(logp.dtype)
     advantages = advantages.detach().to(logp.dtype)
@@ -165,11 +145,13 @@ def policy_loss(
     pg_unclipped = -advantages * ratio
     if clip_mode == "ppo":
         clipped_ratio = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    else:
+    elif clip_mode == "gppo":
         # ratio / sg(ratio) is exactly 1 in the forward pass, so the bounds equal PPO's, but their gradient
         # with respect to logπ is (1 ± ε).
         unit_with_grad = ratio / ratio.detach()
         clipped_ratio = torch.clamp(ratio, (1.0 - clip_low) * unit_with_grad, (1.0 + clip_high) * unit_with_grad)
+    else:
+        raise ValueError(f"policy_loss: clip_mode must be one of {CLIP_MODES}, got {clip_mode!r}")
     pg_clipped = -advantages * clipped_ratio
     per_token = torch.maximum(pg_unclipped, pg_clipped)
     clip_active = pg_clipped.detach() > pg_unclipped.detach()
@@ -184,11 +166,14 @@ def policy_loss(
         per_token = per_token * adv_mask.detach().to(per_token.dtype)
 
     erc_keep = torch.ones_like(clip_active)
-    if erc_on:
+    if erc_band is not None:
+        if entropy is None or old_entropy is None:
+            raise ValueError("policy_loss: ERC needs both entropy and old_entropy")
+        low, high = erc_band
         entropy_ratio = (entropy.detach().float() + ENTROPY_RATIO_EPS) / (
             old_entropy.detach().float() + ENTROPY_RATIO_EPS
         )
-        erc_keep = (entropy_ratio > 1.0 - erc_low) & (entropy_ratio < 1.0 + erc_high)
+        erc_keep = (entropy_ratio > low) & (entropy_ratio < high)
         per_token = torch.where(erc_keep, per_token, per_token.detach())
 
     loss = aggregate(per_token, mask, agg, denominator)
@@ -213,7 +198,7 @@ def entropy_bonus(
     agg: str = "token-mean",
     denominator: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``agg(I^H · H_θ, mask)`` (ALGORITHMS.md §5); the learner subtracts ``β_ent`` times this.
+    """``agg(I^H · H_θ, mask)`` (docs/algorithms.md §5); the learner subtracts ``β_ent`` times this.
 
     ``entropy_filter`` is the AsyPPO ``I^H`` (None = no filter); filtered tokens stay in the denominator.
     """
@@ -230,7 +215,7 @@ def nll_loss(
     agg: str = "token-mean",
     denominator: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Negative log-likelihood of the selected responses (the optional ``α_nll`` term of ALGORITHMS.md §5,
+    """Negative log-likelihood of the selected responses (the optional ``α_nll`` term of docs/algorithms.md §5,
     applied to responses whose reward equals the batch maximum).
 
     Only tokens of rows with ``select[i] == True`` count. Default denominator: the number of valid tokens of
@@ -262,7 +247,7 @@ def value_loss(
     agg: str = "token-mean",
     denominator: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped value loss ``0.5·agg(max((V − R)², (clip(V, V_old − c, V_old + c) − R)²))`` (ALGORITHMS.md §2).
+    """Clipped value loss ``0.5·agg(max((V − R)², (clip(V, V_old − c, V_old + c) − R)²))`` (docs/algorithms.md §2).
 
     ``clip=None`` drops the clipped branch (plain ``0.5·agg((V − R)²)``). ``old_values`` and ``returns`` are
     detached.

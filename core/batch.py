@@ -13,8 +13,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from learner.advantages import ensemble_values, gae, grpo_advantages, place_outcome_rewards, whiten
-from learner.disagreement import agreement_mask, critic_std, divergence_mask, std_quantiles
+from asyppo.core.advantages import ensemble_values, gae, grpo_advantages, place_outcome_rewards, whiten
+from asyppo.core.disagreement import agreement_mask, critic_std, divergence_mask, std_quantiles
 
 
 @dataclass
@@ -24,7 +24,7 @@ class RolloutBatch:
     input_ids: torch.Tensor  # long [N, Lp+T]
     attention_mask: torch.Tensor  # long [N, Lp+T]
     response_mask: torch.Tensor  # float [N, T]
-    scores: torch.Tensor  # float [N], the verifier's reward per response (ALGORITHMS.md §1)
+    scores: torch.Tensor  # float [N], the verifier's reward per response (docs/algorithms.md §1)
     correct: torch.Tensor  # bool [N]
     rollout_logprobs: torch.Tensor  # float [N, T], from the rollout engine (staleness diagnostics)
     prompt_ids: list[str]  # one per prompt (P entries)
@@ -146,7 +146,7 @@ def compute_advantages(
     adv_mask_fraction: float = 0.0,
     entropy_filter_fraction: float = 0.0,
 ) -> AdvantageResult:
-    """Advantages, returns and the AsyPPO masks for one rollout batch (ALGORITHMS.md §3, §4).
+    """Advantages, returns and the AsyPPO masks for one rollout batch (docs/algorithms.md §3, §4).
 
     ``values`` is ``[M, N, T]`` (every critic on every token, computed before this step's critic update) or None
     for ``grpo``. Masks need M ≥ 2 and are None when their fraction is 0.

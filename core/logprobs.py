@@ -1,4 +1,4 @@
-"""Chunked per-token log-probabilities and entropies (ALGORITHMS.md §5, last paragraph).
+"""Chunked per-token log-probabilities and entropies (docs/algorithms.md §5).
 
 Pure PyTorch + transformers, no Ray. The vocabulary projection of a whole batch, ``[N, T, vocab]`` in
 float32, is by far the largest tensor of a policy update (e.g. 8 × 4096 × 152k × 4 B = 20 GB). Here the
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from learner.losses import entropy_from_logits
+from asyppo.core.losses import entropy_from_logits
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "logprobs_and_entropy", "response_logprobs"]
 
@@ -31,7 +31,7 @@ def _chunk_logprobs_and_entropy(
     with_entropy: bool,
     entropy_requires_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-prob of ``token_chunk`` and entropy for one chunk of positions (ALGORITHMS.md §5)."""
+    """Log-prob of ``token_chunk`` and entropy for one chunk of positions (docs/algorithms.md §5)."""
     logits = lm_head(hidden_chunk).float() / temperature
     # gather − logsumexp avoids materialising a second [chunk, vocab] tensor as log_softmax would.
     token_logits = logits.gather(-1, token_chunk.unsqueeze(-1)).squeeze(-1)
@@ -62,7 +62,7 @@ def logprobs_and_entropy(
     with_entropy: bool = True,
     entropy_requires_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``log π(tokens | hidden)`` and the full-vocabulary entropy, chunk by chunk (ALGORITHMS.md §5).
+    """``log π(tokens | hidden)`` and the full-vocabulary entropy, chunk by chunk (docs/algorithms.md §5).
 
     ``logits = lm_head(hidden).float() / temperature``; ``logp = logits[token] − logsumexp(logits)``;
     ``H = logsumexp(z) − Σ softmax(z)·z``. Never holds more than one chunk's ``[chunk_size, vocab]`` float32
@@ -144,7 +144,7 @@ def response_logprobs(
     with_entropy: bool = True,
     entropy_requires_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log-probs and entropies of the response part of ``input_ids`` (ALGORITHMS.md §5).
+    """Per-token log-probs and entropies of the response part of ``input_ids`` (docs/algorithms.md §5).
 
     Layout: ``input_ids[N, Lp+T]`` = prompt left-padded to ``Lp`` then response right-padded to
     ``T = response_len``; position ids are ``attention_mask.cumsum(-1) − 1`` clamped at 0. Response token

@@ -1,4 +1,4 @@
-"""Critic disagreement statistics and the two AsyPPO masks (ALGORITHMS.md §4).
+"""Critic disagreement statistics and the two AsyPPO masks (docs/algorithms.md §4).
 
 Pure PyTorch, no Ray. Ranking is global over every valid response token of the rollout batch.
 
@@ -40,7 +40,7 @@ def _check_fraction(name: str, fraction: float, caller: str) -> None:
 
 
 def critic_std(values: torch.Tensor) -> torch.Tensor:
-    """Per-token population std of the critics' values, ``σ_t = std_m V_m(s_t)`` (ALGORITHMS.md §4).
+    """Per-token population std of the critics' values, ``σ_t = std_m V_m(s_t)`` (docs/algorithms.md §4).
 
     Args:
         values: ``[M, N, T]``. With ``M == 1`` the result is all zeros (the caller turns the masks off).
@@ -64,7 +64,7 @@ def _ascending_valid_order(std: torch.Tensor, valid: torch.Tensor) -> torch.Tens
 
 @torch.no_grad()
 def agreement_mask(std: torch.Tensor, mask: torch.Tensor, k: float) -> torch.Tensor:
-    """Advantage mask ``I^A`` (ALGORITHMS.md §4): 0 on the ``floor(k · num_valid)`` valid tokens with the
+    """Advantage mask ``I^A`` (docs/algorithms.md §4): 0 on the ``floor(k · num_valid)`` valid tokens with the
     lowest σ (the critics agree), 1 elsewhere, padding included. Ties: lower flat index first.
 
     Returns:
@@ -82,7 +82,7 @@ def agreement_mask(std: torch.Tensor, mask: torch.Tensor, k: float) -> torch.Ten
 
 @torch.no_grad()
 def divergence_mask(std: torch.Tensor, mask: torch.Tensor, h: float) -> torch.Tensor:
-    """Entropy filter ``I^H`` (ALGORITHMS.md §4): 0 on the ``floor(h · num_valid)`` valid tokens with the
+    """Entropy filter ``I^H`` (docs/algorithms.md §4): 0 on the ``floor(h · num_valid)`` valid tokens with the
     highest σ (the critics diverge), 1 elsewhere, padding included. Ties: higher flat index first (the
     reverse of :func:`agreement_mask`'s order, see the module docstring).
 
@@ -105,7 +105,7 @@ def std_quantiles(
     mask: torch.Tensor,
     qs: tuple[float, ...] = (0.1, 0.5, 0.9),
 ) -> dict[str, float]:
-    """Quantiles of σ over valid tokens for logging (ALGORITHMS.md §7), linear interpolation.
+    """Quantiles of σ over valid tokens for logging (docs/algorithms.md §7), linear interpolation.
 
     Keys are ``"p<percent>"``, e.g. ``{"p10": ..., "p50": ..., "p90": ...}`` for the default ``qs``.
     NumPy does the quantile because ``torch.quantile`` refuses inputs beyond 2**24 elements.

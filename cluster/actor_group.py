@@ -1,0 +1,111 @@
+"""The actors of one role (rollout workers, critics, learner ranks), spawned and torn down one way.
+
+Each role reserves one placement group with one bundle per actor up front (docs/architecture.md, "Scaling knobs"),
+so a job that does not fit the cluster fails at start with the role named instead of hanging half-placed; each
+actor is pinned to its own bundle and named ``<role>-<i>`` in the Ray dashboard. Roles scale independently:
+``rollout.num_workers``, ``critics.num_critics``, ``learner.num_gpus``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from asyppo.cluster.config import JobConfig
+
+
+@dataclass(frozen=True)
+class RoleResources:
+    count: int
+    cpus: float
+    gpus: float
+
+
+def role_resources(cfg: JobConfig) -> dict[str, RoleResources]:
+    """CPUs and GPUs per actor for each role, from the config's independent knobs."""
+    return {
+        "rollout": RoleResources(cfg.rollout.num_workers, cfg.rollout.cpus_per_worker, cfg.rollout.gpus_per_worker),
+        "critics": RoleResources(cfg.critics.num_critics, cfg.critics.cpus_per_critic, cfg.critics.gpus_per_critic),
+        "learner": RoleResources(cfg.learner_ranks, cfg.learner.cpus, 1 if cfg.learner.num_gpus > 0 else 0),
+    }
+
+
+def total_cpus(cfg: JobConfig) -> float:
+    return sum(r.count * r.cpus for r in role_resources(cfg).values())
+
+
+class ActorGroup:
+    """``count`` actors of one role, each on its own bundle of the role's placement group.
+
+    Create the group (this reserves and waits for the bundles), optionally run tasks on a bundle
+    (:meth:`bundle_options`), then :meth:`spawn` the actors. :meth:`call` runs one method on every actor;
+    :meth:`close` kills the actors and frees the bundles (safe to call twice).
+    """
+
+    def __init__(self, role: str, resources: RoleResources, *, pack: bool = False, placement_timeout_s: float = 120.0):
+        self.role = role
+        self.resources = resources
+        self.actors: list = []
+        bundle = {"CPU": resources.cpus, **({"GPU": resources.gpus} if resources.gpus else {})}
+        # PACK keeps ranks that talk to each other every step (the learner's) on one node when possible.
+        self._group = placement_group([dict(bundle) for _ in range(resources.count)],
+                                      strategy="PACK" if pack else "SPREAD", name=f"asyppo-{role}")
+        if not self._group.wait(timeout_seconds=placement_timeout_s):
+            self.close()
+            raise RuntimeError(
+                f"the cluster cannot place the {role} role: {resources.count} × (CPU {resources.cpus}, GPU "
+                f"{resources.gpus}) did not fit within {placement_timeout_s:.0f}s; cluster resources: "
+                f"{ray.cluster_resources()}"
+            )
+
+    def bundle_options(self, index: int) -> dict[str, Any]:
+        """Ray options that pin an actor or task to bundle ``index`` with that bundle's CPUs and GPUs."""
+        return {
+            "num_cpus": self.resources.cpus,
+            "num_gpus": self.resources.gpus,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                placement_group=self._group, placement_group_bundle_index=index,
+                placement_group_capture_child_tasks=True,
+            ),
+        }
+
+    def spawn(
+        self, actor_class: type, arguments: Callable[[int], tuple[tuple, dict]], *,
+        name: Callable[[int], str] | None = None, max_restarts: int = 0,
+    ) -> list:
+        """One ``actor_class`` per bundle; actor ``i`` gets ``*args, **kwargs = arguments(i)`` and the Ray name
+        ``name(i)`` (default ``<role>-<i>``). Returns the actor handles (also kept in ``self.actors``)."""
+        name = name or (lambda index: f"{self.role}-{index}")
+        remote_class = ray.remote(actor_class)
+        for index in range(self.resources.count):
+            args, kwargs = arguments(index)
+            self.actors.append(remote_class.options(
+                name=name(index), max_restarts=max_restarts, **self.bundle_options(index),
+            ).remote(*args, **kwargs))
+        return self.actors
+
+    def call(self, method: str, *args, **kwargs) -> list:
+        """``actor.method.remote(*args, **kwargs)`` on every actor; the ObjectRefs in actor order."""
+        return [getattr(actor, method).remote(*args, **kwargs) for actor in self.actors]
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def __iter__(self):
+        return iter(self.actors)
+
+    def __getitem__(self, index: int):
+        return self.actors[index]
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+        group, self._group = self._group, None
+        if group is not None:
+            remove_placement_group(group)

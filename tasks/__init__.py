@@ -1,0 +1,1 @@
+"""Tasks: prompt sources, verifiers and the built-in task's models; ``registry.TASKS`` lists them."""

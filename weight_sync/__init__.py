@@ -1,0 +1,1 @@
+"""The learner -> rollout weight broadcast: the protocol, and the sending and receiving halves beside it."""
