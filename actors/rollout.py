@@ -89,7 +89,6 @@ class RolloutWorker:
         self.model_path = model_path
         self.reward_fn = reward_fn
         self.worker_index = worker_index
-        self.tensor_parallel_size = tensor_parallel_size
         engine_args: dict[str, Any] = {}
         if current_platform.is_cpu():
             engine_args["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * 2**30)

@@ -22,8 +22,6 @@ import pytest
 from asyppo.cluster.cli import SUBPACKAGES, stage_package
 
 REPO = Path(__file__).resolve().parents[1]
-FOLDERS = SUBPACKAGES
-GENERIC = SUBPACKAGES  # each top-level folder is installed under `asyppo`, never under its own name
 
 
 def run(python, code: str, cwd: Path) -> dict:
@@ -44,9 +42,10 @@ IMPORT_EVERYTHING = """
     print(json.dumps({
         "modules": modules,
         "where": {name: importlib.import_module(name).__file__ for name in ("asyppo.cluster", "asyppo.core.losses")},
+        # Each top-level folder is installed under `asyppo`, never under its own name.
         "generic": [name for name in %r if importlib.util.find_spec(name) is not None],
     }))
-""" % (SUBPACKAGES, GENERIC)
+""" % (SUBPACKAGES, SUBPACKAGES)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +64,7 @@ def wheel(tmp_path_factory) -> Path:
 def test_the_wheel_holds_one_top_level_name_and_every_module(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert {name.split("/")[0] for name in names} == {"asyppo", wheel.name.split("-py3")[0] + ".dist-info"}
-    for folder in FOLDERS:
+    for folder in SUBPACKAGES:
         for path in (REPO / folder).glob("*.py"):
             assert f"asyppo/{folder}/{path.name}" in names
 
@@ -85,7 +84,7 @@ def test_the_built_wheel_installs_and_imports_as_asyppo(wheel, tmp_path):
     found = run(python, IMPORT_EVERYTHING, tmp_path)
     assert found["generic"] == [], f"generic top-level names importable: {found['generic']}"
     assert all(path.startswith(scratch_site) for path in found["where"].values()), found["where"]
-    expected = {f"asyppo.{folder}.{path.stem}" for folder in FOLDERS for path in (REPO / folder).glob("*.py")
+    expected = {f"asyppo.{folder}.{path.stem}" for folder in SUBPACKAGES for path in (REPO / folder).glob("*.py")
                 if path.stem != "__init__"}
     assert expected <= set(found["modules"])
 
@@ -106,7 +105,7 @@ def test_the_package_list_matches_pyproject():
 def test_the_editable_install_maps_the_top_level_folders(tmp_path):
     found = run(sys.executable, IMPORT_EVERYTHING, tmp_path)
     assert found["generic"] == []
-    expected = {f"asyppo.{folder}.{path.stem}" for folder in FOLDERS for path in (REPO / folder).glob("*.py")
+    expected = {f"asyppo.{folder}.{path.stem}" for folder in SUBPACKAGES for path in (REPO / folder).glob("*.py")
                 if path.stem != "__init__"}
     assert expected <= set(found["modules"])
     assert found["where"]["asyppo.cluster"] == str(REPO / "cluster" / "__init__.py")
