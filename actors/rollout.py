@@ -52,11 +52,31 @@ class _Sample:
     truncated: bool  # stopped by the length limit, not by EOS
 
 
+def score_samples(
+    reward_fn: Callable[..., Any], problems: list[dict], samples: list[_Sample], n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The score and the correctness of every sample (rows prompt-major), one ``reward_fn`` call per sample.
+
+    ``reward_fn(response_text, answer, *, response_length, truncated)`` returns a score, or a ``(score, correct)``
+    pair (``asyppo.tasks.rewards.RewardFunction`` returns one); a bare score counts as correct when it is > 0.
+    """
+    scores, correct = [], []
+    for row, sample in enumerate(samples):
+        problem = problems[row // n]
+        result = reward_fn(sample.text, problem["answer"], response_length=len(sample.token_ids),
+                           truncated=sample.truncated)
+        score, accepted = result if isinstance(result, tuple) else (result, None)
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise ValueError(f"problem {problem['id']!r}: reward_fn returned {result!r}, not a finite score")
+        scores.append(float(score))
+        correct.append(score > 0 if accepted is None else bool(accepted))
+    return torch.tensor(scores, dtype=torch.float32), torch.tensor(correct, dtype=torch.bool)
+
+
 class RolloutWorker:
     """A vLLM engine for ``model_path`` (a Hugging Face directory with its tokenizer).
 
-    ``reward_fn(response_text, answer, *, response_length, truncated) -> float`` scores each response; if it also
-    has ``is_correct(response_text, answer) -> bool`` that feeds the ``correct`` column (else ``score > 0``).
+    ``reward_fn`` scores each response (:func:`score_samples`).
     ``cpu_kv_cache_gib`` sizes the KV cache of a CPU engine (the ``VLLM_CPU_KVCACHE_SPACE`` environment variable,
     if set, wins); ``gpu_memory_utilization`` is the share of GPU memory a GPU engine may take.
     """
@@ -151,7 +171,7 @@ class RolloutWorker:
 
         samples = self._samples(problems, outputs, n)
         response_ids, response_mask, rollout_logprobs = self._pad(samples)
-        scores, correct = self._score(problems, samples, n)
+        scores, correct = score_samples(self.reward_fn, problems, samples, n)
         return {
             "prompt_ids": prompt_ids,
             "response_ids": response_ids,
@@ -224,20 +244,6 @@ class RolloutWorker:
             response_mask[row, :length] = 1.0
             rollout_logprobs[row, :length] = torch.tensor(sample.logprobs, dtype=torch.float32)
         return response_ids, response_mask, rollout_logprobs
-
-    def _score(self, problems: list[dict], samples: list[_Sample], n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The reward and the correctness of every sample (``reward_fn``; see the class docstring)."""
-        scores, correct = [], []
-        is_correct = getattr(self.reward_fn, "is_correct", None)
-        for row, sample in enumerate(samples):
-            problem = problems[row // n]
-            score = self.reward_fn(sample.text, problem["answer"], response_length=len(sample.token_ids),
-                                   truncated=sample.truncated)
-            if not isinstance(score, (int, float)) or not math.isfinite(score):
-                raise ValueError(f"problem {problem['id']!r}: reward_fn returned {score!r}, not a finite number")
-            scores.append(float(score))
-            correct.append(bool(is_correct(sample.text, problem["answer"])) if is_correct else score > 0)
-        return torch.tensor(scores, dtype=torch.float32), torch.tensor(correct, dtype=torch.bool)
 
     def prompt_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
         """Log-prob (temperature 1, full vocabulary) of every token after the first of each sequence."""

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(exc, (DatasetError, JobFailed)):
             print(f"asyppo: {exc}", file=sys.stderr)
-            return 1
+            return getattr(exc, "exit_code", 1)
         raise
 
 

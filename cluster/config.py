@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -91,6 +92,8 @@ RENAMED: dict[str, str] = {
     "learner.sync_check_tolerance": "weight_sync.check_tolerance",
 }
 
+# A run's name is one directory under trainer.run_dir, never a path of its own.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 BUILTIN_POLICY = "builtin:tiny"
 BUILTIN_CRITIC = "builtin:tiny-critic"
 BUILTIN_DATA = "builtin:arithmetic"
@@ -181,6 +184,10 @@ class AlgorithmConfig(_Section):
     ensemble: Literal["mean", "min"] = Field("mean", description="how the critics' values combine into V̄ (§3)")
     value_clip: float = Field(0.5, gt=0, description="c_v of the critics' clipped value loss (§2)")
     critic_split: Literal["prompt", "response"] = Field("prompt", description="which rows each critic trains on (§2)")
+    off_policy_correction: Literal["token-truncate", "token-mask", "sequence-mask", "none"] = Field(
+        "token-truncate", description="weight w correcting the rollout engine's policy μ to the learner's π_prox (§5a)"
+    )
+    off_policy_cap: float = Field(2.0, gt=1, description="C: the cap (truncate) or the limit (mask) of π_prox/μ (§5a)")
 
 
 class LearnerConfig(_Section):
@@ -200,7 +207,15 @@ class WeightSyncConfig(_Section):
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl when both sides have GPUs")
     timeout_s: float = Field(120.0, gt=0)
     bucket_mb: float = Field(64.0, gt=0)
-    check_tolerance: float = Field(1e-3, gt=0, description="max mean |logp diff| rollout vs learner")
+    check_tolerance: float | None = Field(
+        None, gt=0, description="max mean |logp diff| rollout vs learner after a broadcast; null = per model.dtype"
+    )
+
+
+# What the post-broadcast weight check allows by default (mean |Δ logπ| between the learner and an engine holding the
+# same weights): float32 kernels agree to ~1e-6; bf16 engines differ from the learner's bf16 forward by ~0.01 at 4B
+# scale (not measured here: no GPU), so their default leaves a 5× margin.
+CHECK_TOLERANCE_BY_DTYPE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
 
 
 class TrainerConfig(_Section):
@@ -214,6 +229,9 @@ class TrainerConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1)
     actor_restarts: int = Field(1, ge=0, description="times Ray restarts a dead actor before the job fails")
     call_timeout_s: float = Field(900.0, gt=0, description="longest wait on any actor call; then a clear error")
+    max_skipped_steps: int = Field(
+        3, ge=1, description="consecutive steps without a policy update (bad loss, diverged critics) before the job stops"
+    )
 
 
 class LoggingConfig(_Section):
@@ -242,6 +260,8 @@ class JobConfig(_Section):
         problems = cross_field_problems(self)
         if problems:
             raise ValueError("; ".join(f"{path}: {reason}" for path, reason in problems))
+        if self.weight_sync.check_tolerance is None:
+            self.weight_sync.check_tolerance = CHECK_TOLERANCE_BY_DTYPE[self.model.dtype]
         return self
 
     @property
@@ -285,10 +305,22 @@ def cross_field_problems(cfg: JobConfig) -> list[tuple[str, str]]:
             f"response split needs samples_per_prompt ({roll.samples_per_prompt}) divisible by num_critics ({m})",
         ))
 
+    if alg.off_policy_correction != "none" and roll.top_p < 1:
+        problems.append((
+            "rollout.top_p",
+            f"{roll.top_p} < 1: the engine's log-probs are then renormalised over the nucleus, not the full "
+            "vocabulary the learner computes, so the off-policy weight would be wrong; use top_p=1 or set "
+            "algorithm.off_policy_correction=none",
+        ))
+
     if alg.erc_band is not None:
         low, high = alg.erc_band
         if not (0 <= low < 1 < high):
             problems.append(("algorithm.erc_band", f"needs 0 <= low < 1 < high, got [{low}, {high}]"))
+
+    if PLAIN_NAME.fullmatch(cfg.trainer.name) is None:
+        problems.append(("trainer.name", f"{cfg.trainer.name!r} must be a plain name (letters, digits, '.', '_', "
+                                         "'-'), not a path; trainer.run_dir says where runs go"))
 
     n = cfg.batch_size
     ranks = cfg.learner_ranks
@@ -313,6 +345,39 @@ def cross_field_problems(cfg: JobConfig) -> list[tuple[str, str]]:
     if cfg.reward.overlong_buffer is not None and cfg.reward.overlong_buffer >= roll.max_new_tokens:
         problems.append(("reward.overlong_buffer", "must be smaller than rollout.max_new_tokens"))
     return problems
+
+
+# What a resumed run may change (docs/reliability.md): how long it runs and how often it evaluates and saves, what
+# it logs, its timeouts, the weight broadcast, its resources and the memory-only micro-batch sizes. Anything else
+# (model, data, reward, algorithm, sampling, optimisation, seed) would make it a different run.
+RESUME_SAFE_FIELDS = (
+    "trainer.name", "trainer.run_dir", "trainer.steps", "trainer.eval_every", "trainer.checkpoint_every", "trainer.keep_checkpoints",
+    "trainer.actor_restarts", "trainer.call_timeout_s", "trainer.max_skipped_steps", "logging.", "weight_sync.",
+    "rollout.num_workers", "rollout.gpus_per_worker", "rollout.cpus_per_worker", "rollout.gpu_memory_utilization",
+    "rollout.cpu_kv_cache_gib", "critics.gpus_per_critic", "critics.cpus_per_critic", "critics.micro_batch_size",
+    "learner.num_gpus", "learner.cpus", "learner.micro_batch_size", "learner.logprob_chunk",
+)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resume_changes(previous: JobConfig, current: JobConfig) -> list[tuple[str, str]]:
+    """The fields ``current`` changes from the run being resumed that would make it a different run."""
+    before, after = _flatten(previous.model_dump(mode="json")), _flatten(current.model_dump(mode="json"))
+    return [
+        (path, f"was {before.get(path)!r} in the run being resumed, now {after.get(path)!r}: a different run. "
+               f"Set it back, or start a new run (without --resume)")
+        for path in sorted(set(before) | set(after))
+        if before.get(path) != after.get(path) and not path.startswith(RESUME_SAFE_FIELDS)
+    ]
 
 
 def _deep_merge(base: dict, update: dict) -> dict:

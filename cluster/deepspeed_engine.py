@@ -89,11 +89,21 @@ def all_ranks_agree(flag: bool) -> bool:
     return bool(tensor.item() > 0)
 
 
+def all_ranks_sum(values: list[float]) -> list[float]:
+    """Element-wise sum of ``values`` over every rank of the default group (float64; unchanged with one rank)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=accelerator_device())
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return tensor.tolist()
+
+
 def optimizer_step(engine, losses_finite: bool) -> tuple[bool, float]:
     """Apply one optimizer step for the accumulated mini-batch, or drop it.
 
     Returns ``(applied, grad_norm)``. The step is skipped (gradients discarded, weights and optimizer state
-    untouched) when any rank saw a non-finite loss or the gradient norm is not finite.
+    untouched) when any rank saw a non-finite loss or the gradient norm is not finite: checked here before the step
+    for ZeRO 0 and 1, and by DeepSpeed inside the step for ZeRO 2 and 3 (reported by ``was_step_applied``).
     """
     grad_norm: float | None = None  # ZeRO-2/3 partition gradients: DeepSpeed reports the norm after step()
     if engine.zero_optimization_stage() < 2:
@@ -109,6 +119,10 @@ def optimizer_step(engine, losses_finite: bool) -> tuple[bool, float]:
     reported = engine.get_global_grad_norm()
     if reported is not None:
         grad_norm = float(reported)
+    if not engine.was_step_applied():
+        # DeepSpeed's ZeRO optimizers check the partitioned gradients themselves (all ranks agree through their
+        # own all-reduce) and drop the step on an overflow or a non-finite norm.
+        return False, float("nan") if grad_norm is None else grad_norm
     return True, float("nan") if grad_norm is None else grad_norm
 
 

@@ -17,6 +17,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -29,15 +31,57 @@ import torch
 
 from asyppo.cluster.actor_group import ActorGroup, role_resources, total_cpus
 from asyppo.cluster.checkpoint import CheckpointDir, read_trainer_state
-from asyppo.cluster.config import BUILTIN_CRITIC, BUILTIN_POLICY, JobConfig
+from asyppo.cluster.config import (
+    BUILTIN_CRITIC, BUILTIN_POLICY, ConfigError, JobConfig, load_config, resume_changes,
+)
 from asyppo.cluster.metrics import MetricsSink
+from asyppo.cluster.preflight import preflight_problems
 from asyppo.tasks.registry import TASKS, load_problems
+from asyppo.weight_sync.protocol import WeightSyncError, probe_mismatch
 
 log = logging.getLogger("asyppo")
 
 
 class JobFailed(RuntimeError):
     """The job cannot go on (a dead actor, a timeout, stale weights); the message says which and what to do."""
+
+    exit_code = 1
+
+
+class JobStopped(JobFailed):
+    """The job was stopped on purpose (SIGTERM, Ctrl-C) after saving a checkpoint; exits with 128 + the signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopSignals:
+    """SIGTERM or SIGINT (a user stopping the run, a cluster preempting a node): the first one lets the current step
+    finish, then the driver saves a checkpoint and stops; a second one exits at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        # Signal handlers belong to the main thread; elsewhere (a notebook's worker thread) the defaults stay.
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            raise SystemExit(128 + signum)
+        self.received = signum
+        log.warning("%s received: finishing this step, then saving a checkpoint and stopping (send it again to "
+                    "stop at once, losing the steps since the last checkpoint)", signal.Signals(signum).name)
 
 
 @dataclass
@@ -96,13 +140,15 @@ class Trainer:
         self.cfg = cfg = unique_run_path(cfg, resume)
         self.run_path = cfg.run_path
         self.checkpoints = CheckpointDir(self.run_path, cfg.trainer.keep_checkpoints)
-        checkpoint = self.checkpoints.latest() if resume else None
-        if resume and checkpoint is None:
-            raise JobFailed(f"--resume: no complete checkpoint under {self.checkpoints.root}")
+        checkpoint = self._resume_point(cfg) if resume else None
 
         # Everything that can be wrong with the inputs is found before a single actor starts.
         self.train_problems, self.eval_problems = load_datasets(cfg)
         self.models = resolve_models(cfg)
+        problems = preflight_problems(cfg, self.train_problems, self.eval_problems, self.models.policy,
+                                      self.models.critic)
+        if problems:
+            raise ConfigError(problems)
         self.reward_fn = reward_function(cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(self.models.policy)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -110,11 +156,16 @@ class Trainer:
 
         self.run_path.mkdir(parents=True, exist_ok=True)
         (self.run_path / "config.yaml").write_text(cfg.to_yaml())
-        self.start_step, self.version = 0, 0
+        self.start_step, self.version, self.base_accuracy = 0, 0, None
+        # The sampler's state after drawing each launched step's prompts: a checkpoint at step s saves the one of
+        # step s, so rollouts already in flight for later steps (max_staleness ≥ 1) are drawn again on resume.
+        self._sampler_after_launch: dict[int, dict] = {}
+        self._skipped_in_a_row = 0
         policy_dir, resume_dir = self.models.policy, None
         if checkpoint is not None:
             state = read_trainer_state(checkpoint)
             self.start_step, self.version = state["step"] + 1, state["version"]
+            self.base_accuracy = state.get("base_accuracy")
             self.sampler.load_state_dict(state["sampler"])
             policy_dir, resume_dir = str(checkpoint / "policy"), str(checkpoint)
             log.info("resuming %s from %s (step %d)", cfg.trainer.name, checkpoint, self.start_step)
@@ -123,6 +174,9 @@ class Trainer:
         self.learners: ActorGroup | None = None
         self.critics: ActorGroup | None = None
         self.owns_ray = _connect_ray(cfg)
+        # Installed after ray.init, which sets a SIGTERM handler of its own in the driver.
+        self.stop_signals = StopSignals()
+        self.stop_signals.install()
         try:
             self._spawn(policy_dir, resume_dir)
             self.sink = MetricsSink(cfg, self.run_path, resumed=checkpoint is not None,
@@ -182,15 +236,34 @@ class Trainer:
         except ray.exceptions.RayActorError as exc:
             raise JobFailed(f"{what}: an actor died: {exc}{self._resume_hint()}") from exc
 
+    def _resume_point(self, cfg: JobConfig) -> Path:
+        """The newest checkpoint whose every file matches its manifest (older ones are the fallback, logged), once
+        the config is known to describe the same run."""
+        search = self.checkpoints.find_resume_point(log.warning)
+        if search.checkpoint is None:
+            rejected = f": {search.describe_rejected()}" if search.rejected else ""
+            raise JobFailed(f"--resume: no usable checkpoint under {self.checkpoints.root}{rejected}")
+        checkpoint = search.checkpoint
+        saved = self.run_path / "config.yaml"
+        if saved.is_file():
+            previous = load_config(saved)
+            changes = resume_changes(previous, cfg)
+            if changes:
+                raise ConfigError(changes)
+        return checkpoint
+
     def _resume_hint(self) -> str:
-        latest = self.checkpoints.latest()
-        return f"; resume from {latest} with --resume" if latest else ""
+        """How to continue this run from its latest checkpoint (appended to every fatal error)."""
+        if self.checkpoints.latest() is None:
+            return ""
+        return f"; resume with: asyppo train --config {self.run_path / 'config.yaml'} --resume"
 
     # ---- one step -------------------------------------------------------------------------------------------
 
     def _launch_rollout(self, step: int):
         roll = self.cfg.rollout
         problems = self.sampler.next_batch(roll.prompts_per_step)
+        self._sampler_after_launch[step] = self.sampler.state_dict()
         refs = generate(self.rollout_workers, self.cfg, problems, n=roll.samples_per_prompt,
                         seed=self.cfg.trainer.seed * 100_003 + step)
         return problems, refs, time.perf_counter()
@@ -215,7 +288,10 @@ class Trainer:
         summary: dict[str, Any] = {"run_dir": str(self.run_path)}
         try:
             if self.eval_problems:
-                summary["base_accuracy"] = self.evaluate(self.start_step)
+                # A resumed run keeps the accuracy its first start measured.
+                if self.base_accuracy is None:
+                    self.base_accuracy = self.evaluate(self.start_step)
+                summary["base_accuracy"] = self.base_accuracy
             pending: deque = deque()
             launched = self.start_step
             for step in range(self.start_step, steps):
@@ -224,17 +300,38 @@ class Trainer:
                     launched += 1
                 metrics = self.train_step(step, *pending.popleft())
                 self.sink.log(step, metrics)
+                self._check_progress(step, metrics)
                 last = step == steps - 1
                 if self.eval_problems and cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0 and not last:
                     self.evaluate(step)
-                if last or (cfg.trainer.checkpoint_every and (step + 1) % cfg.trainer.checkpoint_every == 0):
+                stopping = self.stop_signals.received
+                if last or stopping or (cfg.trainer.checkpoint_every and (step + 1) % cfg.trainer.checkpoint_every == 0):
                     self.save_checkpoint(step)
+                if stopping and not last:
+                    raise JobStopped(f"stopped by {signal.Signals(stopping).name} after step {step}; checkpoint "
+                                     f"saved{self._resume_hint()}", stopping)
             if self.eval_problems:
                 summary["final_accuracy"] = self.evaluate(steps - 1)
             summary["steps"] = steps
             return summary
         finally:
             self.close()
+
+    def _check_progress(self, step: int, metrics: dict[str, float]) -> None:
+        """Stop after ``trainer.max_skipped_steps`` consecutive steps without a policy update, naming why."""
+        if metrics["optimizer_steps"] > 0:
+            self._skipped_in_a_row = 0
+            return
+        self._skipped_in_a_row += 1
+        diverged = [f"critic-{key.rsplit('_', 1)[1]} (|V| up to {metrics[key.replace('diverged', 'value_absmax')]:.3g})"
+                    for key, value in metrics.items() if key.startswith("diverged_critic_") and value]
+        reason = (f"{', '.join(diverged)} diverged (values far beyond the rewards' range); lower critics.lr"
+                  if diverged else "the policy loss or gradient was not finite")
+        log.warning("step %d: no policy update (%s)", step, reason)
+        limit = self.cfg.trainer.max_skipped_steps
+        if self._skipped_in_a_row >= limit:
+            raise JobFailed(f"step {step}: no policy update for {limit} steps in a row (trainer.max_skipped_steps): "
+                            f"{reason}{self._resume_hint()}")
 
     def train_step(self, step: int, problems, rollout_refs, launched_at: float) -> dict[str, float]:
         """One step (docs/architecture.md, "One training step"): collect the rollout, score it, train, sync."""
@@ -257,6 +354,7 @@ class Trainer:
         sync_stats, logp_diff = self._sync_weights(step, batch, update_stats, timings)
         metrics = step_metrics(batch, outputs, old_stats, adv_stats, update_stats, sync_stats, critic_stats,
                                logp_diff, timings)
+        metrics["weight_sync_check_tolerance"] = self.cfg.weight_sync.check_tolerance
         metrics["time_step"] = time.perf_counter() - step_start
         return metrics
 
@@ -269,7 +367,7 @@ class Trainer:
         phase = time.perf_counter()
         old_refs = self.learners.call("compute_old", batch_ref)
         value_refs = self.critics.call("values", batch_ref) if self.critics else []
-        prepared = [learner.prepare.options(num_returns=2).remote(*value_refs) for learner in self.learners]
+        prepared = [learner.prepare.options(num_returns=2).remote(step, *value_refs) for learner in self.learners]
         old_stats = self._get(old_refs[0], f"step {step}: old log-probs")
         timings["time_old_logprobs"] = time.perf_counter() - phase
         self._get(value_refs, f"step {step}: critic values")
@@ -297,8 +395,10 @@ class Trainer:
     def _sync_weights(self, step: int, batch, update_stats: dict[str, float], timings: dict[str, float]):
         """Broadcast the new weights, then check that every rollout engine now assigns the learner's log-probs."""
         phase = time.perf_counter()
-        sync_stats = self._get(self.learners.call("broadcast_weights"), f"step {step}: weight broadcast")[0]
-        self.version = int(update_stats["policy_version"])
+        sync_stats = {}
+        if int(update_stats["policy_version"]) != self.version:  # a skipped update leaves nothing new to send
+            sync_stats = self._get(self.learners.call("broadcast_weights"), f"step {step}: weight broadcast")[0]
+            self.version = int(update_stats["policy_version"])
         logp_diff = self.check_rollout_weights(batch)
         timings["time_weight_sync"] = time.perf_counter() - phase
         return sync_stats, logp_diff
@@ -312,18 +412,10 @@ class Trainer:
         learner_logps = self._get(self.learners[0].probe_logprobs.remote(probe), "weight check on the learner")
         worker_logps = self._get(self.rollout_workers.call("prompt_logprobs", probe),
                                  "weight check on the rollout workers")
-        reference = np.concatenate([np.asarray(x) for x in learner_logps])
-        tolerance = self.cfg.weight_sync.check_tolerance
-        worst = 0.0
-        for index, logps in enumerate(worker_logps):
-            diff = float(np.abs(np.concatenate([np.asarray(x) for x in logps]) - reference).mean())
-            if diff > tolerance:
-                raise JobFailed(
-                    f"rollout-{index} disagrees with the learner after the weight broadcast: mean |Δlogp| = "
-                    f"{diff:.3g} > weight_sync.check_tolerance={tolerance}"
-                )
-            worst = max(worst, diff)
-        return worst
+        try:
+            return probe_mismatch(learner_logps, worker_logps, self.cfg.weight_sync.check_tolerance)
+        except WeightSyncError as exc:
+            raise JobFailed(f"{exc}{self._resume_hint()}") from None
 
     def evaluate(self, step: int) -> float:
         """Held-out accuracy at the training temperature, one sample per problem.
@@ -346,11 +438,16 @@ class Trainer:
         self._get(refs, f"step {step}: checkpoint")
         # No global RNG state is saved because none is used: every random draw (prompt order, sampling seeds,
         # mini-batch shuffles, response shards) is keyed by (trainer.seed, step).
-        state = {"step": step, "version": self.version, "sampler": self.sampler.state_dict()}
+        state = {"step": step, "version": self.version, "sampler": self._sampler_after_launch[step],
+                 "base_accuracy": self.base_accuracy}
+        self._sampler_after_launch = {s: v for s, v in self._sampler_after_launch.items() if s > step}
         return self.checkpoints.commit(step, state)
 
     def close(self) -> None:
         """Release everything this job holds; safe to call more than once and on a half-built trainer."""
+        stop_signals = getattr(self, "stop_signals", None)
+        if stop_signals is not None:
+            stop_signals.restore()
         sink, self.sink = getattr(self, "sink", None), None
         if sink is not None:
             sink.close()

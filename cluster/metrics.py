@@ -24,7 +24,9 @@ def required_metric_keys(cfg: JobConfig) -> list[str]:
         "reward_mean", "accuracy", "response_length", "policy_loss", "clip_frac", "erc_kept_frac",
         "adv_mask_frac", "entropy_filter_frac", "entropy_mean", "approx_kl", "grad_norm",
         "rollout_tokens_per_s", "learner_tokens_per_s", "weight_sync_seconds", "weight_sync_logp_diff",
-        "skipped_steps", *(f"time_{phase}" for phase in PHASES),
+        "weight_sync_check_tolerance", "skipped_steps", *(f"time_{phase}" for phase in PHASES),
+        "offpolicy_logp_abs_diff", "offpolicy_kl", "offpolicy_capped_frac", "offpolicy_ratio_p01",
+        "offpolicy_ratio_p50", "offpolicy_ratio_p99", "offpolicy_ratio_max",
     ]
     num_critics = cfg.critics.num_critics
     if num_critics:
@@ -41,13 +43,22 @@ def _wandb_mode(requested: str) -> str:
 
 
 class MetricsSink:
-    """Writes each step's metrics to every configured destination; JSONL is always on."""
+    """Writes each step's metrics to every configured destination; JSONL is always on.
+
+    A resumed run (``start_step`` > 0) continues from its checkpoint: ``metrics.jsonl`` and ``eval.jsonl`` are first
+    cut back to the lines before ``start_step`` (the steps after the checkpoint are run again), and W&B gets a new
+    run in the same group (``trainer.name``), since a W&B run's steps may only go forward.
+    """
 
     def __init__(self, cfg: JobConfig, run_path: Path, *, resumed: bool, total_steps: int, start_step: int):
         self.cfg = cfg
         self.jsonl_path = run_path / "metrics.jsonl"
+        self.eval_path = run_path / "eval.jsonl"
+        if resumed:
+            for path in (self.jsonl_path, self.eval_path):
+                keep_steps_before(path, start_step)
         self._jsonl = self.jsonl_path.open("a" if resumed else "w", encoding="utf-8")
-        self._eval_jsonl = (run_path / "eval.jsonl").open("a" if resumed else "w", encoding="utf-8")
+        self._eval_jsonl = self.eval_path.open("a" if resumed else "w", encoding="utf-8")
         self._wandb = None
         self._gauges: dict[str, Any] = {}
         self._progress = None
@@ -55,9 +66,10 @@ class MetricsSink:
         if mode != "disabled":
             import wandb
 
+            name = cfg.trainer.name if not resumed else f"{cfg.trainer.name}-from-step-{start_step}"
             self._wandb = wandb.init(
-                project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity, name=cfg.trainer.name,
-                id=_wandb_run_id(run_path), resume="allow", dir=str(run_path), mode=mode,
+                project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity, name=name,
+                group=cfg.trainer.name, id=_new_wandb_run_id(run_path), dir=str(run_path), mode=mode,
                 config=cfg.model_dump(mode="json"),
             )
         if cfg.logging.console:
@@ -112,14 +124,32 @@ class MetricsSink:
         self._eval_jsonl.close()
 
 
-def _wandb_run_id(run_path: Path) -> str:
-    """A stable W&B id per run directory, so that --resume continues the same W&B run."""
-    id_file = run_path / "wandb_run_id"
-    if id_file.exists():
-        return id_file.read_text().strip()
+def _new_wandb_run_id(run_path: Path) -> str:
+    """A fresh W&B run id, appended to ``wandb_runs`` in the run directory (one line per start of the run)."""
     run_id = uuid.uuid4().hex[:12]
-    id_file.write_text(run_id)
+    with (run_path / "wandb_runs").open("a", encoding="utf-8") as handle:
+        handle.write(run_id + "\n")
     return run_id
+
+
+def keep_steps_before(path: Path, step: int) -> None:
+    """Rewrite the JSONL file ``path`` (if any) without its lines of ``step`` and later; atomic (tmp + rename)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by the crash that the resume recovers from
+        if record["step"] < step:
+            kept.append(record)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(record, allow_nan=True) + "\n" for record in kept)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

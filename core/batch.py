@@ -14,7 +14,9 @@ from dataclasses import dataclass, fields
 import torch
 
 from asyppo.core.advantages import ensemble_values, gae, grpo_advantages, place_outcome_rewards, whiten
-from asyppo.core.disagreement import agreement_mask, critic_std, divergence_mask, std_quantiles
+from asyppo.core.disagreement import (
+    agreement_mask, carries_information, critic_std, divergence_mask, std_quantiles,
+)
 
 
 @dataclass
@@ -145,11 +147,13 @@ def compute_advantages(
     ensemble: str = "mean",
     adv_mask_fraction: float = 0.0,
     entropy_filter_fraction: float = 0.0,
+    tie_seed: int | None = None,
 ) -> AdvantageResult:
     """Advantages, returns and the AsyPPO masks for one rollout batch (docs/algorithms.md §3, §4).
 
     ``values`` is ``[M, N, T]`` (every critic on every token, computed before this step's critic update) or None
-    for ``grpo``. Masks need M ≥ 2 and are None when their fraction is 0.
+    for ``grpo``. Masks need M ≥ 2 and are None when their fraction is 0, and both step aside (None,
+    ``masks_skipped = 1``) while σ is the same on every token. ``tie_seed`` orders tokens of equal σ.
     """
     mask = batch.response_mask
     stats: dict[str, float] = {}
@@ -169,10 +173,12 @@ def compute_advantages(
         if values.shape[0] >= 2:
             std = critic_std(values)
             stats.update({f"sigma_{key}": value for key, value in std_quantiles(std, mask).items()})
-            if adv_mask_fraction > 0:
-                adv_mask = agreement_mask(std, mask, adv_mask_fraction)
-            if entropy_filter_fraction > 0:
-                entropy_filter = divergence_mask(std, mask, entropy_filter_fraction)
+            informative = carries_information(std, mask)
+            stats["masks_skipped"] = 0.0 if informative else 1.0
+            if adv_mask_fraction > 0 and informative:
+                adv_mask = agreement_mask(std, mask, adv_mask_fraction, tie_seed)
+            if entropy_filter_fraction > 0 and informative:
+                entropy_filter = divergence_mask(std, mask, entropy_filter_fraction, tie_seed)
     else:
         raise ValueError(f"unknown estimator {estimator!r}")
 

@@ -2,11 +2,11 @@
 
 Pure PyTorch, no Ray. Ranking is global over every valid response token of the rollout batch.
 
-Tie-breaking: all valid tokens are put in ONE total order, ascending by ``(σ, flat index)`` where the flat
-index is ``row * T + column``. The advantage mask zeroes a prefix of that order (lowest σ; among equal σ the
-lower index goes first) and the entropy filter zeroes a suffix of it (highest σ; among equal σ the *higher*
-index goes first). Using one order for both makes the two selections disjoint whenever ``k + h <= 1``, even
-when every σ is equal.
+Tie-breaking: all valid tokens are put in ONE total order, ascending by ``(σ, tie key)``. The tie key is a random
+permutation of the valid tokens drawn from ``tie_seed`` (the learner passes one per seed and step), or the flat
+index ``row * T + column`` when ``tie_seed`` is None. The advantage mask zeroes a prefix of that order (lowest σ)
+and the entropy filter a suffix of it (highest σ). Both masks of one batch use the same ``tie_seed``, so the one
+order makes the two selections disjoint whenever ``k + h <= 1``, even when every σ is equal.
 
 Padding positions get mask value 1 in both masks: the masks multiply a loss term that the response mask
 already removes there, and 1 is the neutral element.
@@ -19,7 +19,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["agreement_mask", "critic_std", "divergence_mask", "std_quantiles"]
+__all__ = ["agreement_mask", "carries_information", "critic_std", "divergence_mask", "std_quantiles"]
 
 
 def _check_std_and_mask(std: torch.Tensor, mask: torch.Tensor, caller: str) -> torch.Tensor:
@@ -53,19 +53,31 @@ def critic_std(values: torch.Tensor) -> torch.Tensor:
     return values.detach().float().std(dim=0, unbiased=False)
 
 
-def _ascending_valid_order(std: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Flat indices of valid tokens sorted ascending by (σ, flat index)."""
+def _ascending_valid_order(std: torch.Tensor, valid: torch.Tensor, tie_seed: int | None) -> torch.Tensor:
+    """Flat indices of valid tokens sorted ascending by (σ, tie key) (module docstring)."""
     valid_flat_indices = torch.nonzero(valid.flatten()).flatten()
+    if tie_seed is not None:
+        generator = torch.Generator().manual_seed(tie_seed)
+        shuffle = torch.randperm(len(valid_flat_indices), generator=generator).to(valid_flat_indices.device)
+        valid_flat_indices = valid_flat_indices[shuffle]
     valid_std = std.detach().flatten()[valid_flat_indices]
-    # A stable sort keeps the ascending flat-index order among equal σ.
+    # A stable sort keeps the tie-key order among equal σ.
     order = torch.sort(valid_std, stable=True).indices
     return valid_flat_indices[order]
 
 
+def carries_information(std: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether σ ranks anything: False when every valid token has the same σ (e.g. 0 while the critics' heads are
+    still at their zero initialisation), where a mask would depend only on the tie key."""
+    valid = _check_std_and_mask(std, mask, "carries_information")
+    values = std[valid]
+    return bool(values.numel() > 0 and values.max() > values.min())
+
+
 @torch.no_grad()
-def agreement_mask(std: torch.Tensor, mask: torch.Tensor, k: float) -> torch.Tensor:
+def agreement_mask(std: torch.Tensor, mask: torch.Tensor, k: float, tie_seed: int | None = None) -> torch.Tensor:
     """Advantage mask ``I^A`` (docs/algorithms.md §4): 0 on the ``floor(k · num_valid)`` valid tokens with the
-    lowest σ (the critics agree), 1 elsewhere, padding included. Ties: lower flat index first.
+    lowest σ (the critics agree), 1 elsewhere, padding included. Ties: earlier tie key first.
 
     Returns:
         float32 ``[N, T]``.
@@ -76,15 +88,15 @@ def agreement_mask(std: torch.Tensor, mask: torch.Tensor, k: float) -> torch.Ten
     count = math.floor(k * num_valid)
     result = torch.ones(std.numel(), dtype=torch.float32, device=std.device)
     if count > 0:
-        result[_ascending_valid_order(std, valid)[:count]] = 0.0
+        result[_ascending_valid_order(std, valid, tie_seed)[:count]] = 0.0
     return result.view(std.shape)
 
 
 @torch.no_grad()
-def divergence_mask(std: torch.Tensor, mask: torch.Tensor, h: float) -> torch.Tensor:
+def divergence_mask(std: torch.Tensor, mask: torch.Tensor, h: float, tie_seed: int | None = None) -> torch.Tensor:
     """Entropy filter ``I^H`` (docs/algorithms.md §4): 0 on the ``floor(h · num_valid)`` valid tokens with the
-    highest σ (the critics diverge), 1 elsewhere, padding included. Ties: higher flat index first (the
-    reverse of :func:`agreement_mask`'s order, see the module docstring).
+    highest σ (the critics diverge), 1 elsewhere, padding included. Ties: later tie key first (the reverse of
+    :func:`agreement_mask`'s order, see the module docstring).
 
     Returns:
         float32 ``[N, T]``.
@@ -95,7 +107,7 @@ def divergence_mask(std: torch.Tensor, mask: torch.Tensor, h: float) -> torch.Te
     count = math.floor(h * num_valid)
     result = torch.ones(std.numel(), dtype=torch.float32, device=std.device)
     if count > 0:
-        result[_ascending_valid_order(std, valid)[num_valid - count :]] = 0.0
+        result[_ascending_valid_order(std, valid, tie_seed)[num_valid - count :]] = 0.0
     return result.view(std.shape)
 
 

@@ -104,6 +104,7 @@ def policy_loss(
     dual_clip: float | None = None,
     clip_mode: str = "ppo",
     adv_mask: torch.Tensor | None = None,
+    behaviour_weight: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
     old_entropy: torch.Tensor | None = None,
     erc_band: tuple[float, float] | None = None,
@@ -112,17 +113,18 @@ def policy_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate with dual-clip, AsyPPO advantage mask and ERC (docs/algorithms.md §5), per token:
 
-    ``r = exp(clamp(logπ − logπ_old, −20, 20))``, ``pg1 = −A·r``,
+    ``r = exp(clamp(logπ − logπ_old, −20, 20))`` (``π_old`` is the proximal policy π_prox), ``pg1 = −A·r``,
     ``pg2 = −A·clip(r, 1−ε_low, 1+ε_high)`` (``clip_mode="ppo"``) or
     ``pg2 = −A·clamp(r, (1−ε_low)·r/sg(r), (1+ε_high)·r/sg(r))`` (``"gppo"``: same forward value, but the
     gradient in a clipped region stays ``(1±ε)·A·∇logπ`` instead of 0),
     ``ℓ = max(pg1, pg2)``; where ``A < 0`` and ``dual_clip`` is set: ``ℓ = min(ℓ, −A·c)``;
-    ``ℓ = I^A·ℓ``; ERC: ``ρ = (H + 1e-8)/(H_old + 1e-8)``, tokens outside the open band
+    ``ℓ = w·ℓ`` with the behaviour-policy weight ``w`` (§5a, ``asyppo.core.offpolicy.behaviour_weights``; None =
+    1); ``ℓ = I^A·ℓ``; ERC: ``ρ = (H + 1e-8)/(H_old + 1e-8)``, tokens outside the open band
     ``erc_band = (low, high)`` (e.g. ``(0.95, 1.05)``) keep their value but lose their gradient (``ℓ = sg(ℓ)``).
     The loss is ``aggregate(ℓ, mask, agg, denominator)``; masked-out tokens (``I^A = 0``) stay in the
     denominator.
 
-    ``old_logp``, ``advantages``, ``adv_mask`` and the entropies are constants of the objective and are
+    ``old_logp``, ``advantages``, ``adv_mask``, ``behaviour_weight`` and the entropies are constants of the objective and are
     detached. ``erc_band=None`` turns ERC off; with it on, ``entropy`` and ``old_entropy`` are required. The
     ranges of ε, c and the band are the config's to guarantee (``asyppo.cluster.config.AlgorithmConfig``).
 
@@ -134,7 +136,7 @@ def policy_loss(
     """
     _check_same_shape(
         "policy_loss", mask, logp=logp, old_logp=old_logp, advantages=advantages, adv_mask=adv_mask,
-        entropy=entropy, old_entropy=old_entropy,
+        behaviour_weight=behaviour_weight, entropy=entropy, old_entropy=old_entropy,
     )
 
     mask = mask.to(logp.dtype)
@@ -162,6 +164,8 @@ def policy_loss(
         dual_clip_active = (advantages < 0) & (per_token.detach() > dual_bound)
         per_token = torch.where(advantages < 0, torch.minimum(per_token, dual_bound), per_token)
 
+    if behaviour_weight is not None:
+        per_token = per_token * behaviour_weight.detach().to(per_token.dtype)
     if adv_mask is not None:
         per_token = per_token * adv_mask.detach().to(per_token.dtype)
 
@@ -215,8 +219,8 @@ def nll_loss(
     agg: str = "token-mean",
     denominator: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Negative log-likelihood of the selected responses (the optional ``α_nll`` term of docs/algorithms.md §5,
-    applied to responses whose reward equals the batch maximum).
+    """Negative log-likelihood of the selected responses (the optional ``α_nll`` term of docs/algorithms.md §5;
+    the learner selects the correct responses and passes their own denominator).
 
     Only tokens of rows with ``select[i] == True`` count. Default denominator: the number of valid tokens of
     the selected rows (``token-mean``) or the number of selected rows (``seq-mean-token-mean``). With no

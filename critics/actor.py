@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from asyppo.cluster.checkpoint import fsync_tree
 from asyppo.cluster.config import AlgorithmConfig, CriticsConfig
 from asyppo.cluster.deepspeed_engine import (
     accelerator_device, free_port, init_process_group, make_engine, optimizer_step,
@@ -116,6 +117,9 @@ class MiniCritic:
         target = Path(checkpoint_dir)
         self.engine.save_checkpoint(str(target / f"critic-{self.index}-state"), tag="state")
         self.engine.module.save_pretrained(str(target / f"critic-{self.index}"))
+        # On shared storage only the node that wrote a file can flush it; the driver's manifest comes after.
+        fsync_tree(target / f"critic-{self.index}-state")
+        fsync_tree(target / f"critic-{self.index}")
 
     def ping(self) -> int:
         return self.index

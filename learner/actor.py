@@ -15,18 +15,62 @@ from pathlib import Path
 
 import torch
 
+from asyppo.cluster.checkpoint import fsync_tree
 from asyppo.cluster.config import AlgorithmConfig, LearnerConfig, WeightSyncConfig
 from asyppo.cluster.deepspeed_engine import (
-    accelerator_device, full_parameters, init_process_group, make_engine, optimizer_step,
+    accelerator_device, all_ranks_sum, full_parameters, init_process_group, make_engine,
+    optimizer_step,
 )
 from asyppo.core.batch import AdvantageResult, RolloutBatch, compute_advantages
 from asyppo.core.logprobs import response_logprobs
 from asyppo.core.losses import entropy_bonus, nll_loss, policy_loss
+from asyppo.core.offpolicy import behaviour_weights
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "generation_config.json", "chat_template.jinja")
+
+
+# A critic value beyond this many times the largest |reward| of the batch means the critic diverged: with outcome
+# rewards and γ ≤ 1 every return lies within the rewards' range.
+VALUE_LIMIT = 1e4
+
+# Losses whose micro-batch values carry the mini-batch denominator: they add up to the mini-batch loss.
+ADDITIVE_STATS = ("policy_loss", "pg_loss", "entropy_bonus", "nll_loss")
+
+
+class StepTotals:
+    """The update's statistics: additive losses summed per mini-batch, the rest weighted by valid tokens."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.tokens = 0.0
+        self.applied = 0
+        self.skipped = 0
+
+    def add_mini_batch(self, micro_stats: list[dict[str, float]]) -> None:
+        self.applied += 1
+        for stats in micro_stats:
+            tokens = stats["tokens"]
+            self.tokens += tokens
+            for key, value in stats.items():
+                if key != "tokens":
+                    weight = 1.0 if key in ADDITIVE_STATS else tokens
+                    self.sums[key] = self.sums.get(key, 0.0) + value * weight
+
+    def across_ranks(self) -> dict[str, float]:
+        """Totals of every rank (a collective: every rank calls it), as the step's statistics."""
+        keys = sorted(self.sums)
+        summed = all_ranks_sum([self.sums[key] for key in keys] + [self.tokens])
+        tokens = summed[-1]
+        result = {
+            key: value / self.applied if key in ADDITIVE_STATS else value / tokens
+            for key, value in zip(keys, summed) if self.applied and tokens
+        }
+        result.update({"optimizer_steps": float(self.applied), "skipped_steps": float(self.skipped),
+                       "tokens": tokens})
+        return result
 
 
 class Learner:
@@ -69,6 +113,8 @@ class Learner:
         self._batch: RolloutBatch | None = None
         self._old_logp: torch.Tensor | None = None
         self._old_entropy: torch.Tensor | None = None
+        self._behaviour_weight: torch.Tensor | None = None
+        self._skip_reason: str | None = None
         self._advantages: AdvantageResult | None = None
 
     # ---- per-step phases -------------------------------------------------------------------------------------
@@ -82,7 +128,8 @@ class Learner:
         )
 
     def compute_old(self, batch: RolloutBatch) -> dict[str, float]:
-        """logπ_old and H_old for every response token, no graph, in micro-batches (docs/algorithms.md §5)."""
+        """logπ_prox and H_old for every response token, no graph, in micro-batches (docs/algorithms.md §5), and
+        the behaviour-policy weights that correct the engine's sampling policy μ to π_prox (§5a)."""
         start = time.perf_counter()
         self._batch = batch
         logps, entropies = [], []
@@ -94,69 +141,85 @@ class Learner:
                 entropies.append(entropy.float().cpu())
         self._old_logp, self._old_entropy = torch.cat(logps), torch.cat(entropies)
         mask = batch.response_mask
-        valid = mask.sum().clamp(min=1)
+        self._behaviour_weight, mismatch = behaviour_weights(
+            self._old_logp, batch.rollout_logprobs, mask, mode=self.algorithm.off_policy_correction,
+            cap=self.algorithm.off_policy_cap,
+        )
         return {
-            "entropy_mean": float((self._old_entropy * mask).sum() / valid),
-            # The rollout engine sampled with the weights of batch.weight_version; with max_staleness 0 that is the
-            # learner's current version, so this gap is numerical noise; otherwise it measures the staleness.
-            "rollout_learner_logp_gap": float(((batch.rollout_logprobs - self._old_logp).abs() * mask).sum() / valid),
+            "entropy_mean": float((self._old_entropy * mask).sum() / mask.sum().clamp(min=1)),
+            **mismatch,
             "time_old_logprobs": time.perf_counter() - start,
         }
 
-    def prepare(self, *values: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Ensemble values → σ, masks, advantages and returns; returns (critic targets, stats) (§3, §4)."""
+    def prepare(self, step: int, *values: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Ensemble values → σ, masks, advantages and returns; returns (critic targets, stats) (§3, §4).
+
+        A diverged critic (values not finite, or beyond ``VALUE_LIMIT`` times the largest |reward|) leaves this step
+        without a policy update (``update`` skips it): its advantages would be NaN or, once whitening overflows,
+        all 0, and the policy would train on the entropy bonus alone. The stats name the critic.
+        """
         if self._batch is None:
             raise RuntimeError("prepare() before compute_old(): the learner has no rollout batch")
+        self._skip_reason = None
         stacked = torch.stack([v.float() for v in values]) if values else None
-        alg = self.algorithm
-        valid = self._batch.response_mask > 0
-        if stacked is not None and not bool(torch.isfinite(stacked[:, valid]).all()):
-            # A diverged critic: NaN advantages and returns make every loss of this step non-finite, so the
-            # learner and the critics all skip it (weights untouched) and the metrics show skipped_steps.
-            log.warning("critic values are not finite; this step's updates are skipped")
-            nan = torch.full_like(self._batch.response_mask, float("nan"))
-            self._advantages = AdvantageResult(nan, nan, None, None, {"nonfinite_values": 1.0})
-            return nan, self._advantages.stats
+        alg, batch = self.algorithm, self._batch
+        stats: dict[str, float] = {}
+        if stacked is not None:
+            valid = batch.response_mask > 0
+            limit = VALUE_LIMIT * max(1.0, float(batch.scores.abs().max()))
+            absmax = [float(v[valid].abs().max()) if bool(valid.any()) else 0.0 for v in stacked]
+            stats.update({f"value_absmax_critic_{m}": value for m, value in enumerate(absmax)})
+            diverged = [m for m, value in enumerate(absmax) if not value <= limit]
+            stats.update({f"diverged_critic_{m}": float(m in diverged) for m in range(len(absmax))})
+            if diverged:
+                self._skip_reason = ", ".join(f"critic-{m} values reach {absmax[m]:.3g}" for m in diverged)
+                log.warning("step %d: %s (limit %.3g): no policy update this step", step, self._skip_reason, limit)
+                nan = torch.full_like(batch.response_mask, float("nan"))
+                self._advantages = AdvantageResult(nan, nan, None, None, stats)
+                return nan, stats
         self._advantages = compute_advantages(
-            self._batch, stacked, estimator=alg.estimator, gamma=alg.gamma, lam=alg.lam, ensemble=alg.ensemble,
+            batch, stacked, estimator=alg.estimator, gamma=alg.gamma, lam=alg.lam, ensemble=alg.ensemble,
             adv_mask_fraction=alg.adv_mask_fraction, entropy_filter_fraction=alg.entropy_filter_fraction,
+            tie_seed=self.seed * 1_000_003 + step,
         )
+        self._advantages.stats.update(stats)
         return self._advantages.returns, self._advantages.stats
 
     def update(self, step: int) -> dict[str, float]:
-        """PPO epochs over shuffled mini-batches with the masks, the entropy filter and ERC (§5)."""
+        """PPO epochs over shuffled mini-batches with the masks, the entropy filter and ERC (§5).
+
+        Losses are reported at their true scale: the sum of a mini-batch's micro-batch losses over every rank (the
+        mini-batch loss), averaged over the applied optimizer steps; fractions are token-weighted means.
+        """
         if self._advantages is None or self._batch is None:
             raise RuntimeError("update() before prepare(): nothing to train on")
         start = time.perf_counter()
         lrn = self.config
+        if self._skip_reason is not None:  # the same on every rank: they all saw the same values
+            minis = lrn.epochs * (self._batch.num_sequences // lrn.mini_batch_size)
+            return {"optimizer_steps": 0.0, "skipped_steps": float(minis), "grad_norm": float("nan"),
+                    "learner_tokens_per_s": 0.0, "time_update": time.perf_counter() - start,
+                    "policy_version": float(self.version)}
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         self.engine.module.train()
-        totals: dict[str, float] = {}
-        micro_count = applied = skipped = tokens = 0
+        totals = StepTotals()
         grad_norms: list[float] = []
         for _ in range(lrn.epochs):
             order = torch.randperm(self._batch.num_sequences, generator=generator)
             for mini in order.split(lrn.mini_batch_size):
-                finite, micro_stats, mini_tokens = self.accumulate_gradients(mini)
-                for stats in micro_stats:
-                    for key, value in stats.items():
-                        totals[key] = totals.get(key, 0.0) + value
-                micro_count += len(micro_stats)
-                tokens += mini_tokens
+                finite, micro_stats, _ = self.accumulate_gradients(mini)
                 stepped, grad_norm = optimizer_step(self.engine, finite)
                 if stepped:
-                    applied += 1
+                    totals.add_mini_batch(micro_stats)
                     grad_norms.append(grad_norm)
                 else:
-                    skipped += 1
-        self.version += 1 if applied else 0
+                    totals.skipped += 1
+        self.version += 1 if totals.applied else 0
         seconds = time.perf_counter() - start
-        result = {key: value / max(micro_count, 1) for key, value in totals.items()}
+        result = totals.across_ranks()
         result.update({
-            "optimizer_steps": float(applied),
-            "skipped_steps": float(skipped),
             "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
-            "learner_tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+            "learner_tokens_per_s": result.pop("tokens") / seconds if seconds > 0 else 0.0,
             "time_update": seconds,
             "policy_version": float(self.version),
         })
@@ -166,23 +229,31 @@ class Learner:
         """Backward over this rank's micro-batches of one mini-batch; returns (all losses finite, stats, tokens).
 
         Each micro-batch loss is normalised by the whole mini-batch's denominator, so the accumulated gradient
-        equals the gradient of one big batch under either aggregation (§5).
+        equals the gradient of one big batch under either aggregation (§5). Every rank runs forward and backward on
+        all of its micro-batches even after a non-finite loss, so ZeRO's gathers and reductions stay in step across
+        ranks; the ranks then agree in ``optimizer_step`` to drop the mini-batch.
         """
         batch = self._batch
         mini_mask = batch.response_mask[mini]
-        denominator = float(mini_mask.sum()) if self.algorithm.agg == "token-mean" else float(len(mini))
-        all_stats, tokens = [], 0
+        correct_rows = batch.correct[mini]
+        denominators = {
+            "policy": float(mini_mask.sum()) if self.algorithm.agg == "token-mean" else float(len(mini)),
+            # The NLL term averages over the correct responses of the mini-batch only (§5).
+            "nll": float(mini_mask[correct_rows].sum()) if self.algorithm.agg == "token-mean"
+            else float(correct_rows.sum()),
+        }
+        all_stats, tokens, finite = [], 0, True
         for micro in mini.split(self.config.micro_batch_size)[self.rank::self.world_size]:
-            loss, stats = self._micro_loss(micro, denominator)
-            if not torch.isfinite(loss):
-                return False, all_stats, tokens
+            loss, stats = self._micro_loss(micro, denominators)
+            finite = finite and bool(torch.isfinite(loss))
             # DeepSpeed averages gradients over ranks; the loss already carries the global denominator.
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            stats["tokens"] = float(batch.response_mask[micro].sum())
             all_stats.append(stats)
-            tokens += int(batch.response_mask[micro].sum())
-        return True, all_stats, tokens
+            tokens += int(stats["tokens"])
+        return finite, all_stats, tokens
 
-    def _micro_loss(self, rows: torch.Tensor, denominator: float) -> tuple[torch.Tensor, dict[str, float]]:
+    def _micro_loss(self, rows: torch.Tensor, denominators: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
         alg = self.algorithm
         adv = self._advantages
         micro_batch = self._batch.rows(rows)
@@ -198,17 +269,21 @@ class Learner:
         loss, stats = policy_loss(
             logp, pick(self._old_logp), pick(adv.advantages), mask, clip_low=alg.clip_low,
             clip_high=alg.clip_high, dual_clip=alg.dual_clip, clip_mode=alg.clip_mode, adv_mask=pick(adv.adv_mask),
+            behaviour_weight=pick(self._behaviour_weight),
             entropy=entropy if use_entropy else None, old_entropy=pick(self._old_entropy) if use_entropy else None,
-            erc_band=alg.erc_band, agg=alg.agg, denominator=denominator,
+            erc_band=alg.erc_band, agg=alg.agg, denominator=denominators["policy"],
         )
         stats = dict(stats)
         if alg.entropy_coef > 0:
-            bonus = entropy_bonus(entropy, mask, pick(adv.entropy_filter), agg=alg.agg, denominator=denominator)
+            bonus = entropy_bonus(entropy, mask, pick(adv.entropy_filter), agg=alg.agg,
+                                  denominator=denominators["policy"])
             loss = loss - alg.entropy_coef * bonus
             stats["entropy_bonus"] = float(bonus.detach())
-        if alg.nll_coef > 0:
-            best = (micro_batch.scores >= self._batch.scores.max()).to(self.device)
-            loss = loss + alg.nll_coef * nll_loss(logp, mask, best, agg=alg.agg, denominator=denominator)
+        if alg.nll_coef > 0 and denominators["nll"] > 0:
+            nll = nll_loss(logp, mask, micro_batch.correct.to(self.device), agg=alg.agg,
+                           denominator=denominators["nll"])
+            loss = loss + alg.nll_coef * nll
+            stats["nll_loss"] = float(nll.detach())
         stats["policy_loss"] = float(loss.detach())
         return loss, stats
 
@@ -273,6 +348,10 @@ class Learner:
                     source = Path(self.policy_path) / name
                     if source.exists():
                         shutil.copy2(source, target / "policy" / name)
+        # On shared storage only the node that wrote a file can flush it; the driver's manifest comes after.
+        fsync_tree(target / "policy_state")
+        if self.rank == 0:
+            fsync_tree(target / "policy")
 
     def set_version(self, version: int) -> None:
         self.version = version

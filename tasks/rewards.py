@@ -12,11 +12,11 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from asyppo.tasks.registry import TASKS
 
-__all__ = ["RewardFunction", "overlong_penalty"]
+__all__ = ["Reward", "RewardFunction", "overlong_penalty"]
 
 
 def _as_int(name: str, value: Any) -> int:
@@ -51,6 +51,13 @@ def overlong_penalty(length: int, max_length: int, buffer: int, factor: float) -
         raise ValueError(f"overlong_penalty: factor must be finite and >= 0, got {factor!r}")
     expected = max_length - buffer
     return min(-(length - expected) / buffer * factor, 0.0)
+
+
+class Reward(NamedTuple):
+    """The score of one response and whether its task's verifier accepted it (logged as accuracy)."""
+
+    score: float
+    correct: bool
 
 
 @dataclass(frozen=True)
@@ -92,14 +99,11 @@ class RewardFunction:
     def overlong_enabled(self) -> bool:
         return self.max_length is not None
 
-    def is_correct(self, response_text: str, answer: str) -> bool:
-        """Whether the verifier of ``task`` accepts the response (logged as accuracy, apart from the reward)."""
-        return TASKS[self.task].verify(response_text, answer)
-
-    def __call__(self, response_text: str, answer: str, *, response_length: int, truncated: bool) -> float:
-        """The scalar reward of one response of ``response_length`` tokens (docs/algorithms.md §1)."""
-        accepted = self.is_correct(response_text, answer) and not (truncated and self.truncated_is_wrong)
-        reward = float(self.correct if accepted else self.wrong)
+    def __call__(self, response_text: str, answer: str, *, response_length: int, truncated: bool) -> Reward:
+        """The reward of one response of ``response_length`` tokens (docs/algorithms.md §1); the verifier runs once."""
+        correct = bool(TASKS[self.task].verify(response_text, answer))
+        accepted = correct and not (truncated and self.truncated_is_wrong)
+        score = float(self.correct if accepted else self.wrong)
         if self.overlong_enabled:
-            reward += overlong_penalty(response_length, self.max_length, self.buffer, self.factor)
-        return reward
+            score += overlong_penalty(response_length, self.max_length, self.buffer, self.factor)
+        return Reward(score, correct)

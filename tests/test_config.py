@@ -94,6 +94,11 @@ def test_override_values_are_parsed_as_yaml():
     (["learner.num_gpus=2", "learner.micro_batch_size=64"], "learner.micro_batch_size", "×2"),
     (["critics.gpus_per_critic=1.5"], "critics.gpus_per_critic", "whole number"),
     (["weight_sync.backend=nccl"], "weight_sync.backend", "nccl needs GPUs"),
+    (["rollout.top_p=0.9"], "rollout.top_p", "renormalised over the nucleus"),
+    (["algorithm.off_policy_cap=1.0"], "algorithm.off_policy_cap", "greater than 1"),
+    (["algorithm.off_policy_correction=clip"], "algorithm.off_policy_correction", "'token-truncate'"),
+    (["trainer.name=../elsewhere"], "trainer.name", "must be a plain name"),
+    (["trainer.name=a/b"], "trainer.name", "not a path"),
     (["preset=nope"], "preset", "unknown preset"),
     (["novalue"], "novalue", "dotted.key=value"),
 ])
@@ -103,6 +108,20 @@ def test_bad_values_report_field_path_and_reason(overrides, path, fragment):
     assert matching, f"no problem reported at {path}: {problems}"
     assert any(fragment in reason for reason in matching), matching
     assert f"{path}: " in message
+
+
+def test_top_p_below_one_is_allowed_without_off_policy_correction():
+    cfg = build_config(overrides=["rollout.top_p=0.9", "algorithm.off_policy_correction=none"])
+    assert cfg.rollout.top_p == 0.9
+    assert build_config().algorithm.off_policy_correction == "token-truncate"  # on by default
+
+
+def test_weight_check_tolerance_defaults_per_dtype_and_can_be_set():
+    assert build_config().weight_sync.check_tolerance == 1e-3
+    gpu = ["rollout.gpus_per_worker=1", "learner.num_gpus=1", "learner.micro_batch_size=64"]
+    assert build_config(overrides=[*gpu, "model.dtype=bfloat16"]).weight_sync.check_tolerance == 5e-2
+    assert build_config(overrides=[*gpu, "model.dtype=bfloat16",
+                                   "weight_sync.check_tolerance=0.02"]).weight_sync.check_tolerance == 0.02
 
 
 def test_all_problems_are_reported_at_once():

@@ -9,7 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asyppo.core.disagreement import agreement_mask, critic_std, divergence_mask, std_quantiles
+from asyppo.core.batch import collate_rollouts, compute_advantages
+from asyppo.core.disagreement import (
+    agreement_mask, carries_information, critic_std, divergence_mask, std_quantiles,
+)
 
 
 def test_critic_std_is_population_std():
@@ -112,6 +115,40 @@ def test_ties_broken_by_flat_index():
     assert agreement_mask(std, mask, 0.4).tolist() == [[0.0, 0.0, 1.0], [1.0, 1.0, 1.0]]
     # ... and the two highest flat indices for I^H.
     assert divergence_mask(std, mask, 0.4).tolist() == [[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]]
+
+
+def test_random_tie_break_is_keyed_by_seed_and_keeps_the_masks_disjoint():
+    # Half the tokens share σ = 0.5: which of them I^A takes depends only on the tie key.
+    std = torch.tensor([[0.5] * 8 + [0.1, 0.9] * 4] * 4)
+    mask = torch.ones_like(std)
+    low = agreement_mask(std, mask, 0.5, tie_seed=7)
+    high = divergence_mask(std, mask, 0.5, tie_seed=7)
+    # Every σ = 0.1 token goes first; the 16 other zeros are drawn among the 32 tied ones, not the lowest indices.
+    assert bool((low[std == 0.1] == 0).all()) and int((low[std == 0.5] == 0).sum()) == 16
+    assert low[std == 0.5].tolist() != sorted(low[std == 0.5].tolist())
+    assert not bool(((low == 0) & (high == 0)).any())  # one order for both: disjoint
+    assert torch.equal(agreement_mask(std, mask, 0.5, tie_seed=7), low)  # same key, same mask
+    assert not torch.equal(agreement_mask(std, mask, 0.5, tie_seed=8), low)
+
+
+def test_masks_step_aside_while_sigma_carries_no_information():
+    gen = torch.Generator().manual_seed(0)
+    n, t = 8, 5
+    mask = torch.ones(n, t)
+    batch = collate_rollouts([[1, 2]] * 2, torch.randint(3, 9, (n, t), generator=gen), mask, torch.zeros(n, t),
+                             torch.rand(n, generator=gen), torch.ones(n, dtype=torch.bool), ["a", "b"], 4,
+                             pad_id=0, weight_version=0)
+    kwargs = dict(estimator="asyppo", gamma=1.0, lam=1.0, adv_mask_fraction=0.2, entropy_filter_fraction=0.2,
+                  tie_seed=3)
+    zero_heads = torch.zeros(2, n, t)  # step 0: every critic head still at zero, σ = 0 everywhere
+    assert not carries_information(critic_std(zero_heads), mask)
+    result = compute_advantages(batch, zero_heads, **kwargs)
+    assert result.adv_mask is None and result.entropy_filter is None
+    assert result.stats["masks_skipped"] == 1.0 and result.stats["adv_mask_frac"] == 0.0
+    trained = torch.randn(2, n, t, generator=gen)
+    result = compute_advantages(batch, trained, **kwargs)
+    assert result.stats["masks_skipped"] == 0.0
+    assert result.stats["adv_mask_frac"] == pytest.approx(math.floor(0.2 * n * t) / (n * t))
 
 
 def test_masks_reject_bad_input():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import ray
 import torch
@@ -40,7 +42,7 @@ def test_two_ranks_split_the_work_and_agree_with_one_rank(local_ray, tiny_policy
     single = spawn(master_port=free_port())
     everyone = [*pair, single]
     ray.get([a.compute_old.remote(batch) for a in everyone])
-    ray.get([a.prepare.remote(*values) for a in everyone])
+    ray.get([a.prepare.remote(0, *values) for a in everyone])
 
     # Each rank backpropagates its half of the micro-batches; together they make the one-rank gradient.
     mini = torch.arange(8)
@@ -57,3 +59,48 @@ def test_two_ranks_split_the_work_and_agree_with_one_rank(local_ray, tiny_policy
     for name in snapshots[2]:
         torch.testing.assert_close(snapshots[0][name], snapshots[1][name], rtol=0, atol=0)
         torch.testing.assert_close(snapshots[0][name], snapshots[2][name], rtol=1e-3, atol=1e-4)
+
+
+class PoisonableLearner(Learner):
+    """The real learner, plus ways to make one rank's loss or gradient non-finite for the test (shipped to the
+    actor by value: the test module is not importable in Ray's workers)."""
+
+    def poison_loss(self) -> None:
+        self._old_logp[:] = float("nan")
+
+    def poison_gradient(self) -> None:
+        # The loss stays finite; the first parameter's gradient becomes NaN during backward.
+        next(self.engine.module.parameters()).register_hook(lambda grad: grad * float("nan"))
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("poison", ["poison_loss", "poison_gradient"])
+def test_a_bad_step_on_one_rank_is_skipped_by_every_rank(local_ray, tiny_policy_dir, zero_stage, poison):
+    cfg = build_config(overrides=[
+        "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4", "learner.mini_batch_size=8",
+        "learner.micro_batch_size=2", "learner.lr=1e-2", f"learner.zero_stage={zero_stage}",
+    ])
+    batch = make_batch()
+    values = [torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(m)) for m in range(2)]
+    port = free_port()
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    actor = ray.remote(PoisonableLearner).options(num_cpus=1)
+    pair = []
+    for rank in range(2):
+        args, kwargs = learner_arguments(cfg, tiny_policy_dir, rank=rank, world_size=2, master_port=port)
+        pair.append(actor.remote(*args, **kwargs))
+    ray.get([a.compute_old.remote(batch) for a in pair], timeout=300)
+    ray.get([a.prepare.remote(0, *values) for a in pair], timeout=60)
+    # Every rank takes part (ZeRO-3 gathers the parameters with a collective).
+    before = ray.get([a.parameters_snapshot.remote() for a in pair], timeout=60)[0]
+    ray.get(getattr(pair[1], poison).remote(), timeout=60)  # rank 1 only
+
+    stats = ray.get([a.update.remote(0) for a in pair], timeout=120)  # no rank waits for the other forever
+    for rank_stats in stats:
+        assert rank_stats["optimizer_steps"] == 0 and rank_stats["skipped_steps"] == 2
+        assert rank_stats["policy_version"] == 0
+    for snapshot in ray.get([a.parameters_snapshot.remote() for a in pair], timeout=60):
+        for name, tensor in before.items():
+            assert torch.equal(snapshot[name], tensor), name
+    for a in pair:
+        ray.kill(a)

@@ -70,7 +70,7 @@ def test_learner_update_changes_weights_and_reports_finite_stats(cfg, tiny_polic
     old = learner.compute_old(batch)
     assert old["entropy_mean"] > 0
     values = [torch.randn(batch.response_mask.shape) * batch.response_mask for _ in range(2)]
-    returns, adv_stats = learner.prepare(*values)
+    returns, adv_stats = learner.prepare(0, *values)
     assert returns.shape == batch.response_mask.shape
     valid = int(batch.response_mask.sum())
     # §4: the advantage mask zeroes exactly floor(k · valid) tokens.
@@ -83,17 +83,21 @@ def test_learner_update_changes_weights_and_reports_finite_stats(cfg, tiny_polic
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.parametrize("poison", ["old_logprobs", "critic_values"])
-def test_learner_skips_a_nan_step_and_leaves_weights_untouched(cfg, tiny_policy_dir, poison):
+@pytest.mark.parametrize("poison", ["old_logprobs", "nan_critic_values", "diverged_critic_values"])
+def test_learner_skips_a_bad_step_and_leaves_weights_untouched(cfg, tiny_policy_dir, poison):
     learner = make_learner(cfg, tiny_policy_dir)
     batch = make_batch(seed=1)
     learner.compute_old(batch)
     values = [torch.randn(batch.response_mask.shape) for _ in range(2)]
     if poison == "old_logprobs":
         learner._old_logp[:, 0] = float("nan")  # as a broken forward pass would produce
-    else:
+    elif poison == "nan_critic_values":
         values[1] = torch.full(batch.response_mask.shape, float("nan"))
-    returns, _ = learner.prepare(*values)
+    else:  # finite but absurd, as critics.lr=1e30 makes them: whitening overflows and every advantage becomes 0
+        values[1] = torch.full(batch.response_mask.shape, 1e31)
+    returns, prepared = learner.prepare(0, *values)
+    if poison != "old_logprobs":
+        assert prepared["diverged_critic_1"] == 1.0 and prepared["diverged_critic_0"] == 0.0
     before = params(learner.engine.module)
     optimizer_state_before = len(learner.engine.optimizer.state)
     stats = learner.update(step=0)
@@ -118,7 +122,7 @@ def test_micro_batch_accumulation_equals_one_big_batch(tiny_policy_dir, agg):
         batch.prompt_ids = batch.prompt_ids[:2]
         learner.compute_old(batch)
         learner._old_logp += 0.05 * torch.randn(learner._old_logp.shape, generator=torch.Generator().manual_seed(3))
-        learner.prepare(*[torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(m))
+        learner.prepare(0, *[torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(m))
                           for m in range(2)])
         learner.engine.zero_grad()
         finite, stats, tokens = learner.accumulate_gradients(torch.arange(8))
@@ -127,6 +131,53 @@ def test_micro_batch_accumulation_equals_one_big_batch(tiny_policy_dir, agg):
     for name in grads[0]:
         assert grads[0][name].abs().sum() > 0
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-7)
+
+
+def eight_row_learner(policy_dir, *overrides):
+    cfg = build_config(overrides=[
+        "rollout.prompts_per_step=2", "rollout.samples_per_prompt=4", "learner.mini_batch_size=8",
+        "algorithm.entropy_coef=0.01", *overrides,
+    ])
+    batch = make_batch().rows(list(range(8)))
+    batch.prompt_ids = batch.prompt_ids[:2]
+    return make_learner(cfg, policy_dir), batch
+
+
+def one_update(learner, batch):
+    learner.compute_old(batch)
+    learner.prepare(0, *[torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(m))
+                      for m in range(2)])
+    return learner.update(step=0)
+
+
+def test_logged_losses_are_the_mini_batch_loss_whatever_the_micro_batch(tiny_policy_dir):
+    """One mini-batch of 8 as 1 micro-batch or as 4: the logged losses and fractions are the same numbers."""
+    one, four = (one_update(*eight_row_learner(tiny_policy_dir, f"learner.micro_batch_size={micro}"))
+                 for micro in (8, 2))
+    for key in ("policy_loss", "pg_loss", "entropy_bonus", "clip_frac", "erc_kept_frac", "approx_kl", "ratio_mean"):
+        assert four[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
+    assert one["entropy_bonus"] > 0
+
+
+def test_nll_term_uses_the_correct_responses_with_their_own_denominator(tiny_policy_dir):
+    learner, batch = eight_row_learner(tiny_policy_dir, "learner.micro_batch_size=2", "algorithm.nll_coef=1.0")
+    batch.correct = torch.tensor([True, False, False, True, False, False, False, True])
+    batch.scores = batch.correct.float()
+    stats = one_update(learner, batch)
+    # At the first (only) mini-batch π_θ = π_prox: the NLL is the prox log-probs' mean over correct tokens.
+    mask = batch.response_mask[batch.correct]
+    expected = float(-(learner._old_logp[batch.correct] * mask).sum() / mask.sum())
+    assert stats["nll_loss"] == pytest.approx(expected, rel=1e-4)
+    assert stats["policy_loss"] == pytest.approx(
+        stats["pg_loss"] - 0.01 * stats["entropy_bonus"] + stats["nll_loss"], rel=1e-5
+    )
+    # An all-wrong batch has nothing to imitate (not "every response ties for the best score").
+    learner, batch = eight_row_learner(tiny_policy_dir, "learner.micro_batch_size=2", "algorithm.nll_coef=1.0")
+    batch.correct = torch.zeros(8, dtype=torch.bool)
+    batch.scores = torch.zeros(8)
+    stats = one_update(learner, batch)
+    assert "nll_loss" not in stats
+    assert stats["policy_loss"] == pytest.approx(stats["pg_loss"] - 0.01 * stats["entropy_bonus"], rel=1e-5)
 
 
 def test_critic_scores_every_token_and_trains_only_on_its_rows(cfg, tiny_critic_dir):

@@ -163,4 +163,4 @@ def test_adding_a_task_as_docs_tasks_md_shows(tmp_path):
                           reward("A, then C", "B", response_length=3, truncated=False)]))
     """)], cwd=tmp_path, capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(staged.parent)})
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == [1.0, 0.0]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [[1.0, True], [0.0, False]]

@@ -184,32 +184,32 @@ def test_overlong_penalty_accepts_numpy_and_torch_integers() -> None:
 
 def test_reward_function_scores_and_accuracy() -> None:
     reward = RewardFunction(task="arithmetic")
-    assert reward("82", "82", response_length=3, truncated=False) == 1.0
-    assert reward("81", "82", response_length=3, truncated=False) == 0.0
-    assert reward.is_correct("82", "82") and not reward.is_correct("81", "82")
+    assert reward("82", "82", response_length=3, truncated=False) == (1.0, True)
+    assert reward("81", "82", response_length=3, truncated=False) == (0.0, False)
 
     signed = RewardFunction(task="arithmetic", correct=1.0, wrong=-1.0)
-    assert signed("81", "82", response_length=3, truncated=False) == -1.0
+    assert signed("81", "82", response_length=3, truncated=False) == (-1.0, False)
 
 
 def test_reward_function_overlong_shaping_and_truncation() -> None:
     shaped = RewardFunction(task="arithmetic", max_length=20, buffer=4, factor=1.0)
-    assert shaped("82", "82", response_length=16, truncated=False) == pytest.approx(1.0)
-    assert shaped("82", "82", response_length=18, truncated=False) == pytest.approx(1.0 - 0.5)
-    assert shaped("81", "82", response_length=20, truncated=True) == pytest.approx(0.0 - 1.0)
+    assert shaped("82", "82", response_length=16, truncated=False).score == pytest.approx(1.0)
+    assert shaped("82", "82", response_length=18, truncated=False).score == pytest.approx(1.0 - 0.5)
+    assert shaped("81", "82", response_length=20, truncated=True).score == pytest.approx(0.0 - 1.0)
 
-    assert RewardFunction()("82", "82", response_length=3, truncated=True) == 1.0
+    assert RewardFunction()("82", "82", response_length=3, truncated=True) == (1.0, True)
     strict = RewardFunction(truncated_is_wrong=True)
-    assert strict("82", "82", response_length=3, truncated=True) == 0.0
-    assert strict("82", "82", response_length=3, truncated=False) == 1.0
+    # The verifier still accepts the text (accuracy), but a truncated response scores as wrong.
+    assert strict("82", "82", response_length=3, truncated=True) == (0.0, True)
+    assert strict("82", "82", response_length=3, truncated=False) == (1.0, True)
 
 
 def test_reward_function_math_task_and_pickling() -> None:
     reward = RewardFunction(task="math", correct=1.0, wrong=-1.0)
     restored = pickle.loads(pickle.dumps(reward))
     assert restored == reward
-    assert restored("\\boxed{0.5}", "\\frac{1}{2}", response_length=9, truncated=False) == 1.0
-    assert restored("\\boxed{0.6}", "\\frac{1}{2}", response_length=9, truncated=False) == -1.0
+    assert restored("\\boxed{0.5}", "\\frac{1}{2}", response_length=9, truncated=False) == (1.0, True)
+    assert restored("\\boxed{0.6}", "\\frac{1}{2}", response_length=9, truncated=False) == (-1.0, False)
 
 
 @pytest.mark.parametrize(
@@ -225,3 +225,28 @@ def test_reward_function_math_task_and_pickling() -> None:
 def test_reward_function_rejects_bad_configuration(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         RewardFunction(**kwargs)
+
+
+def test_each_response_is_verified_once_and_scored_with_its_correctness(monkeypatch) -> None:
+    from asyppo.actors.rollout import _Sample, score_samples
+    from asyppo.tasks.registry import TASKS, Task
+
+    verified = []
+
+    def counting_verify(response_text: str, answer: str) -> bool:
+        verified.append(response_text)
+        return response_text.strip() == answer
+
+    monkeypatch.setitem(TASKS, "counting", Task("counting", counting_verify))
+    reward = RewardFunction(task="counting", correct=1.0, wrong=-1.0)
+    texts = ["82", "81", "82", "7"]
+    samples = [_Sample(token_ids=[1, 2], logprobs=[-0.1, -0.2], text=t, truncated=False) for t in texts]
+    problems = [{"id": "a", "answer": "82"}, {"id": "b", "answer": "7"}]
+    scores, correct = score_samples(reward, problems, samples, n=2)
+    assert verified == texts  # the verifier ran once per response, in row order
+    assert correct.tolist() == [True, False, False, True]
+    assert scores.tolist() == [1.0, -1.0, -1.0, 1.0]
+    # A plain-number reward function counts score > 0 as correct; a non-finite score names the problem.
+    assert score_samples(lambda *a, **k: 0.5, problems, samples, n=2)[1].all()
+    with pytest.raises(ValueError, match="problem 'a'.*not a finite score"):
+        score_samples(lambda *a, **k: float("nan"), problems, samples, n=2)

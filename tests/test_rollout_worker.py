@@ -24,6 +24,7 @@ from asyppo.weight_sync.protocol import (
     check_incoming_version,
     check_names_against_checkpoint,
     pack_bucket,
+    probe_mismatch,
     unpack_bucket,
     validate_weight_plan,
 )
@@ -179,6 +180,18 @@ def test_malformed_plan_and_wrong_versions_rejected():
 
 
 # ---- generation --------------------------------------------------------------------------------------------------
+
+
+def test_weight_check_fails_on_a_gap_above_tolerance_or_a_nan():
+    learner = [[-1.0, -2.0], [-0.5]]
+    close = [[-1.0005, -2.0], [-0.5]]
+    assert probe_mismatch(learner, [learner, close], tolerance=1e-3) == pytest.approx(0.0005 / 3)
+    with pytest.raises(WeightSyncError, match="rollout-1 .* above weight_sync.check_tolerance=0.0001"):
+        probe_mismatch(learner, [learner, close], tolerance=1e-4)
+    with pytest.raises(WeightSyncError, match="rollout-0 .* nan"):
+        probe_mismatch(learner, [[[float("nan"), -2.0], [-0.5]]], tolerance=1e-3)
+    with pytest.raises(WeightSyncError, match="rollout-0 .* nan"):
+        probe_mismatch([[float("nan"), -2.0], [-0.5]], [learner], tolerance=1e-3)
 
 
 def test_generate_shapes_scores_and_layout(worker, tokenizer):

@@ -28,6 +28,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 PLAN_FORMAT = 1
@@ -242,3 +243,24 @@ def rejection_from_engine_error(err: Exception) -> WeightPlanRejected | None:
     if REJECTED_MARKER not in reason:
         return None
     return WeightPlanRejected(reason[reason.index(REJECTED_MARKER):].split("', please check the stack trace")[0])
+
+
+def probe_mismatch(learner_logps: list[list[float]], engine_logps: list[list[list[float]]], tolerance: float) -> float:
+    """The post-broadcast weight check: mean ``|Δ logπ|`` between the learner and each engine on the same probe
+    sequences; returns the worst engine's figure.
+
+    Raises:
+        WeightSyncError: naming the first engine (``rollout-<i>``) whose figure is above ``tolerance`` or not a
+            number (NaN weights on either side fail the check rather than pass it).
+    """
+    reference = np.concatenate([np.asarray(seq, dtype=np.float64) for seq in learner_logps])
+    worst = 0.0
+    for index, logps in enumerate(engine_logps):
+        diff = float(np.abs(np.concatenate([np.asarray(seq, dtype=np.float64) for seq in logps]) - reference).mean())
+        if not diff <= tolerance:
+            raise WeightSyncError(
+                f"rollout-{index} disagrees with the learner after the weight broadcast: mean |Δlogp| = {diff:.3g}, "
+                f"above weight_sync.check_tolerance={tolerance}"
+            )
+        worst = max(worst, diff)
+    return worst

@@ -1,0 +1,68 @@
+"""What the driver checks with the data, the tokenizers and the environment before any actor starts."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+
+from asyppo.cluster.config import ConfigError, build_config
+from asyppo.cluster.driver import Trainer, resolve_models
+from asyppo.cluster.preflight import answer_problems, tokenizer_problems, wandb_problems
+from asyppo.tasks.problems import Problem
+
+
+@pytest.fixture(scope="module")
+def builtin_policy_dir():
+    return resolve_models(build_config()).policy
+
+
+def test_every_problem_is_reported_before_any_actor_starts(tmp_path):
+    cfg = build_config(overrides=[
+        f"trainer.run_dir={tmp_path}", "rollout.max_model_len=12", "data.train_limit=16",
+        "rollout.prompts_per_step=32", "rollout.samples_per_prompt=2", "learner.mini_batch_size=64",
+    ])
+    with pytest.raises(ConfigError) as info:
+        Trainer(cfg)
+    fields = {field: reason for field, reason in info.value.problems}
+    assert "16 training problems" in fields["rollout.prompts_per_step"]
+    assert "leave no room for rollout.max_new_tokens=8 within the engine's 12 tokens" in fields["data.train"]
+    assert "within the engine's 12 tokens" in fields["data.eval"]
+    assert not ray.is_initialized()
+    assert not any(tmp_path.iterdir())  # nothing was written either
+
+
+def test_reference_answers_the_verifier_cannot_use_are_named():
+    cfg = build_config(overrides=["data.task=math"])
+    rows = [Problem("ok", "q", "\\frac{1}{2}"), Problem("broken", "q", "\t"), Problem("empty", "q", " ")]
+    [(field, reason)] = answer_problems(cfg, {"data.train": rows, "data.eval": rows[:1]})
+    assert field == "data.train" and reason.startswith("2 reference answers the math verifier cannot use")
+    assert "'broken'" in reason and "'empty'" in reason and "'ok'" not in reason
+    arithmetic = build_config()
+    assert answer_problems(arithmetic, {"data.train": [Problem("a", "1+1=", "2")]}) == []
+    [(_, reason)] = answer_problems(arithmetic, {"data.train": [Problem("a", "1+1=", "two")]})
+    assert "'a'" in reason
+
+
+def test_critics_must_read_the_policy_token_ids(builtin_policy_dir):
+    from transformers import AutoTokenizer
+
+    policy = AutoTokenizer.from_pretrained(builtin_policy_dir)
+    assert tokenizer_problems(policy, AutoTokenizer.from_pretrained(builtin_policy_dir)) == []
+    other = AutoTokenizer.from_pretrained(builtin_policy_dir)
+    other.add_tokens(["<extra>"])
+    [(field, reason)] = tokenizer_problems(policy, other)
+    assert field == "model.critic" and "differs from the policy's" in reason
+
+
+def test_wandb_online_needs_credentials(monkeypatch, tmp_path):
+    online = build_config(overrides=["logging.wandb_mode=online"])
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    [(field, reason)] = wandb_problems(online)
+    assert field == "logging.wandb_mode" and "WANDB_API_KEY" in reason
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password secret\n")
+    assert wandb_problems(online) == []
+    monkeypatch.setenv("NETRC", str(tmp_path / "absent"))
+    monkeypatch.setenv("WANDB_API_KEY", "key")
+    assert wandb_problems(online) == []
+    assert wandb_problems(build_config(overrides=["logging.wandb_mode=auto"])) == []
