@@ -67,7 +67,7 @@ def fsync_tree(path: str | os.PathLike) -> None:
         _fsync_path(Path(directory))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` so that a reader sees the old or the new content, never a mix, even after a
     power loss (the temporary file is flushed before the rename, the directory after it)."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -266,14 +266,14 @@ class CheckpointDir:
         describes bytes already on disk), then the rename, then ``latest``, then pruning.
         """
         staging = self._staging(step)
-        _atomic_write_text(staging / TRAINER_STATE_NAME, json.dumps(trainer_state, indent=1))
+        atomic_write_text(staging / TRAINER_STATE_NAME, json.dumps(trainer_state, indent=1))
         fsync_tree(staging)
-        _atomic_write_text(staging / MANIFEST_NAME, json.dumps(build_manifest(staging, step), indent=1))
+        atomic_write_text(staging / MANIFEST_NAME, json.dumps(build_manifest(staging, step), indent=1))
         final = self.root / f"step-{step}"
         _remove(final)  # a checkpoint of the same step from an earlier attempt of this run
         os.replace(staging, final)
         _fsync_path(self.root)
-        _atomic_write_text(self.root / "latest", final.name)
+        atomic_write_text(self.root / "latest", final.name)
         self._prune()
         return final
 

@@ -119,11 +119,9 @@ def optimizer_step(engine, losses_finite: bool) -> tuple[bool, float]:
     reported = engine.get_global_grad_norm()
     if reported is not None:
         grad_norm = float(reported)
-    if not engine.was_step_applied():
-        # DeepSpeed's ZeRO optimizers check the partitioned gradients themselves (all ranks agree through their
-        # own all-reduce) and drop the step on an overflow or a non-finite norm.
-        return False, float("nan") if grad_norm is None else grad_norm
-    return True, float("nan") if grad_norm is None else grad_norm
+    # DeepSpeed's ZeRO optimizers check the partitioned gradients themselves (all ranks agree through their own
+    # all-reduce) and drop the step on an overflow or a non-finite norm.
+    return engine.was_step_applied(), float("nan") if grad_norm is None else grad_norm
 
 
 @contextlib.contextmanager

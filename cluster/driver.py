@@ -145,12 +145,11 @@ class Trainer:
         # Everything that can be wrong with the inputs is found before a single actor starts.
         self.train_problems, self.eval_problems = load_datasets(cfg)
         self.models = resolve_models(cfg)
-        problems = preflight_problems(cfg, self.train_problems, self.eval_problems, self.models.policy,
-                                      self.models.critic)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.models.policy)
+        problems = preflight_problems(cfg, self.train_problems, self.eval_problems, self.tokenizer, self.models)
         if problems:
             raise ConfigError(problems)
         self.reward_fn = reward_function(cfg)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.models.policy)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.sampler = PromptSampler(self.train_problems, seed=cfg.trainer.seed)
 
@@ -323,8 +322,8 @@ class Trainer:
             self._skipped_in_a_row = 0
             return
         self._skipped_in_a_row += 1
-        diverged = [f"critic-{key.rsplit('_', 1)[1]} (|V| up to {metrics[key.replace('diverged', 'value_absmax')]:.3g})"
-                    for key, value in metrics.items() if key.startswith("diverged_critic_") and value]
+        diverged = [f"critic-{m} (|V| up to {metrics[f'value_absmax_critic_{m}']:.3g})"
+                    for m in range(self.cfg.critics.num_critics) if metrics.get(f"diverged_critic_{m}")]
         reason = (f"{', '.join(diverged)} diverged (values far beyond the rewards' range); lower critics.lr"
                   if diverged else "the policy loss or gradient was not finite")
         log.warning("step %d: no policy update (%s)", step, reason)

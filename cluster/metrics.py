@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from asyppo.cluster.checkpoint import atomic_write_text
 from asyppo.cluster.config import JobConfig
 
 PHASES = ("rollout", "old_logprobs", "values", "update", "critic_train", "weight_sync", "step")
@@ -139,17 +140,11 @@ def keep_steps_before(path: Path, step: int) -> None:
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            record = json.loads(line)
+            if json.loads(line)["step"] < step:
+                kept.append(line + "\n")
         except json.JSONDecodeError:
             continue  # a line torn by the crash that the resume recovers from
-        if record["step"] < step:
-            kept.append(record)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(record, allow_nan=True) + "\n" for record in kept)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(kept))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -19,13 +19,13 @@ from asyppo.tasks.registry import TASKS
 ROWS_SHOWN = 3
 
 
-def preflight_problems(cfg: JobConfig, train: list[Problem], held_out: list[Problem], policy_dir: str,
-                       critic_dir: str) -> list[tuple[str, str]]:
-    """Every problem the checks below find, in one list."""
+def preflight_problems(cfg: JobConfig, train: list[Problem], held_out: list[Problem], tokenizer,
+                       models) -> list[tuple[str, str]]:
+    """Every problem the checks below find, in one list; ``tokenizer`` is the policy's, ``models`` the resolved
+    ``Models`` (policy and critic directories)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    max_model_len = cfg.rollout.max_model_len or AutoConfig.from_pretrained(policy_dir).max_position_embeddings
+    max_model_len = cfg.rollout.max_model_len or AutoConfig.from_pretrained(models.policy).max_position_embeddings
     problems = [
         *batch_size_problems(cfg, train),
         *prompt_length_problems(cfg, {"data.train": train, "data.eval": held_out}, tokenizer, max_model_len),
@@ -33,7 +33,7 @@ def preflight_problems(cfg: JobConfig, train: list[Problem], held_out: list[Prob
         *wandb_problems(cfg),
     ]
     if cfg.critics.num_critics:
-        problems += tokenizer_problems(tokenizer, AutoTokenizer.from_pretrained(critic_dir))
+        problems += tokenizer_problems(tokenizer, AutoTokenizer.from_pretrained(models.critic))
     return problems
 
 

@@ -66,6 +66,20 @@ def _ascending_valid_order(std: torch.Tensor, valid: torch.Tensor, tie_seed: int
     return valid_flat_indices[order]
 
 
+def _zero_end_of_order(
+    std: torch.Tensor, valid: torch.Tensor, fraction: float, tie_seed: int | None, *, highest: bool
+) -> torch.Tensor:
+    """Ones ``[N, T]`` with 0 on ``floor(fraction · num_valid)`` valid tokens: the start of the ascending
+    (σ, tie key) order, or its end when ``highest``."""
+    num_valid = int(valid.sum())
+    count = math.floor(fraction * num_valid)
+    result = torch.ones(std.numel(), dtype=torch.float32, device=std.device)
+    if count > 0:
+        order = _ascending_valid_order(std, valid, tie_seed)
+        result[order[num_valid - count :] if highest else order[:count]] = 0.0
+    return result.view(std.shape)
+
+
 def carries_information(std: torch.Tensor, mask: torch.Tensor) -> bool:
     """Whether σ ranks anything: False when every valid token has the same σ (e.g. 0 while the critics' heads are
     still at their zero initialisation), where a mask would depend only on the tie key."""
@@ -84,12 +98,7 @@ def agreement_mask(std: torch.Tensor, mask: torch.Tensor, k: float, tie_seed: in
     """
     _check_fraction("k", k, "agreement_mask")
     valid = _check_std_and_mask(std, mask, "agreement_mask")
-    num_valid = int(valid.sum())
-    count = math.floor(k * num_valid)
-    result = torch.ones(std.numel(), dtype=torch.float32, device=std.device)
-    if count > 0:
-        result[_ascending_valid_order(std, valid, tie_seed)[:count]] = 0.0
-    return result.view(std.shape)
+    return _zero_end_of_order(std, valid, k, tie_seed, highest=False)
 
 
 @torch.no_grad()
@@ -103,12 +112,7 @@ def divergence_mask(std: torch.Tensor, mask: torch.Tensor, h: float, tie_seed: i
     """
     _check_fraction("h", h, "divergence_mask")
     valid = _check_std_and_mask(std, mask, "divergence_mask")
-    num_valid = int(valid.sum())
-    count = math.floor(h * num_valid)
-    result = torch.ones(std.numel(), dtype=torch.float32, device=std.device)
-    if count > 0:
-        result[_ascending_valid_order(std, valid, tie_seed)[num_valid - count :]] = 0.0
-    return result.view(std.shape)
+    return _zero_end_of_order(std, valid, h, tie_seed, highest=True)
 
 
 @torch.no_grad()

@@ -114,7 +114,7 @@ class Learner:
         self._old_logp: torch.Tensor | None = None
         self._old_entropy: torch.Tensor | None = None
         self._behaviour_weight: torch.Tensor | None = None
-        self._skip_reason: str | None = None
+        self._skip_update = False
         self._advantages: AdvantageResult | None = None
 
     # ---- per-step phases -------------------------------------------------------------------------------------
@@ -156,11 +156,12 @@ class Learner:
 
         A diverged critic (values not finite, or beyond ``VALUE_LIMIT`` times the largest |reward|) leaves this step
         without a policy update (``update`` skips it): its advantages would be NaN or, once whitening overflows,
-        all 0, and the policy would train on the entropy bonus alone. The stats name the critic.
+        all 0, and the policy would train on the entropy bonus alone. The stats name the critic; the driver logs
+        it.
         """
         if self._batch is None:
             raise RuntimeError("prepare() before compute_old(): the learner has no rollout batch")
-        self._skip_reason = None
+        self._skip_update = False
         stacked = torch.stack([v.float() for v in values]) if values else None
         alg, batch = self.algorithm, self._batch
         stats: dict[str, float] = {}
@@ -172,8 +173,7 @@ class Learner:
             diverged = [m for m, value in enumerate(absmax) if not value <= limit]
             stats.update({f"diverged_critic_{m}": float(m in diverged) for m in range(len(absmax))})
             if diverged:
-                self._skip_reason = ", ".join(f"critic-{m} values reach {absmax[m]:.3g}" for m in diverged)
-                log.warning("step %d: %s (limit %.3g): no policy update this step", step, self._skip_reason, limit)
+                self._skip_update = True
                 nan = torch.full_like(batch.response_mask, float("nan"))
                 self._advantages = AdvantageResult(nan, nan, None, None, stats)
                 return nan, stats
@@ -195,7 +195,7 @@ class Learner:
             raise RuntimeError("update() before prepare(): nothing to train on")
         start = time.perf_counter()
         lrn = self.config
-        if self._skip_reason is not None:  # the same on every rank: they all saw the same values
+        if self._skip_update:  # the same on every rank: they all saw the same values
             minis = lrn.epochs * (self._batch.num_sequences // lrn.mini_batch_size)
             return {"optimizer_steps": 0.0, "skipped_steps": float(minis), "grad_norm": float("nan"),
                     "learner_tokens_per_s": 0.0, "time_update": time.perf_counter() - start,
