@@ -146,7 +146,8 @@ class RolloutWorker:
         Returns ``prompt_ids`` (list of token lists), ``response_ids`` (long [P·n, T], right-padded with the pad
         id), ``response_mask`` and ``rollout_logprobs`` (float [P·n, T], 0 on padding), ``scores`` (float [P·n]),
         ``correct`` and ``truncated`` (bool [P·n]; truncated = stopped by the length limit), ``response_text``,
-        ``weight_version``, ``num_generated_tokens``, ``generate_seconds`` (the engine's part).
+        ``weight_version``, ``pid`` (this process: another one than before means Ray restarted the worker),
+        ``num_generated_tokens``, ``generate_seconds`` (the engine's part).
         """
         from vllm import SamplingParams
 
@@ -182,6 +183,7 @@ class RolloutWorker:
             "truncated": torch.tensor([sample.truncated for sample in samples], dtype=torch.bool),
             "response_text": [sample.text for sample in samples],
             "weight_version": self.weights.version,
+            "pid": os.getpid(),
             "num_generated_tokens": int(response_mask.sum().item()),
             "generate_seconds": generate_seconds,
         }
@@ -291,6 +293,10 @@ class RolloutWorker:
 
     def weight_version(self) -> int:
         return self.weights.version
+
+    def pid(self) -> int:
+        """This actor's process id: a new one means Ray restarted the worker."""
+        return os.getpid()
 
     def health(self) -> dict[str, Any]:
         """Process id, weight version, whether the weights are whole and whether the engine answers."""

@@ -45,12 +45,18 @@ class ActorGroup:
     Create the group (this reserves and waits for the bundles), optionally run tasks on a bundle
     (:meth:`bundle_options`), then :meth:`spawn` the actors. :meth:`call` runs one method on every actor;
     :meth:`close` kills the actors and frees the bundles (safe to call twice).
+
+    Ray restarts a dead actor (``max_restarts``) in its bundle under the same handle and name, running its
+    constructor again; :meth:`note_pids` tells which actors have a new process since the driver last looked, so the
+    driver can bring them up to date (docs/reliability.md, "Lost and hung actors").
     """
 
     def __init__(self, role: str, resources: RoleResources, *, pack: bool = False, placement_timeout_s: float = 120.0):
         self.role = role
         self.resources = resources
         self.actors: list = []
+        self.names: list[str] = []
+        self._pids: list[int | None] = []
         bundle = {"CPU": resources.cpus, **({"GPU": resources.gpus} if resources.gpus else {})}
         # PACK keeps ranks that talk to each other every step (the learner's) on one node when possible.
         self._group = placement_group([dict(bundle) for _ in range(resources.count)],
@@ -84,10 +90,23 @@ class ActorGroup:
         remote_class = ray.remote(actor_class)
         for index in range(self.resources.count):
             args, kwargs = arguments(index)
+            self.names.append(name(index))
             self.actors.append(remote_class.options(
-                name=name(index), max_restarts=max_restarts, **self.bundle_options(index),
+                name=self.names[-1], max_restarts=max_restarts, **self.bundle_options(index),
             ).remote(*args, **kwargs))
+        self._pids = [None] * len(self.actors)
         return self.actors
+
+    def note_pids(self, pids: list[int]) -> list[int]:
+        """Record each actor's process id (in actor order); returns the indices whose process changed since the
+        last call, i.e. the actors Ray restarted meanwhile."""
+        restarted = [i for i, (old, new) in enumerate(zip(self._pids, pids)) if old is not None and old != new]
+        self._pids = list(pids)
+        return restarted
+
+    def actor_names(self) -> dict[str, str]:
+        """Ray actor id (hex) → the actor's name, to say which actor an error or a missing answer came from."""
+        return {actor._actor_id.hex(): name for actor, name in zip(self.actors, self.names)}
 
     def call(self, method: str, *args, **kwargs) -> list:
         """``actor.method.remote(*args, **kwargs)`` on every actor; the ObjectRefs in actor order."""
@@ -105,7 +124,7 @@ class ActorGroup:
     def close(self) -> None:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
-        self.actors = []
+        self.actors, self.names, self._pids = [], [], []
         group, self._group = self._group, None
         if group is not None:
             remove_placement_group(group)

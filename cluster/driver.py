@@ -48,6 +48,16 @@ class JobFailed(RuntimeError):
     exit_code = 1
 
 
+class ActorLost(JobFailed):
+    """An actor's process died during a call; ``actor`` is its name (``rollout-0``, ``critic-1``, ``learner``).
+    ``unavailable``: Ray reported it temporarily unreachable (it may be restarting), not dead for good."""
+
+    def __init__(self, message: str, actor: str, unavailable: bool = False):
+        super().__init__(message)
+        self.actor = actor
+        self.unavailable = unavailable
+
+
 class JobStopped(JobFailed):
     """The job was stopped on purpose (SIGTERM, Ctrl-C) after saving a checkpoint; exits with 128 + the signal."""
 
@@ -161,6 +171,8 @@ class Trainer:
         self._sampler_after_launch: dict[int, dict] = {}
         self._skipped_in_a_row = 0
         policy_dir, resume_dir = self.models.policy, None
+        self._last_checkpoint: Path | None = checkpoint  # what a restarted critic is restored from
+        self._restarts: dict[str, int] = {}  # actor name → times Ray restarted it
         if checkpoint is not None:
             state = read_trainer_state(checkpoint)
             self.start_step, self.version = state["step"] + 1, state["version"]
@@ -192,7 +204,11 @@ class Trainer:
 
         cfg = self.cfg
         resources = role_resources(cfg)
-        self.rollout_workers = spawn_rollout_workers(cfg, policy_dir, self.reward_fn)
+        restarts = cfg.trainer.actor_restarts
+        # Rollout engines and critics start from the base models, so that Ray can restart them at any time (their
+        # constructors run again) even after the checkpoint a run resumed from has been rotated away; the resumed
+        # state reaches them below (the weight broadcast, MiniCritic.restore).
+        self.rollout_workers = spawn_rollout_workers(cfg, self.models.policy, self.reward_fn, max_restarts=restarts)
         self.learners = ActorGroup("learner", resources["learner"], pack=True)
         address, port = ray.get(
             _learner_address.options(**self.learners.bundle_options(0)).remote(), timeout=cfg.trainer.call_timeout_s,
@@ -206,34 +222,81 @@ class Trainer:
         )
         if cfg.critics.num_critics:
             self.critics = ActorGroup("critics", resources["critics"])
-            self.critics.spawn(MiniCritic, lambda m: critic_arguments(cfg, self.models.critic, m, resume_dir),
-                               name=lambda m: f"critic-{m}")
-        critic_pings = self.critics.call("ping") if self.critics else []
-        self._get(self.learners.call("ping") + critic_pings, "starting the learner and critics")
-        self._get(self.rollout_workers.call("health"), "starting the rollout engines")
+            self.critics.spawn(MiniCritic, lambda m: critic_arguments(cfg, self.models.critic, m),
+                               name=lambda m: f"critic-{m}", max_restarts=restarts)
+        self._get(self.learners.call("ping"), "starting the learner")
+        if self.critics:
+            self.critics.note_pids(self._get(self.critics.call("pid"), "starting the critics"))
+            if resume_dir:
+                self._get(self.critics.call("restore", resume_dir), "restoring the critics")
+        healths = self._get(self.rollout_workers.call("health"), "starting the rollout engines")
+        self.rollout_workers.note_pids([health["pid"] for health in healths])
         self._get(self.learners.call("set_version", self.version), "setting the version")
+        self._form_weight_sync_group("creating the learner → rollout weight-sync group")
+        if self.version:
+            # Resumed: the rollout engines hold the base model; send them the checkpoint's policy and version.
+            self._get(self.learners.call("broadcast_weights"), "initial weight broadcast")
+
+    def _form_weight_sync_group(self, what: str) -> None:
+        cfg = self.cfg
         self._get(
             self.learners[0].setup_weight_sync.remote(
                 list(self.rollout_workers), max(1, cfg.rollout.gpus_per_worker), cfg.weight_sync,
                 cfg.rollout.gpus_per_worker > 0,
             ),
-            "creating the learner → rollout weight-sync group",
+            what,
         )
-        if self.version:
-            # Resumed: rollout engines loaded the checkpoint's policy; stamp them with its version.
-            self._get(self.learners[0].broadcast_weights.remote(), "initial weight broadcast")
 
     def _get(self, refs, what: str):
-        """ray.get with the job's timeout; a dead actor or a timeout becomes a clear JobFailed."""
+        """ray.get with the job's timeout. Every failure becomes one line naming the actor and the phase (``what``)
+        and saying how to resume: a hung actor (no answer in trainer.call_timeout_s), a dead one (:class:`ActorLost`,
+        which the phases that can bring a restarted actor back catch), an exception raised inside an actor (its
+        remote traceback goes to ``<run>/error.log``)."""
         try:
             return ray.get(refs, timeout=self.cfg.trainer.call_timeout_s)
         except ray.exceptions.GetTimeoutError:
+            waiting = ", ".join(self._unanswered(refs)) or "a task"
             raise JobFailed(
-                f"{what}: no answer within trainer.call_timeout_s={self.cfg.trainer.call_timeout_s:.0f}s"
-                f"{self._resume_hint()}"
+                f"{what}: no answer from {waiting} within trainer.call_timeout_s="
+                f"{self.cfg.trainer.call_timeout_s:.0f}s (the process is alive but not answering: stopped, deadlocked "
+                f"or far slower than expected; `ray stack` on its node shows where it waits){self._resume_hint()}"
             ) from None
-        except ray.exceptions.RayActorError as exc:
-            raise JobFailed(f"{what}: an actor died: {exc}{self._resume_hint()}") from exc
+        except ray.exceptions.RayActorError as exc:  # before RayTaskError: a task that depended on a dead actor is both
+            name = self._actor_name(getattr(exc, "actor_id", None))
+            raise ActorLost(f"{what}: {name} died (its process exited: killed, out of memory or crashed; its log is "
+                            f"in the Ray dashboard){self._resume_hint()}", name,
+                            unavailable=isinstance(exc, ray.exceptions.ActorUnavailableError)) from None
+        except ray.exceptions.RayTaskError as exc:
+            details = self.run_path / "error.log"
+            with details.open("a") as file:
+                file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {what}\n{exc}\n")
+            cause = exc.cause
+            raise JobFailed(f"{what}: {self._failed_actor(refs)} raised {type(cause).__name__}: {cause} "
+                            f"(traceback in {details}){self._resume_hint()}") from None
+
+    def _actor_name(self, actor_id: str | None) -> str:
+        for group in (self.rollout_workers, self.learners, self.critics):
+            if group is not None and actor_id in group.actor_names():
+                return group.actor_names()[actor_id]
+        return "an actor"
+
+    def _failed_actor(self, refs) -> str:
+        """The name of the actor whose call among ``refs`` (all answered) raised first."""
+        for ref in refs if isinstance(refs, list) else [refs]:
+            try:
+                ray.get(ref, timeout=0)
+            except ray.exceptions.GetTimeoutError:
+                continue
+            except Exception:  # noqa: BLE001 - any other error marks the call that failed
+                return self._actor_name(ref.task_id().actor_id().hex())
+        return "an actor"
+
+    def _unanswered(self, refs) -> list[str]:
+        """Names of the actors whose calls among ``refs`` have not answered yet (each once, in call order)."""
+        refs = refs if isinstance(refs, list) else [refs]
+        _, waiting = ray.wait(refs, num_returns=len(refs), timeout=0)
+        names = [self._actor_name(ref.task_id().actor_id().hex()) for ref in waiting]
+        return list(dict.fromkeys(names))
 
     def _resume_point(self, cfg: JobConfig) -> Path:
         """The newest checkpoint whose every file matches its manifest (older ones are the fallback, logged), once
@@ -259,13 +322,117 @@ class Trainer:
 
     # ---- one step -------------------------------------------------------------------------------------------
 
-    def _launch_rollout(self, step: int):
+    def _launch_rollout(self, step: int) -> Rollout:
         roll = self.cfg.rollout
         problems = self.sampler.next_batch(roll.prompts_per_step)
         self._sampler_after_launch[step] = self.sampler.state_dict()
-        refs = generate(self.rollout_workers, self.cfg, problems, n=roll.samples_per_prompt,
-                        seed=self.cfg.trainer.seed * 100_003 + step)
-        return problems, refs, time.perf_counter()
+        return self._launch(problems, n=roll.samples_per_prompt, seed=self.cfg.trainer.seed * 100_003 + step)
+
+    def _launch(self, problems: list, *, n: int, seed: int) -> Rollout:
+        rollout = Rollout(problems, n, seed, version=self.version, refs={}, started=time.perf_counter())
+        rollout.refs = generate(self.rollout_workers, self.cfg, problems, n=n, seed=seed)
+        return rollout
+
+    def _collect(self, rollout: Rollout, what: str) -> list[dict]:
+        """Every worker's output, in worker order.
+
+        A worker whose call failed because its process died, or whose output comes from a process that Ray restarted
+        before the learner's weights reached it, is brought back (:meth:`_restore_rollout_workers`) and generates
+        its slice again with the same seeds: in sync mode the same samples as if it had never died.
+        """
+        outputs: dict[int, dict] = {}
+        attempts = 1 + self.cfg.trainer.actor_restarts * len(self.rollout_workers)
+        for _ in range(attempts):
+            for index, ref in rollout.refs.items():
+                if index in outputs:
+                    continue
+                try:
+                    output = self._get(ref, what)
+                except ActorLost:
+                    continue
+                if output["weight_version"] >= rollout.version:  # else made by a restarted engine's base weights
+                    outputs[index] = output
+            missing = [index for index in rollout.refs if index not in outputs]
+            if not missing:
+                return [outputs[index] for index in sorted(outputs)]
+            self._restore_rollout_workers(what)
+            rollout.refs.update(generate(self.rollout_workers, self.cfg, rollout.problems, n=rollout.n,
+                                         seed=rollout.seed, only=missing))
+        raise JobFailed(f"{what}: rollout workers kept failing after {attempts} attempts{self._resume_hint()}")
+
+    def _restore_rollout_workers(self, what: str, version: int | None = None) -> list[int]:
+        """Bring every rollout worker to the learner's weights ``version`` (default: the current one) after some
+        were restarted by Ray or left a transfer half-done: wait for them to answer, load the weights through the
+        object store where they are missing, and re-form the weight-sync group when a member is new or gone.
+
+        Returns the indices of the workers Ray restarted since the last look (each logged). A worker whose restarts
+        are used up (trainer.actor_restarts) ends the job with :class:`ActorLost`.
+        """
+        version = self.version if version is None else version
+        workers = self.rollout_workers
+        healths = self._answers(workers, "health", what)
+        restarted = workers.note_pids([health["pid"] for health in healths])
+        behind = [i for i, health in enumerate(healths)
+                  if health["weight_version"] != version or not health["weights_valid"]]
+        if behind:
+            weights = self.learners.call("weights_for_rollout")  # every rank joins the gather; rank 0 answers
+            loads = [workers[i].receive_weights_from_object_store.remote(weights[0], version) for i in behind]
+            self._get(loads + weights[1:], f"{what}: sending weights v{version} to restarted rollout workers")
+        if restarted or not all(health["in_sync_group"] for health in healths):
+            self._form_weight_sync_group(f"{what}: re-forming the weight-sync group")
+        self._note_restarts(workers, restarted, f"holds the learner's weights v{version} and rejoined the weight-sync "
+                                                f"group")
+        return restarted
+
+    def _answers(self, group: ActorGroup, method: str, what: str) -> list:
+        """Every actor's answer to ``method``, waiting (up to trainer.call_timeout_s) while Ray restarts one: right
+        after a death Ray reports the actor unavailable, then queues calls until its constructor has run again."""
+        deadline = time.monotonic() + self.cfg.trainer.call_timeout_s
+        while True:
+            try:
+                return self._get(group.call(method), f"{what}: waiting for the {group.role}")
+            except ActorLost as lost:
+                if lost.unavailable and time.monotonic() < deadline:
+                    time.sleep(1.0)
+                    continue
+                if lost.unavailable:
+                    raise
+                raise ActorLost(f"{what}: {lost.actor} died and Ray could not bring it back (trainer.actor_restarts="
+                                f"{self.cfg.trainer.actor_restarts}){self._resume_hint()}", lost.actor) from None
+
+    def _note_restarts(self, group: ActorGroup, restarted: list[int], outcome: str) -> None:
+        for index in restarted:
+            name = group.names[index]
+            self._restarts[name] = self._restarts.get(name, 0) + 1
+            log.warning("%s died and Ray restarted it (restart %d of trainer.actor_restarts=%d); it %s",
+                        name, self._restarts[name], self.cfg.trainer.actor_restarts, outcome)
+
+    def _restore_critics(self, what: str) -> list[int]:
+        """Critics that Ray restarted since the last look (their constructor ran again: the initial critic) get
+        their state from the run's latest checkpoint. Returns their indices."""
+        restarted = self.critics.note_pids(self._answers(self.critics, "pid", what))
+        if restarted and self._last_checkpoint is not None:
+            self._get([self.critics[m].restore.remote(str(self._last_checkpoint)) for m in restarted],
+                      f"{what}: restoring restarted critics from {self._last_checkpoint}")
+        source = (f"was restored from the checkpoint {self._last_checkpoint.name}; its training since then is lost"
+                  if self._last_checkpoint is not None else
+                  "starts again from the initial critic (no checkpoint yet): its training so far is lost")
+        self._note_restarts(self.critics, restarted, source)
+        return restarted
+
+    def _critic_calls(self, what: str, launch, relaunch=None) -> list:
+        """``launch(m)`` on every critic, then their results; a critic whose process died is restored
+        (:meth:`_restore_critics`) and ``relaunch(m)`` (default ``launch``) runs on it."""
+        refs = [launch(m) for m in range(len(self.critics))]
+        for _ in range(self.cfg.trainer.actor_restarts * len(self.critics)):
+            try:
+                return self._get(refs, what)
+            except ActorLost as lost:
+                if lost.actor not in self.critics.names:
+                    raise
+                for m in self._restore_critics(what):
+                    refs[m] = (relaunch or launch)(m)
+        return self._get(refs, what)
 
     def _collate(self, problems, outputs):
         from asyppo.core.batch import collate_rollouts, concat_batches
@@ -297,7 +464,7 @@ class Trainer:
                 while launched < steps and len(pending) <= staleness:
                     pending.append(self._launch_rollout(launched))
                     launched += 1
-                metrics = self.train_step(step, *pending.popleft())
+                metrics = self.train_step(step, pending.popleft())
                 self.sink.log(step, metrics)
                 self._check_progress(step, metrics)
                 last = step == steps - 1
@@ -332,12 +499,12 @@ class Trainer:
             raise JobFailed(f"step {step}: no policy update for {limit} steps in a row (trainer.max_skipped_steps): "
                             f"{reason}{self._resume_hint()}")
 
-    def train_step(self, step: int, problems, rollout_refs, launched_at: float) -> dict[str, float]:
+    def train_step(self, step: int, rollout: Rollout) -> dict[str, float]:
         """One step (docs/architecture.md, "One training step"): collect the rollout, score it, train, sync."""
         step_start = time.perf_counter()
-        outputs = self._get(rollout_refs, f"step {step}: rollout")
-        timings = {"time_rollout": time.perf_counter() - launched_at}
-        batch = self._collate(problems, outputs)
+        outputs = self._collect(rollout, f"step {step}: rollout")
+        timings = {"time_rollout": time.perf_counter() - rollout.started}
+        batch = self._collate(rollout.problems, outputs)
         if self.version - batch.weight_version > self.cfg.trainer.max_staleness:
             raise JobFailed(
                 f"step {step}: the rollout batch was generated with weights v{batch.weight_version} while the "
@@ -346,7 +513,7 @@ class Trainer:
         batch_ref = ray.put(batch)
         old_stats, prepared, old_refs = self._score(step, batch_ref, timings)
         returns_ref, adv_stats_ref = prepared[0]
-        update_stats, critic_stats = self._train(step, batch, returns_ref, timings)
+        update_stats, critic_stats = self._train(step, batch, batch_ref, returns_ref, timings)
         adv_stats = self._get(adv_stats_ref, f"step {step}: advantages")
         self._get([ref for ref, _ in prepared[1:]], f"step {step}: advantages on learner ranks")
         self._get(old_refs[1:], f"step {step}: old log-probs on learner ranks")
@@ -354,6 +521,7 @@ class Trainer:
         metrics = step_metrics(batch, outputs, old_stats, adv_stats, update_stats, sync_stats, critic_stats,
                                logp_diff, timings)
         metrics["weight_sync_check_tolerance"] = self.cfg.weight_sync.check_tolerance
+        metrics["actor_restarts"] = float(sum(self._restarts.values()))
         metrics["time_step"] = time.perf_counter() - step_start
         return metrics
 
@@ -365,21 +533,35 @@ class Trainer:
         ``compute_old`` refs."""
         phase = time.perf_counter()
         old_refs = self.learners.call("compute_old", batch_ref)
+        if self.critics:  # a critic Ray restarted while idle would score with its initial weights
+            self._restore_critics(f"step {step}: critic values")
         value_refs = self.critics.call("values", batch_ref) if self.critics else []
         prepared = [learner.prepare.options(num_returns=2).remote(step, *value_refs) for learner in self.learners]
         old_stats = self._get(old_refs[0], f"step {step}: old log-probs")
         timings["time_old_logprobs"] = time.perf_counter() - phase
-        self._get(value_refs, f"step {step}: critic values")
+        if self.critics:
+            try:
+                self._get(value_refs, f"step {step}: critic values")
+            except ActorLost as lost:
+                if lost.actor not in self.critics.names:
+                    raise
+                # The learner's prepare never ran (one of its inputs failed): score again, then prepare again.
+                values = self._critic_calls(f"step {step}: critic values",
+                                            lambda m: self.critics[m].values.remote(batch_ref))
+                prepared = [learner.prepare.options(num_returns=2).remote(step, *values) for learner in self.learners]
         timings["time_values"] = time.perf_counter() - phase
         return old_stats, prepared, old_refs
 
-    def _train(self, step: int, batch, returns_ref, timings: dict[str, float]):
+    def _train(self, step: int, batch, batch_ref, returns_ref, timings: dict[str, float]):
         """Each critic on its own shard (the targets go straight from the learner to the critics) while every
-        learner rank runs its PPO + ERC epochs. Returns rank 0's update stats and each critic's stats."""
+        learner rank runs its PPO + ERC epochs. Returns rank 0's update stats and each critic's stats.
+
+        A critic that dies meanwhile is restored and trains on its shard again, scoring the batch first (its value
+        clip is relative to its own values)."""
         from asyppo.critics.sharding import assign_shards
 
         phase = time.perf_counter()
-        critic_refs = []
+        shards = []
         if self.critics:
             shards = assign_shards(batch.prompt_ids, batch.group_size, len(self.critics),
                                    self.cfg.algorithm.critic_split, seed=self.cfg.trainer.seed + step)
@@ -387,7 +569,14 @@ class Trainer:
         update_refs = self.learners.call("update", step)
         update_stats = self._get(update_refs, f"step {step}: learner update")[0]
         timings["time_update"] = time.perf_counter() - phase
-        critic_stats = self._get(critic_refs, f"step {step}: critic training")
+        critic_stats = []
+        if self.critics:
+            def score_then_train(m):
+                self.critics[m].values.remote(batch_ref)  # an actor runs its calls in order: values, then train
+                return self.critics[m].train.remote(returns_ref, shards[m])
+
+            critic_stats = self._critic_calls(f"step {step}: critic training", critic_refs.__getitem__,
+                                              relaunch=score_then_train)
         timings["time_critic_train"] = time.perf_counter() - phase
         return update_stats, critic_stats
 
@@ -395,22 +584,35 @@ class Trainer:
         """Broadcast the new weights, then check that every rollout engine now assigns the learner's log-probs."""
         phase = time.perf_counter()
         sync_stats = {}
-        if int(update_stats["policy_version"]) != self.version:  # a skipped update leaves nothing new to send
-            sync_stats = self._get(self.learners.call("broadcast_weights"), f"step {step}: weight broadcast")[0]
-            self.version = int(update_stats["policy_version"])
-        logp_diff = self.check_rollout_weights(batch)
+        version = int(update_stats["policy_version"])
+        if version != self.version:  # a skipped update leaves nothing new to send
+            what = f"step {step}: weight broadcast"
+            try:
+                sync_stats = self._get(self.learners.call("broadcast_weights"), what)[0]
+            except JobFailed as failure:
+                # A rollout worker that died before or during the broadcast fails it; once Ray has restarted it,
+                # every worker gets the new weights through the object store instead.
+                if isinstance(failure, ActorLost) and failure.actor not in self.rollout_workers.names:
+                    raise
+                if not self._restore_rollout_workers(what, version):
+                    raise
+            self.version = version
+        logp_diff = self.check_rollout_weights(batch, f"step {step}: weight check")
         timings["time_weight_sync"] = time.perf_counter() - phase
         return sync_stats, logp_diff
 
-    def check_rollout_weights(self, batch) -> float:
+    def check_rollout_weights(self, batch, what: str) -> float:
         """After a broadcast every rollout engine must assign the learner's log-probs (stale weights fail loudly)."""
         probe = []
         for row in range(min(4, batch.num_sequences)):
             ids = batch.input_ids[row][batch.attention_mask[row].bool()].tolist()
             probe.append(ids)
-        learner_logps = self._get(self.learners[0].probe_logprobs.remote(probe), "weight check on the learner")
-        worker_logps = self._get(self.rollout_workers.call("prompt_logprobs", probe),
-                                 "weight check on the rollout workers")
+        learner_logps = self._get(self.learners[0].probe_logprobs.remote(probe), f"{what} on the learner")
+        try:
+            worker_logps = self._get(self.rollout_workers.call("prompt_logprobs", probe), what)
+        except ActorLost:  # a rollout worker died after the broadcast: bring it back, check again
+            self._restore_rollout_workers(what)
+            worker_logps = self._get(self.rollout_workers.call("prompt_logprobs", probe), what)
         try:
             return probe_mismatch(learner_logps, worker_logps, self.cfg.weight_sync.check_tolerance)
         except WeightSyncError as exc:
@@ -422,8 +624,7 @@ class Trainer:
         Every evaluation uses the same sampling seeds, so successive numbers differ by the weights, not the dice.
         """
         start = time.perf_counter()
-        outputs = self._get(generate(self.rollout_workers, self.cfg, self.eval_problems, n=1, seed=EVAL_SEED),
-                            "evaluation")
+        outputs = self._collect(self._launch(self.eval_problems, n=1, seed=EVAL_SEED), f"step {step}: evaluation")
         accuracy = held_out_accuracy(outputs)
         self.sink.log_event(step, {"eval_accuracy": accuracy, "eval_problems": float(len(self.eval_problems)),
                                    "time_eval": time.perf_counter() - start})
@@ -433,14 +634,15 @@ class Trainer:
         staging = self.checkpoints.begin(step)
         refs = self.learners.call("save", str(staging))
         if self.critics:
-            refs += self.critics.call("save", str(staging))
+            self._critic_calls(f"step {step}: checkpoint", lambda m: self.critics[m].save.remote(str(staging)))
         self._get(refs, f"step {step}: checkpoint")
         # No global RNG state is saved because none is used: every random draw (prompt order, sampling seeds,
         # mini-batch shuffles, response shards) is keyed by (trainer.seed, step).
         state = {"step": step, "version": self.version, "sampler": self._sampler_after_launch[step],
                  "base_accuracy": self.base_accuracy}
         self._sampler_after_launch = {s: v for s, v in self._sampler_after_launch.items() if s > step}
-        return self.checkpoints.commit(step, state)
+        self._last_checkpoint = self.checkpoints.commit(step, state)
+        return self._last_checkpoint
 
     def close(self) -> None:
         """Release everything this job holds; safe to call more than once and on a half-built trainer."""
@@ -499,14 +701,14 @@ def learner_arguments(cfg: JobConfig, policy_dir: str, **rank: Any) -> tuple[tup
     )
 
 
-def critic_arguments(cfg: JobConfig, critic_dir: str, index: int, resume_dir: str | None = None) -> tuple[tuple, dict]:
+def critic_arguments(cfg: JobConfig, critic_dir: str, index: int) -> tuple[tuple, dict]:
     """``MiniCritic(*args, **kwargs)`` for critic ``index`` of this job."""
     return (critic_dir, index, cfg.critics, cfg.algorithm), dict(
-        dtype=cfg.model.dtype, seed=cfg.trainer.seed, timeout_s=cfg.trainer.call_timeout_s, resume_dir=resume_dir,
+        dtype=cfg.model.dtype, seed=cfg.trainer.seed, timeout_s=cfg.trainer.call_timeout_s,
     )
 
 
-def spawn_rollout_workers(cfg: JobConfig, policy_dir: str, reward_fn) -> ActorGroup:
+def spawn_rollout_workers(cfg: JobConfig, policy_dir: str, reward_fn, *, max_restarts: int = 0) -> ActorGroup:
     """``rollout-0`` … : one vLLM engine per actor, tensor-parallel over its bundle's GPUs."""
     from asyppo.actors.rollout import RolloutWorker
 
@@ -517,25 +719,39 @@ def spawn_rollout_workers(cfg: JobConfig, policy_dir: str, reward_fn) -> ActorGr
             reward_fn=reward_fn, worker_index=i, tensor_parallel_size=max(1, roll.gpus_per_worker),
             dtype=cfg.model.dtype, seed=cfg.trainer.seed + i, max_model_len=roll.max_model_len,
             gpu_memory_utilization=roll.gpu_memory_utilization, cpu_kv_cache_gib=roll.cpu_kv_cache_gib,
-        )))
+        )), max_restarts=max_restarts)
     except BaseException:
         group.close()
         raise
     return group
 
 
-def generate(workers, cfg: JobConfig, problems, *, n: int, seed: int) -> list:
-    """Contiguous slices of whole prompts to each worker (a prompt's n samples stay together)."""
+@dataclass
+class Rollout:
+    """One ``generate`` over the rollout workers: its problems and seed, the learner's weight version when it was
+    launched, each worker's pending output (by worker index) and its start time."""
+
+    problems: list
+    n: int
+    seed: int
+    version: int
+    refs: dict[int, Any]
+    started: float
+
+
+def generate(workers, cfg: JobConfig, problems, *, n: int, seed: int, only: list[int] | None = None) -> dict[int, Any]:
+    """Contiguous slices of whole prompts to each worker (a prompt's n samples stay together); worker ``i`` samples
+    with seed ``seed + i``. Returns {worker index: ObjectRef}; ``only`` launches just those workers' slices again."""
     roll = cfg.rollout
     slices = np.array_split(np.arange(len(problems)), len(workers))
-    return [
-        worker.generate.remote(
+    return {
+        index: workers[index].generate.remote(
             [problems[i].to_dict() for i in part], n=n, max_new_tokens=roll.max_new_tokens,
             temperature=roll.temperature, top_p=roll.top_p, seed=seed + index,
         )
-        for index, (worker, part) in enumerate(zip(workers, slices))
-        if len(part)
-    ]
+        for index, part in enumerate(slices)
+        if len(part) and (only is None or index in only)
+    }
 
 
 def held_out_accuracy(outputs: list[dict]) -> float:
@@ -553,7 +769,8 @@ def evaluate_policy(cfg: JobConfig, policy_dir: str) -> tuple[float, int]:
     workers = None
     try:
         workers = spawn_rollout_workers(cfg, policy_dir, reward_function(cfg))
-        outputs = ray.get(generate(workers, cfg, held_out, n=1, seed=EVAL_SEED), timeout=cfg.trainer.call_timeout_s)
+        outputs = ray.get(list(generate(workers, cfg, held_out, n=1, seed=EVAL_SEED).values()),
+                          timeout=cfg.trainer.call_timeout_s)
         return held_out_accuracy(outputs), len(held_out)
     finally:
         if workers is not None:

@@ -4,10 +4,14 @@ Each mini-critic is its own Ray actor (``critic-0``, ... in the dashboard) with 
 optimizer. Every critic scores every token of every response (the ensemble mean and the disagreement σ need all M
 values), but critic m trains only on the rows of its own shard (``asyppo.critics.sharding.assign_shards``, which the
 driver calls).
+
+A critic starts from the critic checkpoint; :meth:`MiniCritic.restore` then loads a run's checkpoint. The driver calls
+it on a resume and after Ray restarts a dead critic (its constructor runs again), so both paths load the same state.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -32,7 +36,7 @@ class MiniCritic:
 
     def __init__(
         self, critic_path: str, index: int, critics: CriticsConfig, algorithm: AlgorithmConfig, *, dtype: str,
-        seed: int, timeout_s: float, resume_dir: str | None = None,
+        seed: int, timeout_s: float,
     ):
         self.config = critics
         self.value_clip = algorithm.value_clip
@@ -42,14 +46,11 @@ class MiniCritic:
         torch.manual_seed(seed)
         init_process_group(0, 1, "127.0.0.1", free_port(), timeout_s)
         self.device = accelerator_device()
-        source = Path(resume_dir) / f"critic-{index}" if resume_dir else Path(critic_path)
-        model = ValueModel.from_pretrained(str(source))
+        model = ValueModel.from_pretrained(critic_path)
         self.engine = make_engine(
             model.to(self.device), lr=critics.lr, weight_decay=0.0, zero_stage=critics.zero_stage,
             grad_clip=critics.grad_clip, bf16=self.device.type == "cuda" and dtype == "bfloat16",
         )
-        if resume_dir:
-            self.engine.load_checkpoint(str(Path(resume_dir) / f"critic-{index}-state"), tag="state")
         self._batch: RolloutBatch | None = None
         self._old_values: torch.Tensor | None = None
 
@@ -121,5 +122,14 @@ class MiniCritic:
         fsync_tree(target / f"critic-{self.index}-state")
         fsync_tree(target / f"critic-{self.index}")
 
+    def restore(self, checkpoint_dir: str) -> None:
+        """This critic's weights and optimizer state as saved in ``checkpoint_dir`` (by :meth:`save`)."""
+        self.engine.load_checkpoint(str(Path(checkpoint_dir) / f"critic-{self.index}-state"), tag="state")
+        self._batch = self._old_values = None
+
     def ping(self) -> int:
         return self.index
+
+    def pid(self) -> int:
+        """This actor's process id: a new one means Ray restarted the actor."""
+        return os.getpid()

@@ -291,9 +291,12 @@ class Learner:
 
     def setup_weight_sync(self, workers: list, tensor_parallel_size: int, sync: WeightSyncConfig,
                           rollout_on_gpu: bool) -> None:
-        """Rank 0 only: the learner → rollout-worker group, created once and reused every step."""
+        """Rank 0 only: the learner → rollout-worker group, reused every step; formed again (the old one closed)
+        when a rollout worker was restarted."""
         from asyppo.weight_sync.sender import WeightBroadcaster
 
+        if self.broadcaster is not None:
+            self.broadcaster.close()
         backend = sync.backend
         if backend == "auto":
             backend = "nccl" if self.device.type == "cuda" and rollout_on_gpu else "gloo"
@@ -310,6 +313,15 @@ class Learner:
                 raise RuntimeError("broadcast_weights() before setup_weight_sync()")
             stats = self.broadcaster.broadcast(module.named_parameters(), self.version, dtype)
         return {"weight_sync_" + key: float(value) for key, value in stats.items()}
+
+    def weights_for_rollout(self) -> dict[str, torch.Tensor]:
+        """The current weights in the rollout dtype (rank 0; other ranks take part in the gather and return {}),
+        for a rollout worker that Ray restarted: it loads them through the object store."""
+        dtype = getattr(torch, self.dtype)
+        with full_parameters(self.engine) as module:
+            if self.rank != 0:
+                return {}
+            return {name: p.detach().to("cpu", dtype).clone() for name, p in module.named_parameters()}
 
     def probe_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
         """Temperature-1 log-prob of every token after the first, for the rollout/learner weight check."""

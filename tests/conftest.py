@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random Qwen2 models saved as ordinary Hugging Face directories."""
+"""Shared fixtures: tiny random Qwen2 models saved as ordinary Hugging Face directories, and the uninterrupted
+reference run that the fault tests compare against."""
 
 from __future__ import annotations
 
@@ -31,3 +32,15 @@ def tiny_policy_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_critic_dir(tmp_path_factory):
     return save_tiny_qwen2(tmp_path_factory.mktemp("critic") / "critic", hidden=16, seed=2)
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+    """The small job of ``tests/reference_run.py`` run once without faults: (summary, run directory)."""
+    from asyppo.cluster.config import build_config
+    from asyppo.cluster.driver import train
+    from tests.reference_run import JOB
+
+    root = tmp_path_factory.mktemp("reference")
+    summary = train(build_config(overrides=[*JOB, f"trainer.run_dir={root}", "trainer.name=reference"]))
+    return summary, root / "reference"

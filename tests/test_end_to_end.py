@@ -57,7 +57,7 @@ def test_one_worker_two_critics_sync(tmp_path):
         before = ray.get(worker.prompt_logprobs.remote(probe))
 
         for step in range(2):
-            metrics = trainer.train_step(step, *trainer._launch_rollout(step))
+            metrics = trainer.train_step(step, trainer._launch_rollout(step))
             trainer.sink.log(step, metrics)
 
         after = ray.get(worker.prompt_logprobs.remote(probe))
@@ -87,7 +87,7 @@ def test_one_worker_two_critics_sync(tmp_path):
         ray.kill(trainer.critics.actors[1], no_restart=True)
         started = time.monotonic()
         with pytest.raises(JobFailed, match="died"):
-            trainer.train_step(2, *trainer._launch_rollout(2))
+            trainer.train_step(2, trainer._launch_rollout(2))
         assert time.monotonic() - started < 120
     finally:
         trainer.close()

@@ -17,20 +17,7 @@ import pytest
 from asyppo.cluster.config import ConfigError, build_config, resume_changes
 from asyppo.cluster.driver import Trainer, train
 from asyppo.cluster.metrics import MetricsSink, keep_steps_before, read_metrics
-
-JOB = [
-    "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4", "learner.mini_batch_size=16",
-    "learner.micro_batch_size=16", "critics.micro_batch_size=32", "data.eval_size=32", "trainer.steps=4",
-    "trainer.eval_every=2", "trainer.checkpoint_every=2", "trainer.call_timeout_s=180", "weight_sync.timeout_s=60",
-    "logging.wandb_mode=offline", "logging.console=false",
-]
-# Sync mode reproduces the uninterrupted run to float32 round-off; 1e-6 relative is the bar.
-TOLERANCE = 1e-6
-
-
-def is_timing(key: str) -> bool:
-    return key.startswith("time_") or "per_s" in key or key.endswith("seconds")
-
+from tests.reference_run import JOB, assert_same_run
 
 def test_resume_refuses_a_different_run_and_allows_safe_changes():
     base = build_config(overrides=JOB)
@@ -68,8 +55,8 @@ def test_a_resumed_run_is_a_new_wandb_run_in_the_same_group(tmp_path):
 
 
 @pytest.mark.cluster
-def test_sigkill_between_checkpoints_then_resume_reproduces_the_run(tmp_path):
-    reference = train(build_config(overrides=[*JOB, f"trainer.run_dir={tmp_path}", "trainer.name=reference"]))
+def test_sigkill_between_checkpoints_then_resume_reproduces_the_run(tmp_path, reference_run):
+    reference, reference_dir = reference_run
     killed_overrides = [*JOB, f"trainer.run_dir={tmp_path}", "trainer.name=killed"]
     run_path = tmp_path / "killed"
 
@@ -95,14 +82,7 @@ def test_sigkill_between_checkpoints_then_resume_reproduces_the_run(tmp_path):
     resumed = train(build_config(overrides=killed_overrides), resume=True)
     assert resumed["base_accuracy"] == reference["base_accuracy"]
     assert resumed["final_accuracy"] == reference["final_accuracy"]
-    for name in ("metrics.jsonl", "eval.jsonl"):
-        expected = read_metrics(tmp_path / "reference" / name)
-        got = read_metrics(run_path / name)
-        assert [line["step"] for line in got] == [line["step"] for line in expected], name  # each step once
-        for want, have in zip(expected, got):
-            for key, value in want.items():
-                if not is_timing(key):
-                    assert have[key] == pytest.approx(value, rel=TOLERANCE, abs=1e-9), (name, want["step"], key)
+    assert_same_run(reference_dir, run_path)
 
 
 def _lines(path: Path) -> list[dict]:

@@ -1,0 +1,107 @@
+"""Lost and hung actors (docs/reliability.md): real actor processes killed (SIGKILL) or stopped (SIGSTOP) in the middle
+of a step. A rollout worker or a critic that dies is restarted by Ray and brought back, and the run goes on exactly as
+if nothing had happened; a dead learner, or an actor that stops answering, ends the job with one line naming the
+actor and the phase, and the command that resumes it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+
+import psutil
+import pytest
+
+import asyppo.actors.rollout
+import asyppo.critics.actor
+import asyppo.learner.actor
+from asyppo.cluster.checkpoint import verify
+from asyppo.cluster.config import build_config
+from asyppo.cluster.driver import JobFailed, train
+from asyppo.cluster.metrics import read_metrics
+from tests.faults import fails_once
+from tests.reference_run import JOB, assert_same_run
+
+pytestmark = pytest.mark.cluster
+
+STEP_SEED = 100_003  # the driver samples step s with seed trainer.seed · STEP_SEED + s (trainer.seed = 0 here)
+
+
+def test_killed_rollout_worker_and_critic_are_restarted_and_the_run_is_unchanged(
+    tmp_path, reference_run, monkeypatch, caplog,
+):
+    _, reference_dir = reference_run
+    # rollout-0 dies as it starts generating step 1's responses, and again as the learner's broadcast after step 1
+    # reaches it (its second receive_weights: the first restart got v1 through the object store); critic-1 dies as
+    # it starts training in step 2, after the checkpoint of step 1 (checkpoint_every=2), which holds exactly the
+    # state it had.
+    dies_generating = fails_once(asyppo.actors.rollout.RolloutWorker, "generate",
+                                 lambda calls, self, problems, **kw: kw["seed"] == 1, tmp_path / "rollout-died")
+    monkeypatch.setattr(asyppo.actors.rollout, "RolloutWorker", fails_once(
+        dies_generating, "receive_weights", lambda calls, self, *args: calls == 2, tmp_path / "rollout-died-again"))
+    monkeypatch.setattr(asyppo.critics.actor, "MiniCritic", fails_once(
+        asyppo.critics.actor.MiniCritic, "train", lambda calls, self, *args: self.index == 1 and calls == 3,
+        tmp_path / "critic-died", instance=lambda self: self.index))
+    caplog.set_level(logging.WARNING, logger="asyppo")
+
+    train(build_config(overrides=[*JOB, f"trainer.run_dir={tmp_path}", "trainer.name=faulted",
+                                  "trainer.actor_restarts=2"]))
+
+    for marker in ("rollout-died", "rollout-died-again", "critic-died"):
+        assert (tmp_path / marker).exists(), f"{marker}: the fault did not happen"
+    warnings = [record.getMessage() for record in caplog.records]
+    for expected in ("rollout-0 died and Ray restarted it (restart 1 of trainer.actor_restarts=2); it holds the "
+                     "learner's weights v1 and rejoined the weight-sync group",
+                     "rollout-0 died and Ray restarted it (restart 2 of trainer.actor_restarts=2); it holds the "
+                     "learner's weights v2 and rejoined the weight-sync group",
+                     "critic-1 died and Ray restarted it (restart 1 of trainer.actor_restarts=2); it was restored "
+                     "from the checkpoint step-1; its training since then is lost"):
+        assert expected in warnings, warnings
+    run_path = tmp_path / "faulted"
+    assert [line["actor_restarts"] for line in read_metrics(run_path / "metrics.jsonl")] == [0, 2, 3, 3]
+    # Same samples, same critic state: every number equals the uninterrupted run's.
+    assert_same_run(reference_dir, run_path)
+
+
+def test_dead_learner_stops_the_job_with_the_resume_command_and_resume_finishes_the_run(
+    tmp_path, reference_run, monkeypatch,
+):
+    reference, reference_dir = reference_run
+    overrides = [*JOB, f"trainer.run_dir={tmp_path}", "trainer.name=learner-lost"]
+    run_path = tmp_path / "learner-lost"
+    monkeypatch.setattr(asyppo.learner.actor, "Learner", fails_once(
+        asyppo.learner.actor.Learner, "update", lambda calls, self, step: step == 2, tmp_path / "learner-died"))
+
+    with pytest.raises(JobFailed) as failure:
+        train(build_config(overrides=overrides))
+    message = str(failure.value)
+    assert message == (f"step 2: learner update: learner died (its process exited: killed, out of memory or crashed; "
+                       f"its log is in the Ray dashboard); resume with: asyppo train --config "
+                       f"{run_path / 'config.yaml'} --resume")
+    assert verify(run_path / "checkpoints" / "step-1") == []  # what was kept: the last checkpoint, whole
+    assert [line["step"] for line in read_metrics(run_path / "metrics.jsonl")] == [0, 1]
+
+    monkeypatch.undo()
+    resumed = train(build_config(overrides=overrides), resume=True)
+    assert resumed["final_accuracy"] == reference["final_accuracy"]
+    assert_same_run(reference_dir, run_path)
+
+
+def test_stopped_rollout_worker_ends_in_a_timeout_naming_it_and_the_phase(tmp_path, monkeypatch):
+    overrides = [*JOB, f"trainer.run_dir={tmp_path}", "trainer.name=hung", "trainer.call_timeout_s=60"]
+    run_path = tmp_path / "hung"
+    marker = tmp_path / "rollout-stopped"
+    monkeypatch.setattr(asyppo.actors.rollout, "RolloutWorker", fails_once(
+        asyppo.actors.rollout.RolloutWorker, "generate", lambda calls, self, problems, **kw: kw["seed"] == 2,
+        marker, sig=signal.SIGSTOP))
+
+    with pytest.raises(JobFailed) as failure:
+        train(build_config(overrides=overrides))
+    assert str(failure.value).startswith(
+        "step 2: rollout: no answer from rollout-0 within trainer.call_timeout_s=60s (the process is alive but not "
+        "answering")
+    assert str(failure.value).endswith(f"; resume with: asyppo train --config {run_path / 'config.yaml'} --resume")
+    stopped_pid = int(marker.read_text().split()[2])
+    assert not psutil.pid_exists(stopped_pid) or psutil.Process(stopped_pid).status() == psutil.STATUS_ZOMBIE, \
+        "the stopped worker was left behind"
+    assert json.loads((run_path / "checkpoints" / "step-1" / "trainer_state.json").read_text())["step"] == 1
