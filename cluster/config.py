@@ -188,6 +188,9 @@ class AlgorithmConfig(_Section):
         "token-truncate", description="weight w correcting the rollout engine's policy μ to the learner's π_prox (§5a)"
     )
     off_policy_cap: float = Field(2.0, gt=1, description="C: the cap (truncate) or the limit (mask) of π_prox/μ (§5a)")
+    critic_warmup_steps: int = Field(
+        0, ge=0, description="the first W steps train the critics only; the policy starts updating at step W (§4)"
+    )
 
 
 class LearnerConfig(_Section):
@@ -297,6 +300,13 @@ def cross_field_problems(cfg: JobConfig) -> list[tuple[str, str]]:
         problems.append(("critics.num_critics", f"advantage mask k>0 needs at least 2 critics, got {m}"))
     if alg.entropy_filter_fraction > 0 and m < 2:
         problems.append(("critics.num_critics", f"entropy filter h>0 needs at least 2 critics, got {m}"))
+    if alg.critic_warmup_steps > 0 and m < 1:
+        problems.append(("algorithm.critic_warmup_steps", f"{alg.critic_warmup_steps} warms up critics, but there are none"))
+    if alg.critic_warmup_steps >= cfg.trainer.steps:
+        problems.append((
+            "algorithm.critic_warmup_steps",
+            f"{alg.critic_warmup_steps} >= trainer.steps ({cfg.trainer.steps}): the policy would never be updated",
+        ))
     if alg.estimator == "grpo" and roll.samples_per_prompt < 2:
         problems.append(("rollout.samples_per_prompt", "grpo needs at least 2 samples per prompt for a group std"))
     if alg.critic_split == "response" and m > 0 and roll.samples_per_prompt % m:

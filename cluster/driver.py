@@ -484,8 +484,10 @@ class Trainer:
             self.close()
 
     def _check_progress(self, step: int, metrics: dict[str, float]) -> None:
-        """Stop after ``trainer.max_skipped_steps`` consecutive steps without a policy update, naming why."""
-        if metrics["optimizer_steps"] > 0:
+        """Stop after ``trainer.max_skipped_steps`` consecutive steps without a policy update, naming why.
+
+        Critic warm-up steps hold the policy back on purpose, so they are not counted."""
+        if metrics["optimizer_steps"] > 0 or metrics["critic_warmup"]:
             self._skipped_in_a_row = 0
             return
         self._skipped_in_a_row += 1

@@ -195,11 +195,12 @@ class Learner:
             raise RuntimeError("update() before prepare(): nothing to train on")
         start = time.perf_counter()
         lrn = self.config
-        if self._skip_update:  # the same on every rank: they all saw the same values
-            minis = lrn.epochs * (self._batch.num_sequences // lrn.mini_batch_size)
-            return {"optimizer_steps": 0.0, "skipped_steps": float(minis), "grad_norm": float("nan"),
-                    "learner_tokens_per_s": 0.0, "time_update": time.perf_counter() - start,
-                    "policy_version": float(self.version)}
+        warming_up = step < self.algorithm.critic_warmup_steps  # the critics train alone (§4, critic warm-up)
+        if warming_up or self._skip_update:  # the same on every rank: they all saw the same values
+            minis = 0 if warming_up else lrn.epochs * (self._batch.num_sequences // lrn.mini_batch_size)
+            return {"optimizer_steps": 0.0, "skipped_steps": float(minis), "critic_warmup": float(warming_up),
+                    "grad_norm": float("nan"), "learner_tokens_per_s": 0.0,
+                    "time_update": time.perf_counter() - start, "policy_version": float(self.version)}
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         self.engine.module.train()
         totals = StepTotals()
@@ -222,6 +223,7 @@ class Learner:
             "learner_tokens_per_s": result.pop("tokens") / seconds if seconds > 0 else 0.0,
             "time_update": seconds,
             "policy_version": float(self.version),
+            "critic_warmup": 0.0,
         })
         return result
 

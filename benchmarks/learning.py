@@ -1,0 +1,221 @@
+"""Learning curves over seeds: variants of a job compared at equal rollout budgets, resumable run by run.
+
+An experiment is a question and a few variants (config overrides on a common job). Every (variant, seed) run is a
+whole training job; it writes one result file, ``<out>/<variant>/seed-<k>.json``, and a run whose file exists is
+skipped, so an interrupted grid continues where it stopped (commit the files as they arrive). With every run of a
+variant in, the summary gives held-out accuracy at the start and the end, the gain, and mean ± std over seeds, paired
+by seed (every variant of a seed starts from the same bootstrapped base); ``curves.png`` plots the held-out accuracy
+per evaluation with a band of ± one std over seeds.
+
+    python benchmarks/learning.py critic-warmup                  # 2 variants × 3 seeds × 100 steps: ~25 min on 2 cores
+    python benchmarks/learning.py critic-warmup --summary-only   # the table from the files already there
+    python benchmarks/learning.py critic-warmup --steps 2 --seeds 0 --variants skip-masks --out /tmp/smoke  # smoke
+
+Writes ``benchmarks/results/learning/<experiment>/`` (or ``--out``): the per-run files, ``summary.json``,
+``summary.md`` and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS = REPO_ROOT / "benchmarks" / "results" / "learning"
+# Per-step numbers kept in each result file (docs/algorithms.md §7), enough to redraw any curve without the run.
+STEP_KEYS = ("reward_mean", "accuracy", "entropy_mean", "response_length", "erc_kept_frac", "adv_mask_frac",
+             "entropy_filter_frac", "masks_skipped", "optimizer_steps", "policy_loss", "approx_kl", "time_step")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    question: str
+    variants: dict[str, list[str]]  # name → overrides on top of ``common``
+    common: list[str] = field(default_factory=list)
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+
+EXPERIMENTS = {
+    "critic-warmup": Experiment(
+        question="At the start the critics' heads are zero, so σ is flat and the masks carry no information "
+                 "(docs/algorithms.md §4). Is it better to skip the masks while σ is flat (the default) or to train "
+                 "the critics alone for the first steps before the policy moves? Equal rollout budgets: the warm-up "
+                 "steps count against the 100.",
+        variants={
+            "skip-masks": [],
+            "critic-warmup-5": ["algorithm.critic_warmup_steps=5"],
+        },
+        common=["trainer.steps=100"],
+    ),
+}
+
+
+def run_one(experiment: str, spec: Experiment, variant: str, seed: int, steps: int | None, extra: list[str],
+            scratch: Path) -> dict:
+    """One whole training job; returns its result record."""
+    from asyppo.cluster.config import build_config
+    from asyppo.cluster.driver import train
+    from asyppo.cluster.metrics import read_metrics
+
+    overrides = [*spec.common, *spec.variants[variant], *extra, f"trainer.seed={seed}"]
+    if steps is not None:
+        overrides.append(f"trainer.steps={steps}")
+    name = f"{variant}-seed{seed}"
+    cfg = build_config(overrides=[*overrides, f"trainer.run_dir={scratch}", f"trainer.name={name}",
+                                  "logging.wandb_mode=disabled", "logging.console=false",
+                                  "logging.ray_metrics=false", "trainer.checkpoint_every=0"])
+    started = time.perf_counter()
+    summary = train(cfg)
+    seconds = time.perf_counter() - started
+    run_path = Path(summary["run_dir"])
+    lines = read_metrics(run_path / "metrics.jsonl")
+    evals = read_metrics(run_path / "eval.jsonl")
+    return {
+        "experiment": experiment, "variant": variant, "seed": seed, "overrides": overrides,
+        "steps": cfg.trainer.steps,
+        "base_accuracy": summary.get("base_accuracy"), "final_accuracy": summary.get("final_accuracy"),
+        "eval": [{"step": line["step"], "accuracy": line["eval_accuracy"]} for line in evals],
+        "per_step": {key: [line.get(key) for line in lines] for key in STEP_KEYS},
+        "wall_seconds": seconds, "commit": _commit(), "machine": f"{platform.machine()}, {_cores()} cores",
+    }
+
+
+def summarize(spec: Experiment, records: list[dict]) -> dict:
+    """Mean ± std over seeds of each variant's held-out accuracy at the start and end and of its gain."""
+    rows = {}
+    for variant in spec.variants:
+        mine = sorted((r for r in records if r["variant"] == variant), key=lambda r: r["seed"])
+        if not mine:
+            continue
+        gains = [r["final_accuracy"] - r["base_accuracy"] for r in mine]
+        rows[variant] = {
+            "seeds": [r["seed"] for r in mine],
+            "base": _mean_std([r["base_accuracy"] for r in mine]),
+            "final": _mean_std([r["final_accuracy"] for r in mine]),
+            "gain": _mean_std(gains),
+            "gain_per_seed": gains,
+            "minutes_per_run": statistics.mean(r["wall_seconds"] for r in mine) / 60,
+        }
+    return rows
+
+
+def markdown_table(rows: dict) -> str:
+    lines = ["| variant | seeds | held-out at start | after training | gain | gain per seed | minutes per run |",
+             "|---|---|---|---|---|---|---|"]
+    for variant, row in rows.items():
+        per_seed = ", ".join(f"{gain:+.3f}" for gain in row["gain_per_seed"])
+        lines.append(f"| {variant} | {len(row['seeds'])} | {_fmt(row['base'])} | {_fmt(row['final'])} | "
+                     f"{_fmt(row['gain'], sign=True)} | {per_seed} | {row['minutes_per_run']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot_curves(spec: Experiment, records: list[dict], path: Path, title: str) -> None:
+    """Held-out accuracy per evaluation, mean over seeds with a ± one std band, one line per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    figure, axes = plt.subplots(figsize=(6.4, 4.0))
+    for variant in spec.variants:
+        mine = [r for r in records if r["variant"] == variant]
+        if not mine:
+            continue
+        steps = [point["step"] for point in mine[0]["eval"]]
+        values = np.array([[point["accuracy"] for point in r["eval"]] for r in mine if len(r["eval"]) == len(steps)])
+        mean, std = values.mean(0), values.std(0)
+        axes.plot(steps, mean, marker="o", label=f"{variant} ({len(values)} seeds)")
+        axes.fill_between(steps, mean - std, mean + std, alpha=0.2)
+    axes.set_xlabel("step (held-out evaluation after it; the first point is before training)")
+    axes.set_ylabel("held-out accuracy")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("experiment", choices=sorted(EXPERIMENTS))
+    parser.add_argument("--seeds", type=int, nargs="+", help="default: the experiment's seeds")
+    parser.add_argument("--variants", nargs="+", help="default: all of the experiment's variants")
+    parser.add_argument("--steps", type=int, help="override trainer.steps (a smoke run; use another --out)")
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results/learning/<experiment>")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="more config overrides for every run (a smaller smoke run; use another --out)")
+    parser.add_argument("--summary-only", action="store_true", help="run nothing; summarise the files there")
+    args = parser.parse_args(argv)
+
+    spec = EXPERIMENTS[args.experiment]
+    out = args.out or RESULTS / args.experiment
+    seeds = args.seeds or list(spec.seeds)
+    variants = args.variants or list(spec.variants)
+    unknown = sorted(set(variants) - set(spec.variants))
+    if unknown:
+        parser.error(f"--variants: {unknown} not in {sorted(spec.variants)}")
+
+    if not args.summary_only:
+        todo = [(v, s) for s in seeds for v in variants if not (out / v / f"seed-{s}.json").exists()]
+        print(f"{args.experiment}: {len(todo)} run(s) to do, {len(seeds) * len(variants) - len(todo)} already there "
+              f"({out})", flush=True)
+        with tempfile.TemporaryDirectory(prefix="asyppo-learning-") as scratch:
+            for number, (variant, seed) in enumerate(todo, 1):
+                print(f"[{number}/{len(todo)}] {variant}, seed {seed} ...", end=" ", flush=True)
+                record = run_one(args.experiment, spec, variant, seed, args.steps, args.set, Path(scratch))
+                target = out / variant / f"seed-{seed}.json"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(json.dumps(record, indent=1) + "\n")
+                print(f"held-out {record['base_accuracy']:.3f} -> {record['final_accuracy']:.3f} "
+                      f"({record['wall_seconds'] / 60:.1f} min)", flush=True)
+
+    records = [json.loads(path.read_text()) for path in sorted(out.glob("*/seed-*.json"))]
+    if not records:
+        print(f"no results under {out}")
+        return 1
+    rows = summarize(spec, records)
+    table = markdown_table(rows)
+    (out / "summary.json").write_text(json.dumps({"question": spec.question, "variants": rows}, indent=1) + "\n")
+    (out / "summary.md").write_text(f"{spec.question}\n\n{table}\n\nCommand: `python benchmarks/learning.py "
+                                    f"{args.experiment}`\n")
+    plot_curves(spec, records, out / "curves.png", args.experiment)
+    print(table)
+    print(f"wrote {out / 'summary.md'}, {out / 'summary.json'}, {out / 'curves.png'}")
+    return 0
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def _fmt(stat: dict[str, float], sign: bool = False) -> str:
+    mean = f"{stat['mean']:+.3f}" if sign else f"{stat['mean']:.3f}"
+    return f"{mean} ± {stat['std']:.3f}"
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _cores() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
