@@ -48,7 +48,7 @@ def constant_reward(response_text: str, answer: str, *, response_length: int, tr
 
 
 def build_tokenizer():
-    from asyppo.tasks.arithmetic_models import char_tokenizer
+    from asyppo.tasks.tiny_models import char_tokenizer
 
     return char_tokenizer()
 

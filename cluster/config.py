@@ -28,7 +28,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from asyppo.tasks.registry import TASKS
+from asyppo.tasks.registry import BUILTIN_PREFIX, TASKS
 
 log = logging.getLogger("asyppo")
 
@@ -314,6 +314,16 @@ def cross_field_problems(cfg: JobConfig) -> list[tuple[str, str]]:
             "algorithm.critic_split",
             f"response split needs samples_per_prompt ({roll.samples_per_prompt}) divisible by num_critics ({m})",
         ))
+
+    for field in ("train", "eval"):
+        source = getattr(cfg.data, field)
+        if source and source.startswith(BUILTIN_PREFIX) and source != BUILTIN_PREFIX + cfg.data.task:
+            own = BUILTIN_PREFIX + cfg.data.task if TASKS[cfg.data.task].builtin_problems else None
+            problems.append((
+                f"data.{field}",
+                f"{source} is another task's dataset than data.task={cfg.data.task} (use "
+                + (f"{own} or a file)" if own else "a dataset file: the task has no built-in data)"),
+            ))
 
     if alg.off_policy_correction != "none" and roll.top_p < 1:
         problems.append((

@@ -5,7 +5,7 @@
   one split, decided by a stable hash of its text, so the ``eval`` problems are held out from training for any
   seed and count.
 * ``verify_arithmetic`` accepts a response that states exactly the answer (docs/algorithms.md §1).
-* ``builtin_models`` bootstraps the task's tiny policy and critic (``asyppo.tasks.arithmetic_models``).
+* ``builtin_models`` bootstraps the task's tiny policy and critic (``asyppo.tasks.tiny_models``).
 
 Registered as the task ``arithmetic`` in ``asyppo.tasks.registry``. No Ray import here.
 """
@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 # The built-in task (what ``builtin:arithmetic`` and the built-in models use): two operands below 100, "+".
-# asyppo/tasks/arithmetic_models.py explains the choice.
+# asyppo/tasks/tiny_models.py explains the choice.
 ARITHMETIC_DIGITS = 2
 ARITHMETIC_OPERATORS = "+"
 # One problem in ten of the built-in task's problem space is held out for evaluation.
@@ -147,6 +147,6 @@ def builtin_models(seed: int, log: Callable[[str], None]):
 
     Imported on demand: the bootstrap needs transformers and tokenizers, which the rest of this module does not.
     """
-    from asyppo.tasks.arithmetic_models import ensure_builtin_models
+    from asyppo.tasks.tiny_models import ensure_builtin_models
 
     return ensure_builtin_models(seed=seed, log=log)

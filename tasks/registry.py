@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from asyppo.tasks import arithmetic, math
+from asyppo.tasks import arithmetic, chain, math
 from asyppo.tasks.problems import DatasetError, Problem, apply_template, load_problem_file
 
 __all__ = ["BUILTIN_PREFIX", "TASKS", "Task", "load_problems"]
@@ -43,6 +43,7 @@ TASKS: dict[str, Task] = {
     task.name: task
     for task in (
         Task("arithmetic", arithmetic.verify_arithmetic, arithmetic.arithmetic_problems, arithmetic.builtin_models),
+        Task("chain", chain.verify_chain, chain.chain_problems, chain.builtin_models),
         Task("math", math.verify_math),
     )
 }

@@ -1,7 +1,9 @@
-"""The built-in task's models: a character tokenizer, a tiny Qwen2 policy and critic, and their warm-up.
+"""The built-in tasks' models: a character tokenizer, a tiny Qwen2 policy and critic, and their warm-up.
 
 ``asyppo train`` with no arguments needs a base policy that leaves room for RL, and nothing can be downloaded,
-so the job makes its own: ``ensure_builtin_models`` trains it once, deterministically, and caches it.
+so the job makes its own: ``ensure_builtin_models`` trains it once, deterministically, and caches it. Each built-in
+task (``arithmetic``, ``chain``) has its recipe: ``WarmupRecipe()`` for ``arithmetic`` (described below) and
+``CHAIN_RECIPE`` for ``chain`` (the same steps on the chain task, with the differences stated at its definition).
 
 Recipe (``WarmupRecipe`` defaults; docs/algorithms.md §1 for the verifier, §2 for the critics)
 ------------------------------------------------------------------------------------------
@@ -17,7 +19,8 @@ Recipe (``WarmupRecipe`` defaults; docs/algorithms.md §1 for the verifier, §2 
 * Policy: Qwen2, hidden 64, 2 layers, 2 heads of dim 32 (a head size vLLM's CPU attention supports), MLP
   256, tied embeddings, 128 positions: ~0.13M parameters, float32. (A 0.5M model, hidden 128, needs fewer
   steps but ~4x more compute per step, several times longer in all.)
-* Supervised warm-up of the policy: ``prompt + answer + <eos>``, cross-entropy on answer and EOS tokens only,
+* Supervised warm-up of the policy: ``prompt + answer + <eos>`` (for ``chain``, the written-out chain instead of
+  the answer), cross-entropy on answer and EOS tokens only,
   batches of 128 train problems from a seeded ``PromptSampler``, AdamW (lr 3e-3, no weight decay, betas
   0.9/0.98), linear warm-up over 50 steps then constant, gradient clipping at 1.
 * Stopping: every 10 steps, the held-out *expected* sampled accuracy -- the mean probability of emitting
@@ -60,7 +63,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -68,10 +71,13 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config,
 from transformers.utils import logging as transformers_logging
 
 from asyppo.tasks.arithmetic import ARITHMETIC_DIGITS, ARITHMETIC_OPERATORS, arithmetic_problems, verify_arithmetic
+from asyppo.tasks.chain import CHAIN_OPERANDS, chain_problems, chain_solution, verify_chain
 from asyppo.tasks.problems import Problem, PromptSampler
 
 __all__ = [
     "ARITHMETIC_ALPHABET",
+    "CHAIN_ALPHABET",
+    "CHAIN_RECIPE",
     "RECIPE_VERSION",
     "BuiltinModels",
     "WarmupRecipe",
@@ -87,6 +93,7 @@ __all__ = [
 # Bump when the code changes what a recipe produces, so that old cache entries are not reused.
 RECIPE_VERSION = 1
 ARITHMETIC_ALPHABET = "0123456789+-*= "
+CHAIN_ALPHABET = ARITHMETIC_ALPHABET + ";"
 PAD_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, UNK_TOKEN)  # ids 0, 1, 2
 MAX_POSITIONS = 128
@@ -98,15 +105,15 @@ HEAD_DIM = 32
 # ---------------------------------------------------------------------------------------------------------
 
 
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer for the arithmetic alphabet, built locally with ``tokenizers``.
+def char_tokenizer(alphabet: str = ARITHMETIC_ALPHABET) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer for ``alphabet``, built locally with ``tokenizers``.
 
-    Each character of ``ARITHMETIC_ALPHABET`` is one token; special tokens ``<pad>`` (0), ``<eos>`` (1),
+    Each character of ``alphabet`` is one token; special tokens ``<pad>`` (0), ``<eos>`` (1),
     ``<unk>`` (2, any other character). No BOS token and no post-processing, so ``encode(text)`` is exactly
     the characters. The ``Fuse`` decoder joins tokens without separators, so ``decode`` gives back the plain
     text (a word-level vocabulary would otherwise be decoded with spaces between tokens).
     """
-    vocabulary = {token: index for index, token in enumerate([*SPECIAL_TOKENS, *ARITHMETIC_ALPHABET])}
+    vocabulary = {token: index for index, token in enumerate([*SPECIAL_TOKENS, *alphabet])}
     backend = Tokenizer(models.WordLevel(vocab=vocabulary, unk_token=UNK_TOKEN))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()
@@ -164,9 +171,11 @@ def tiny_critic_config(vocab_size: int, *, hidden_size: int = 32, num_layers: in
 class WarmupRecipe:
     """Everything that determines the built-in models (with the seed); hashed into the cache key.
 
-    The defaults are the documented recipe (module docstring). Tests pass cheaper ones.
+    The defaults are the documented recipe of the ``arithmetic`` task (module docstring); ``CHAIN_RECIPE`` is the
+    ``chain`` task's. Tests pass cheaper ones. ``digits`` and ``operators`` apply to ``arithmetic`` only.
     """
 
+    task: Literal["arithmetic", "chain"] = "arithmetic"
     digits: int = ARITHMETIC_DIGITS
     operators: str = ARITHMETIC_OPERATORS
     policy_hidden_size: int = 64
@@ -209,8 +218,27 @@ class WarmupRecipe:
             raise ValueError(f"WarmupRecipe.learning_rate must be > 0, got {self.learning_rate}")
 
     @property
+    def alphabet(self) -> str:
+        return CHAIN_ALPHABET if self.task == "chain" else ARITHMETIC_ALPHABET
+
+    def problems(self, count: int | None, split: str, seed: int) -> list[Problem]:
+        """The task's problems (``digits`` and ``operators`` shape the arithmetic ones)."""
+        if self.task == "chain":
+            return chain_problems(count, split=split, seed=seed)
+        return arithmetic_problems(count, split=split, seed=seed, digits=self.digits, operators=self.operators)
+
+    def target(self, problem: Problem) -> str:
+        """The response the policy is warmed up on: the answer, or for ``chain`` the written-out chain."""
+        return chain_solution(problem.prompt) if self.task == "chain" else problem.answer
+
+    def verify(self, response: str, answer: str) -> bool:
+        return verify_chain(response, answer) if self.task == "chain" else verify_arithmetic(response, answer)
+
+    @property
     def max_response_tokens(self) -> int:
-        """Longest answer of the task plus EOS: the generation limit used for evaluation."""
+        """Longest response of the task plus EOS: the generation limit used for evaluation."""
+        if self.task == "chain":
+            return max(len(chain_solution("+".join(["99"] * n) + "=")) for n in CHAIN_OPERANDS) + 1
         largest = 10**self.digits - 1
         longest = max(
             len(str(largest + largest)) if "+" in self.operators else 0,
@@ -218,6 +246,15 @@ class WarmupRecipe:
             len(str(largest * largest)) if "*" in self.operators else 0,
         )
         return longest + 1
+
+
+# The chain task's recipe: a larger policy (the task needs 3-digit sums and must carry a result from one step to
+# the next), the same warm-up otherwise, stopped earlier in a lower band: a response succeeds only if all of its 3-4
+# partial sums do, so sampled accuracy starts low and RL has most of the way to go.
+CHAIN_RECIPE = WarmupRecipe(
+    task="chain", policy_hidden_size=128, policy_layers=3, critic_hidden_size=64, critic_layers=2,
+    stop_at=0.25, target_low=0.1, target_high=0.4, max_steps=6000,
+)
 
 
 @dataclass(frozen=True)
@@ -237,13 +274,8 @@ class BuiltinModels:
 
     def heldout_problems(self) -> list[Problem]:
         """The exact held-out problems ``base_accuracy`` was measured on (compare RL accuracy on these)."""
-        return arithmetic_problems(
-            self.recipe["eval_size"],
-            split="eval",
-            seed=self.recipe["seed"],
-            digits=self.recipe["digits"],
-            operators=self.recipe["operators"],
-        )
+        fields = {name: self.recipe[name] for name in ("task", "digits", "operators") if name in self.recipe}
+        return WarmupRecipe(**fields).problems(self.recipe["eval_size"], "eval", self.recipe["seed"])
 
 
 def default_cache_dir() -> Path:
@@ -254,9 +286,9 @@ def default_cache_dir() -> Path:
 def _recipe_dict(recipe: WarmupRecipe, seed: int) -> dict[str, Any]:
     return {
         "version": RECIPE_VERSION,
-        "task": "arithmetic",
+        "task": recipe.task,
         "seed": seed,
-        "vocabulary": [*SPECIAL_TOKENS, *ARITHMETIC_ALPHABET],
+        "vocabulary": [*SPECIAL_TOKENS, *recipe.alphabet],
         "max_response_tokens": recipe.max_response_tokens,
         **dataclasses.asdict(recipe),
     }
@@ -282,14 +314,14 @@ def _torch_threads(count: int) -> Iterator[None]:
 
 
 def _supervised_batch(
-    tokenizer: PreTrainedTokenizerFast, problems: Sequence[Problem]
+    tokenizer: PreTrainedTokenizerFast, problems: Sequence[Problem], target: Callable[[Problem], str]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ``prompt + answer + <eos>`` ids, attention mask, and labels that are -100 on the prompt
-    and the padding, so the loss covers the answer and EOS only."""
+    """Right-padded ``prompt + target + <eos>`` ids, attention mask, and labels that are -100 on the prompt
+    and the padding, so the loss covers the target and EOS only."""
     sequences, labels = [], []
     for problem in problems:
         prompt_ids = tokenizer.encode(problem.prompt, add_special_tokens=False)
-        target_ids = tokenizer.encode(problem.answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+        target_ids = tokenizer.encode(target(problem), add_special_tokens=False) + [tokenizer.eos_token_id]
         sequences.append(prompt_ids + target_ids)
         labels.append([-100] * len(prompt_ids) + target_ids)
     width = max(map(len, sequences))
@@ -309,21 +341,23 @@ def expected_accuracy(
     tokenizer: PreTrainedTokenizerFast,
     problems: Sequence[Problem],
     *,
+    target: Callable[[Problem], str] | None = None,
     batch_size: int = 512,
 ) -> float:
     """Mean over ``problems`` of the probability that the model, sampling at temperature 1, emits exactly
-    ``answer + <eos>`` after the prompt: the expectation of ``sampled_accuracy``, computed in one teacher-forced
-    pass without sampling noise. (The verifier also accepts non-canonical forms such as ``07``; their tiny
-    probability is left out, so this is a lower bound.)
+    ``target(problem) + <eos>`` after the prompt (default: the answer): the expectation of ``sampled_accuracy``,
+    computed in one teacher-forced pass without sampling noise. (The verifier also accepts non-canonical forms such
+    as ``07``; their tiny probability is left out, so this is a lower bound.)
     """
     if not problems:
         raise ValueError("expected_accuracy: no problems")
+    target = target or (lambda problem: problem.answer)
     was_training = model.training
     model.eval()
     total = 0.0
     try:
         for start in range(0, len(problems), batch_size):
-            input_ids, attention_mask, labels = _supervised_batch(tokenizer, problems[start : start + batch_size])
+            input_ids, attention_mask, labels = _supervised_batch(tokenizer, problems[start : start + batch_size], target)
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
             targets = labels[:, 1:]
             answer_positions = targets != -100
@@ -344,9 +378,10 @@ def sampled_accuracy(
     max_new_tokens: int,
     temperature: float = 1.0,
     samples_per_problem: int = 1,
+    verify: Callable[[str, str], bool] = verify_arithmetic,
     batch_size: int = 512,
 ) -> float:
-    """Fraction of sampled responses that ``verify_arithmetic`` accepts, ``samples_per_problem`` per problem.
+    """Fraction of sampled responses that ``verify`` accepts, ``samples_per_problem`` per problem.
 
     Plain ancestral sampling at ``temperature`` (no top-k / top-p) with ``model.generate``, the torch RNG
     seeded from ``seed`` inside a forked RNG state, so the caller's random stream is untouched and the number
@@ -383,7 +418,7 @@ def sampled_accuracy(
                 )
                 output = model.generate(**encoded, generation_config=generation)
                 responses = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
-                correct += sum(verify_arithmetic(text, problem.answer) for text, problem in zip(responses, chunk))
+                correct += sum(verify(text, problem.answer) for text, problem in zip(responses, chunk))
     finally:
         model.train(was_training)
     return correct / len(problems)
@@ -397,7 +432,7 @@ def _language_model_warmup(
     steps: int,
     evaluate: Callable[[int], bool] | None = None,
 ) -> int:
-    """Supervised steps on ``prompt + answer + <eos>``; stops early when ``evaluate(step)`` returns True.
+    """Supervised steps on ``prompt + target + <eos>``; stops early when ``evaluate(step)`` returns True.
 
     Returns the number of steps taken.
     """
@@ -407,7 +442,7 @@ def _language_model_warmup(
         warmup_fraction = min(1.0, step / recipe.lr_warmup_steps) if recipe.lr_warmup_steps else 1.0
         for group in optimizer.param_groups:
             group["lr"] = recipe.learning_rate * warmup_fraction
-        input_ids, attention_mask, labels = _supervised_batch(tokenizer, sampler.next_batch(recipe.batch_size))
+        input_ids, attention_mask, labels = _supervised_batch(tokenizer, sampler.next_batch(recipe.batch_size), recipe.target)
         loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -449,7 +484,7 @@ def _train_policy(
     history: list[list[float]] = []
 
     def reached_stop_point(step: int) -> bool:
-        accuracy = expected_accuracy(policy, tokenizer, heldout)
+        accuracy = expected_accuracy(policy, tokenizer, heldout, target=recipe.target)
         history.append([step, round(accuracy, 4)])
         if len(history) % 10 == 0 or accuracy >= recipe.stop_at:
             log(f"[bootstrap] policy step {step}: held-out expected accuracy {accuracy:.3f}")
@@ -503,10 +538,9 @@ def _train_critic(
 def _build(recipe: WarmupRecipe, seed: int, output_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
     """Train policy and critic into ``output_dir/policy`` and ``output_dir/critic``; return the warm-up record."""
     started = time.perf_counter()
-    tokenizer = char_tokenizer()
-    task = {"digits": recipe.digits, "operators": recipe.operators}
-    train = arithmetic_problems(None, split="train", seed=seed, **task)
-    heldout = arithmetic_problems(recipe.eval_size, split="eval", seed=seed, **task)
+    tokenizer = char_tokenizer(recipe.alphabet)
+    train = recipe.problems(None, "train", seed)
+    heldout = recipe.problems(recipe.eval_size, "eval", seed)
     if recipe.batch_size > len(train):
         raise ValueError(f"WarmupRecipe.batch_size {recipe.batch_size} exceeds the {len(train)} train problems")
 
@@ -518,6 +552,7 @@ def _build(recipe: WarmupRecipe, seed: int, output_dir: Path, log: Callable[[str
         seed=seed + 10_000,
         max_new_tokens=recipe.max_response_tokens,
         samples_per_problem=recipe.eval_samples_per_problem,
+        verify=recipe.verify,
     )
     stop_reason = _report_stop(recipe, base_accuracy, policy_steps, history, len(heldout), log)
     _save_model(policy, tokenizer, output_dir / "policy")
@@ -600,7 +635,7 @@ def ensure_builtin_models(
     recipe_dict = _recipe_dict(recipe, seed)
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    entry = cache_dir / f"arithmetic-{_recipe_key(recipe_dict)}"
+    entry = cache_dir / f"{recipe.task}-{_recipe_key(recipe_dict)}"
 
     cached = _load_entry(entry, recipe_dict)
     if cached is not None:
@@ -617,7 +652,7 @@ def ensure_builtin_models(
             # by hand after it was written: rebuild it rather than trust it.
             log(f"[bootstrap] WARNING: {entry} is incomplete or not made by this recipe; rebuilding it")
             shutil.rmtree(entry)
-        log(f"[bootstrap] building the built-in arithmetic models into {entry} (seed {seed})")
+        log(f"[bootstrap] building the built-in {recipe.task} models into {entry} (seed {seed})")
         staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=cache_dir))
         try:
             with _torch_threads(num_threads or max(1, min(2, os.cpu_count() or 1))):

@@ -6,6 +6,7 @@ recipe once for this module (about 30-60 s on 2 CPU cores) and checks that it la
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from asyppo.tasks.arithmetic_models import (
+from asyppo.tasks.tiny_models import (
     ARITHMETIC_ALPHABET,
     WarmupRecipe,
     char_tokenizer,
@@ -27,6 +28,7 @@ from asyppo.tasks.arithmetic_models import (
     tiny_policy_config,
 )
 from asyppo.tasks.arithmetic import arithmetic_problems
+from asyppo.tasks.chain import chain_problems, chain_solution
 
 CHEAP = WarmupRecipe(
     policy_hidden_size=32,
@@ -122,6 +124,22 @@ def test_warmup_is_deterministic(tmp_path: Path) -> None:
         _weights(first.policy_dir)["model.embed_tokens.weight"],
         _weights(other_seed.policy_dir)["model.embed_tokens.weight"],
     )
+
+
+def test_chain_recipe_warms_up_on_written_chains(tmp_path: Path) -> None:
+    recipe = dataclasses.replace(CHEAP, task="chain")
+    built = ensure_builtin_models(tmp_path, recipe=recipe, log=_quiet)
+    assert built.policy_dir.parent.name.startswith("chain-")
+    tokenizer = AutoTokenizer.from_pretrained(built.policy_dir)
+    assert tokenizer.convert_ids_to_tokens(tokenizer.encode("1+2=3;3+4=7", add_special_tokens=False)) == list(
+        "1+2=3;3+4=7")
+    heldout = built.heldout_problems()
+    assert heldout == chain_problems(recipe.eval_size, split="eval", seed=0)
+    # The warm-up's last evaluation is the probability of the written-out chain, not of the bare answer.
+    model = AutoModelForCausalLM.from_pretrained(built.policy_dir).eval()
+    on_chains = expected_accuracy(model, tokenizer, heldout, target=lambda p: chain_solution(p.prompt))
+    assert built.warmup["history"][-1][1] == pytest.approx(on_chains, abs=1e-4)
+    assert built.recipe["max_response_tokens"] == 43
 
 
 def test_cache_hit_returns_same_dirs_without_training(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Job configuration: presets (docs/algorithms.md §6), YAML + dotted overrides, and errors that name the field."""
 
 import logging
+from pathlib import Path
 
 import pytest
 import yaml
@@ -81,7 +82,7 @@ def test_override_values_are_parsed_as_yaml():
     (["algorithm.clip_mode=fancy"], "algorithm.clip_mode", "'ppo' or 'gppo'"),
     (["algorithm.dual_clip=0.5"], "algorithm.dual_clip", "greater than 1"),
     (["algorithm.clip_low=1.2"], "algorithm.clip_low", "less than 1"),
-    (["data.task=poetry"], "data.task", "'arithmetic' or 'math'"),
+    (["data.task=poetry"], "data.task", "'arithmetic', 'chain' or 'math'"),
     (["learner.lernrate=1"], "learner.lernrate", "unknown field"),
     (["preset=grpo", "critics.num_critics=2"], "critics.num_critics", "grpo uses no critics"),
     (["preset=ppo", "critics.num_critics=2"], "critics.num_critics", "exactly 1 critic"),
@@ -101,6 +102,8 @@ def test_override_values_are_parsed_as_yaml():
     (["trainer.name=a/b"], "trainer.name", "not a path"),
     (["preset=grpo", "algorithm.critic_warmup_steps=3"], "algorithm.critic_warmup_steps", "there are none"),
     (["trainer.steps=5", "algorithm.critic_warmup_steps=5"], "algorithm.critic_warmup_steps", "never be updated"),
+    (["data.task=chain"], "data.train", "use builtin:chain or a file"),
+    (["data.task=math", "data.train=/data/train.jsonl"], "data.eval", "the task has no built-in data"),
     (["preset=nope"], "preset", "unknown preset"),
     (["novalue"], "novalue", "dotted.key=value"),
 ])
@@ -171,3 +174,9 @@ def test_old_and_new_name_together_is_an_error(tmp_path):
     path.write_text(yaml.safe_dump({"learner": {"clip_low": 0.1}, "critics": {"split": "response"}}))
     cfg = load_config(path, ["algorithm.clip_low=0.3"])
     assert cfg.algorithm.clip_low == 0.3 and cfg.algorithm.critic_split == "response"
+
+
+@pytest.mark.parametrize("example", sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml")),
+                         ids=lambda path: path.name)
+def test_every_example_config_is_valid(example):
+    load_config(example)  # raises ConfigError naming the field

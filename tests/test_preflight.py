@@ -32,7 +32,7 @@ def test_every_problem_is_reported_before_any_actor_starts(tmp_path):
 
 
 def test_reference_answers_the_verifier_cannot_use_are_named():
-    cfg = build_config(overrides=["data.task=math"])
+    cfg = build_config(overrides=["data.task=math", "data.train=train.jsonl", "data.eval=null"])
     rows = [Problem("ok", "q", "\\frac{1}{2}"), Problem("broken", "q", "\t"), Problem("empty", "q", " ")]
     [(field, reason)] = answer_problems(cfg, {"data.train": rows, "data.eval": rows[:1]})
     assert field == "data.train" and reason.startswith("2 reference answers the math verifier cannot use")

@@ -44,7 +44,7 @@ PROBLEMS = [
 
 
 def build_char_tokenizer():
-    from asyppo.tasks.arithmetic_models import char_tokenizer
+    from asyppo.tasks.tiny_models import char_tokenizer
 
     return char_tokenizer()
 
