@@ -43,6 +43,9 @@ class Experiment:
     seeds: tuple[int, ...] = (0, 1, 2)
 
 
+# The chain task (examples/chain.yaml): its data, its built-in models, room for its longest response.
+CHAIN = ["data.task=chain", "data.train=builtin:chain", "data.eval=builtin:chain", "rollout.max_new_tokens=48"]
+
 EXPERIMENTS = {
     "critic-warmup": Experiment(
         question="At the start the critics' heads are zero, so σ is flat and the masks carry no information "
@@ -54,6 +57,19 @@ EXPERIMENTS = {
             "critic-warmup-5": ["algorithm.critic_warmup_steps=5"],
         },
         common=["trainer.steps=100"],
+    ),
+    "chain-screen": Experiment(
+        question="On the chain task (docs/tasks.md), GRPO gains quickly while the default AsyPPO preset loses accuracy. "
+                 "Which part of AsyPPO is responsible? One seed, 30 steps each, to screen before the full grid.",
+        variants={
+            "asyppo": [],
+            "asyppo-no-erc": ["algorithm.erc_band=null"],
+            "asyppo-no-masks": ["algorithm.adv_mask_fraction=0", "algorithm.entropy_filter_fraction=0"],
+            "ppo": ["preset=ppo"],
+            "grpo": ["preset=grpo"],
+        },
+        common=[*CHAIN, "trainer.steps=30", "trainer.eval_every=10"],
+        seeds=(0,),
     ),
 }
 

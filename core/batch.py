@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from asyppo.core.advantages import ensemble_values, gae, grpo_advantages, place_outcome_rewards, whiten
+from asyppo.core.diagnostics import explained_variance, position_thirds, rank_correlation
 from asyppo.core.disagreement import (
     agreement_mask, carries_information, critic_std, divergence_mask, std_quantiles,
 )
@@ -170,11 +171,14 @@ def compute_advantages(
         raw_advantages, returns = gae(rewards, mean_values, mask, gamma=gamma, lam=lam)
         advantages = whiten(raw_advantages, mask)
         stats["value_mean"] = float((mean_values * mask).sum() / mask.sum().clamp(min=1))
+        stats["value_explained_var"] = explained_variance(mean_values, returns, mask)
         if values.shape[0] >= 2:
             std = critic_std(values)
             stats.update({f"sigma_{key}": value for key, value in std_quantiles(std, mask).items()})
             informative = carries_information(std, mask)
             stats["masks_skipped"] = 0.0 if informative else 1.0
+            # Does σ point at the tokens where the ensemble is wrong? (docs/algorithms.md §7, diagnostics)
+            stats["sigma_error_spearman"] = rank_correlation(std, (mean_values - returns).abs(), mask)
             if adv_mask_fraction > 0 and informative:
                 adv_mask = agreement_mask(std, mask, adv_mask_fraction, tie_seed)
             if entropy_filter_fraction > 0 and informative:
@@ -188,4 +192,7 @@ def compute_advantages(
         float(((1 - entropy_filter) * mask).sum() / valid) if entropy_filter is not None else 0.0
     )
     stats["advantage_abs_mean"] = float((advantages.abs() * mask).sum() / valid)
+    for name, keep in (("adv_mask", adv_mask), ("entropy_filter", entropy_filter)):
+        for third, share in zip(("first", "middle", "last"), position_thirds(keep, mask)):
+            stats[f"{name}_frac_{third}_third"] = share
     return AdvantageResult(advantages, returns, adv_mask, entropy_filter, stats)

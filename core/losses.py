@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from asyppo.core.diagnostics import gradient_weight, removed_share
+
 __all__ = [
     "AGGREGATIONS",
     "aggregate",
@@ -189,6 +191,7 @@ def policy_loss(
             "clip_frac": _masked_mean_float(clip_active.float(), mask),
             "dual_clip_frac": _masked_mean_float(dual_clip_active.float(), mask),
             "erc_kept_frac": _masked_mean_float(erc_keep.float(), mask),
+            "erc_grad_share_removed": removed_share(gradient_weight(advantages, old_logp), erc_keep.float(), mask),
             "approx_kl": _masked_mean_float(approx_kl_per_token, mask),
             "ratio_mean": _masked_mean_float(ratio, mask),
         }

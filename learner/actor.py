@@ -22,6 +22,7 @@ from asyppo.cluster.deepspeed_engine import (
     optimizer_step,
 )
 from asyppo.core.batch import AdvantageResult, RolloutBatch, compute_advantages
+from asyppo.core.diagnostics import gradient_weight, removed_share
 from asyppo.core.logprobs import response_logprobs
 from asyppo.core.losses import entropy_bonus, nll_loss, policy_loss
 from asyppo.core.offpolicy import behaviour_weights
@@ -183,6 +184,9 @@ class Learner:
             tie_seed=self.seed * 1_000_003 + step,
         )
         self._advantages.stats.update(stats)
+        weight = gradient_weight(self._advantages.advantages, self._old_logp)
+        self._advantages.stats["adv_mask_grad_share_removed"] = removed_share(
+            weight, self._advantages.adv_mask, batch.response_mask)
         return self._advantages.returns, self._advantages.stats
 
     def update(self, step: int) -> dict[str, float]:
