@@ -154,10 +154,10 @@ class RolloutWorker:
         self.weights.require_valid()
         if n < 1 or max_new_tokens < 1:
             raise ValueError(f"n and max_new_tokens must be >= 1, got n={n}, max_new_tokens={max_new_tokens}")
-        if not temperature > 0:
-            raise ValueError(
-                f"temperature must be > 0 (log-probs are those of the sampling distribution), got {temperature}"
-            )
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0: greedy, for evaluation only), got {temperature}")
+        if temperature == 0 and n != 1:
+            raise ValueError(f"greedy decoding (temperature 0) gives one response per prompt, got n={n}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         prompt_ids = self._encode_prompts(problems)

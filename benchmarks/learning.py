@@ -28,11 +28,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from asyppo.cluster.config import PRESETS
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "learning"
 # Per-step numbers kept in each result file (docs/algorithms.md §7), enough to redraw any curve without the run.
 STEP_KEYS = ("reward_mean", "accuracy", "entropy_mean", "response_length", "erc_kept_frac", "adv_mask_frac",
-             "entropy_filter_frac", "masks_skipped", "optimizer_steps", "policy_loss", "approx_kl", "time_step")
+             "entropy_filter_frac", "masks_skipped", "optimizer_steps", "policy_loss", "approx_kl", "time_step",
+             "rollout_responses", "uniform_groups_frac", "dynamic_sampling_rounds", "value_explained_var",
+             "sigma_error_spearman", "adv_mask_grad_share_removed", "erc_grad_share_removed", "clip_frac",
+             *(f"{mask}_frac_{third}_third" for mask in ("adv_mask", "entropy_filter")
+               for third in ("first", "middle", "last")))
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,46 @@ EXPERIMENTS = {
         common=[*CHAIN, "trainer.steps=30", "trainer.eval_every=10"],
         seeds=(0,),
     ),
+    "erc-band": Experiment(
+        question="ERC stops the gradient of tokens whose entropy moved outside [low, high] since the step began "
+                 "(docs/algorithms.md §5). On the chain task its 0.95-1.05 band holds AsyPPO back. How wide must the "
+                 "band be before it stops hurting, how much of the gradient does each band remove, and does it hurt "
+                 "through the entropy bonus it leaves untouched?",
+        variants={
+            "band-0.95-1.05": [],
+            "band-0.9-1.1": ["algorithm.erc_band=[0.9,1.1]"],
+            "band-0.8-1.25": ["algorithm.erc_band=[0.8,1.25]"],
+            "band-0.5-2": ["algorithm.erc_band=[0.5,2.0]"],
+            "no-erc": ["algorithm.erc_band=null"],
+            # Is it ERC alone, or ERC with the entropy bonus that it leaves untouched?
+            "band-0.95-1.05-no-entropy-bonus": ["algorithm.entropy_coef=0"],
+            "grpo-with-erc": ["preset=grpo", "algorithm.erc_band=[0.95,1.05]"],
+        },
+        common=[*CHAIN, "trainer.steps=30", "trainer.eval_every=10"],
+        seeds=(0,),
+    ),
+    **{
+        f"presets-{task}": Experiment(
+            question=f"Every preset (docs/algorithms.md §6) on the {task} task, 3 seeds, 100 steps of the same batch "
+                     "size (dapo-erc's dynamic sampling generates more responses per step: see that column).",
+            variants={preset: [f"preset={preset}"] for preset in PRESETS},
+            common=[*task_overrides, "trainer.steps=100"],
+        )
+        for task, task_overrides in (("arithmetic", []), ("chain", CHAIN))
+    },
+    "ablations-chain": Experiment(
+        question="AsyPPO's parts on the chain task, each removed or changed alone from the default preset.",
+        variants={
+            "asyppo": [],
+            "no-adv-mask": ["algorithm.adv_mask_fraction=0"],
+            "no-entropy-filter": ["algorithm.entropy_filter_fraction=0"],
+            "no-erc": ["algorithm.erc_band=null"],
+            "critics-3": ["critics.num_critics=3"],
+            "critics-4": ["critics.num_critics=4"],
+            "response-split": ["algorithm.critic_split=response"],
+        },
+        common=[*CHAIN, "trainer.steps=100"],
+    ),
 }
 
 
@@ -98,7 +144,8 @@ def run_one(experiment: str, spec: Experiment, variant: str, seed: int, steps: i
         "experiment": experiment, "variant": variant, "seed": seed, "overrides": overrides,
         "steps": cfg.trainer.steps,
         "base_accuracy": summary.get("base_accuracy"), "final_accuracy": summary.get("final_accuracy"),
-        "eval": [{"step": line["step"], "accuracy": line["eval_accuracy"]} for line in evals],
+        "eval": [{"step": line["step"], "accuracy": line["eval_accuracy"],
+                  "accuracy_greedy": line.get("eval_accuracy_greedy")} for line in evals],
         "per_step": {key: [line.get(key) for line in lines] for key in STEP_KEYS},
         "wall_seconds": seconds, "commit": _commit(), "machine": f"{platform.machine()}, {_cores()} cores",
     }
@@ -112,24 +159,32 @@ def summarize(spec: Experiment, records: list[dict]) -> dict:
         if not mine:
             continue
         gains = [r["final_accuracy"] - r["base_accuracy"] for r in mine]
+        greedy = [r["eval"][-1].get("accuracy_greedy") for r in mine]
+        responses = [sum(r["per_step"].get("rollout_responses") or [0]) for r in mine]
         rows[variant] = {
             "seeds": [r["seed"] for r in mine],
             "base": _mean_std([r["base_accuracy"] for r in mine]),
             "final": _mean_std([r["final_accuracy"] for r in mine]),
             "gain": _mean_std(gains),
             "gain_per_seed": gains,
+            "final_greedy": _mean_std(greedy) if None not in greedy else None,
+            "responses_per_run": statistics.mean(responses) if all(responses) else None,
             "minutes_per_run": statistics.mean(r["wall_seconds"] for r in mine) / 60,
         }
     return rows
 
 
 def markdown_table(rows: dict) -> str:
-    lines = ["| variant | seeds | held-out at start | after training | gain | gain per seed | minutes per run |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | seeds | held-out at start | after training | gain | gain per seed | greedy after training "
+             "| responses generated | minutes per run |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for variant, row in rows.items():
         per_seed = ", ".join(f"{gain:+.3f}" for gain in row["gain_per_seed"])
+        greedy = _fmt(row["final_greedy"]) if row.get("final_greedy") else "–"
+        responses = f"{row['responses_per_run']:,.0f}" if row.get("responses_per_run") else "–"
         lines.append(f"| {variant} | {len(row['seeds'])} | {_fmt(row['base'])} | {_fmt(row['final'])} | "
-                     f"{_fmt(row['gain'], sign=True)} | {per_seed} | {row['minutes_per_run']:.1f} |")
+                     f"{_fmt(row['gain'], sign=True)} | {per_seed} | {greedy} | {responses} | "
+                     f"{row['minutes_per_run']:.1f} |")
     return "\n".join(lines)
 
 

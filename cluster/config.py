@@ -32,10 +32,12 @@ from asyppo.tasks.registry import BUILTIN_PREFIX, TASKS
 
 log = logging.getLogger("asyppo")
 
-PresetName = Literal["asyppo", "ppo", "grpo", "dapo-erc", "gppo-erc"]
+# model.critic: the critics' backbone is the policy's own model (a critic as large as the policy).
+CRITIC_IS_POLICY = "policy"
+PresetName = Literal["asyppo", "asyppo-only", "ppo", "ppo-policy-critic", "grpo", "dapo-erc", "gppo-erc"]
 
-# docs/algorithms.md §6. Each preset sets only the algorithm switches (and the number of critics they need); every one
-# stays independently overridable.
+# docs/algorithms.md §6. Each preset sets only the algorithm switches (and the critics they need: their number, and for
+# ppo-policy-critic their model); every one stays independently overridable.
 PRESETS: dict[str, dict[str, Any]] = {
     "asyppo": {
         "critics": {"num_critics": 2},
@@ -45,7 +47,25 @@ PRESETS: dict[str, dict[str, Any]] = {
             "entropy_filter_fraction": 0.2,
         },
     },
+    # AsyPPO's critics and masks alone: PPO's symmetric clip, no ERC, no dual clip, so that its effect is not
+    # confounded with ERC's and clip-higher's.
+    "asyppo-only": {
+        "critics": {"num_critics": 2},
+        "algorithm": {
+            "estimator": "asyppo", "clip_mode": "ppo", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": None,
+            "erc_band": None, "entropy_coef": 1e-3, "adv_mask_fraction": 0.2, "entropy_filter_fraction": 0.2,
+        },
+    },
     "ppo": {
+        "critics": {"num_critics": 1},
+        "algorithm": {
+            "estimator": "gae", "clip_mode": "ppo", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": 3.0,
+            "erc_band": None, "entropy_coef": 1e-3, "adv_mask_fraction": 0.0, "entropy_filter_fraction": 0.0,
+        },
+    },
+    # The papers' PPO baseline: one critic as large as the policy (its backbone is the policy's model).
+    "ppo-policy-critic": {
+        "model": {"critic": CRITIC_IS_POLICY},
         "critics": {"num_critics": 1},
         "algorithm": {
             "estimator": "gae", "clip_mode": "ppo", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": 3.0,
@@ -61,6 +81,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "dapo-erc": {
         "critics": {"num_critics": 0},
+        "rollout": {"dynamic_sampling": True},
         "algorithm": {
             "estimator": "grpo", "clip_mode": "ppo", "clip_low": 0.2, "clip_high": 0.28, "dual_clip": 10.0,
             "erc_band": [0.95, 1.05], "entropy_coef": 0.0, "adv_mask_fraction": 0.0,
@@ -115,7 +136,9 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     policy: str = Field(BUILTIN_POLICY, description="local Hugging Face model dir, or builtin:tiny")
-    critic: str = Field(BUILTIN_CRITIC, description="local HF dir for the critics' backbone, or builtin:tiny-critic")
+    critic: str = Field(
+        BUILTIN_CRITIC, description="local HF dir for the critics' backbone, builtin:tiny-critic, or policy (the policy's)"
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
@@ -150,6 +173,10 @@ class RolloutConfig(_Section):
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     cpu_kv_cache_gib: float = Field(1.0, gt=0)
     max_model_len: int | None = Field(None, ge=8)
+    dynamic_sampling: bool = Field(
+        False, description="DAPO: drop prompts whose responses all scored alike, refill from new prompts (§3)"
+    )
+    dynamic_sampling_rounds: int = Field(3, ge=1, description="extra generation rounds per step at most")
 
 
 class CriticsConfig(_Section):
@@ -307,6 +334,14 @@ def cross_field_problems(cfg: JobConfig) -> list[tuple[str, str]]:
             "algorithm.critic_warmup_steps",
             f"{alg.critic_warmup_steps} >= trainer.steps ({cfg.trainer.steps}): the policy would never be updated",
         ))
+    if roll.dynamic_sampling and cfg.trainer.max_staleness > 0:
+        problems.append((
+            "rollout.dynamic_sampling",
+            f"needs trainer.max_staleness=0 (got {cfg.trainer.max_staleness}): its refills draw prompts in the "
+            "step, which must not overtake a rollout already in flight",
+        ))
+    if roll.dynamic_sampling and roll.samples_per_prompt < 2:
+        problems.append(("rollout.dynamic_sampling", "needs at least 2 samples per prompt to tell groups apart"))
     if alg.estimator == "grpo" and roll.samples_per_prompt < 2:
         problems.append(("rollout.samples_per_prompt", "grpo needs at least 2 samples per prompt for a group std"))
     if alg.critic_split == "response" and m > 0 and roll.samples_per_prompt % m:

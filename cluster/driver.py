@@ -32,10 +32,11 @@ import torch
 from asyppo.cluster.actor_group import ActorGroup, role_resources, total_cpus
 from asyppo.cluster.checkpoint import CheckpointDir, read_trainer_state
 from asyppo.cluster.config import (
-    BUILTIN_CRITIC, BUILTIN_POLICY, ConfigError, JobConfig, load_config, resume_changes,
+    BUILTIN_CRITIC, BUILTIN_POLICY, CRITIC_IS_POLICY, ConfigError, JobConfig, load_config, resume_changes,
 )
 from asyppo.cluster.metrics import MetricsSink
 from asyppo.cluster.preflight import preflight_problems
+from asyppo.core.batch import collate_rollouts, concat_batches, select_groups, uniform_groups
 from asyppo.tasks.registry import TASKS, load_problems
 from asyppo.weight_sync.protocol import WeightSyncError, probe_mismatch
 
@@ -112,6 +113,8 @@ def resolve_models(cfg: JobConfig) -> Models:
         builtin = task.builtin_models(cfg.trainer.seed, log.info)
         pick = {BUILTIN_POLICY: str(builtin.policy_dir), BUILTIN_CRITIC: str(builtin.critic_dir)}
         paths = {field: pick.get(path, path) for field, path in paths.items()}
+    if paths["model.critic"] == CRITIC_IS_POLICY:
+        paths["model.critic"] = paths["model.policy"]
     for field, path in paths.items():
         if not (Path(path) / "config.json").is_file():
             raise JobFailed(f"{field}: {path} is not a local Hugging Face model directory (no config.json)")
@@ -328,9 +331,9 @@ class Trainer:
         self._sampler_after_launch[step] = self.sampler.state_dict()
         return self._launch(problems, n=roll.samples_per_prompt, seed=self.cfg.trainer.seed * 100_003 + step)
 
-    def _launch(self, problems: list, *, n: int, seed: int) -> Rollout:
-        rollout = Rollout(problems, n, seed, version=self.version, refs={}, started=time.perf_counter())
-        rollout.refs = generate(self.rollout_workers, self.cfg, problems, n=n, seed=seed)
+    def _launch(self, problems: list, *, n: int, seed: int, greedy: bool = False) -> Rollout:
+        rollout = Rollout(problems, n, seed, version=self.version, refs={}, started=time.perf_counter(), greedy=greedy)
+        rollout.refs = generate(self.rollout_workers, self.cfg, problems, n=n, seed=seed, greedy=greedy)
         return rollout
 
     def _collect(self, rollout: Rollout, what: str) -> list[dict]:
@@ -357,8 +360,46 @@ class Trainer:
                 return [outputs[index] for index in sorted(outputs)]
             self._restore_rollout_workers(what)
             rollout.refs.update(generate(self.rollout_workers, self.cfg, rollout.problems, n=rollout.n,
-                                         seed=rollout.seed, only=missing))
+                                         seed=rollout.seed, only=missing, greedy=rollout.greedy))
         raise JobFailed(f"{what}: rollout workers kept failing after {attempts} attempts{self._resume_hint()}")
+
+    def _dynamic_sampling(self, step: int, batch, outputs: list[dict]):
+        """DAPO's dynamic sampling (docs/algorithms.md §3): prompts whose responses all scored alike carry no GRPO
+        gradient, so they are dropped and replaced by prompts drawn afresh, generated in up to
+        ``rollout.dynamic_sampling_rounds`` extra rounds of ``prompts_per_step`` prompts each. Surplus informative
+        prompts of the last round are discarded; when the rounds run out, dropped prompts fill the batch back to
+        its size (counted in ``dynamic_sampling_filled``). Returns (batch, every output generated, stats)."""
+        roll = self.cfg.rollout
+        wanted, n = roll.prompts_per_step, roll.samples_per_prompt
+        informative, uniform = [], []  # sub-batches of whole prompt groups
+        first_informative_frac, rounds = None, 0
+        while True:
+            flat = uniform_groups(batch.scores, n).tolist()
+            if first_informative_frac is None:
+                first_informative_frac = 1 - sum(flat) / len(flat)
+            have = sum(len(sub.prompt_ids) for sub in informative)
+            take = [group for group, same in enumerate(flat) if not same][:wanted - have]
+            informative.append(select_groups(batch, take))
+            uniform.append(select_groups(batch, [group for group, same in enumerate(flat) if same]))
+            if have + len(take) == wanted or rounds == roll.dynamic_sampling_rounds:
+                break
+            rounds += 1
+            problems = self.sampler.next_batch(wanted)
+            refill = self._launch(problems, n=n, seed=self.cfg.trainer.seed * 100_003 + step + 1_000_000_007 * rounds)
+            more = self._collect(refill, f"step {step}: dynamic sampling, round {rounds}")
+            outputs = outputs + more
+            batch = self._collate(problems, more)
+        # A checkpoint at this step resumes the sampler after the refills' prompts too.
+        self._sampler_after_launch[step] = self.sampler.state_dict()
+        missing = wanted - sum(len(sub.prompt_ids) for sub in informative)
+        if missing:
+            spare = concat_batches([sub for sub in uniform if sub.prompt_ids], self.pad_id)
+            informative.append(select_groups(spare, list(range(missing))))
+        batch = concat_batches([sub for sub in informative if sub.prompt_ids], self.pad_id)
+        stats = {"dynamic_sampling_rounds": float(rounds),
+                 "dynamic_sampling_informative_frac": first_informative_frac,
+                 "dynamic_sampling_filled": float(missing)}
+        return batch, outputs, stats
 
     def _restore_rollout_workers(self, what: str, version: int | None = None) -> list[int]:
         """Bring every rollout worker to the learner's weights ``version`` (default: the current one) after some
@@ -435,8 +476,6 @@ class Trainer:
         return self._get(refs, what)
 
     def _collate(self, problems, outputs):
-        from asyppo.core.batch import collate_rollouts, concat_batches
-
         batches, start = [], 0
         for out in outputs:
             count = len(out["prompt_ids"])
@@ -507,6 +546,10 @@ class Trainer:
         outputs = self._collect(rollout, f"step {step}: rollout")
         timings = {"time_rollout": time.perf_counter() - rollout.started}
         batch = self._collate(rollout.problems, outputs)
+        sampling_stats = {}
+        if self.cfg.rollout.dynamic_sampling:
+            batch, outputs, sampling_stats = self._dynamic_sampling(step, batch, outputs)
+            timings["time_rollout"] = time.perf_counter() - rollout.started
         if self.version - batch.weight_version > self.cfg.trainer.max_staleness:
             raise JobFailed(
                 f"step {step}: the rollout batch was generated with weights v{batch.weight_version} while the "
@@ -522,6 +565,7 @@ class Trainer:
         sync_stats, logp_diff = self._sync_weights(step, batch, update_stats, timings)
         metrics = step_metrics(batch, outputs, old_stats, adv_stats, update_stats, sync_stats, critic_stats,
                                logp_diff, timings)
+        metrics.update(sampling_stats)
         metrics["weight_sync_check_tolerance"] = self.cfg.weight_sync.check_tolerance
         metrics["actor_restarts"] = float(sum(self._restarts.values()))
         metrics["time_step"] = time.perf_counter() - step_start
@@ -621,14 +665,18 @@ class Trainer:
             raise JobFailed(f"{exc}{self._resume_hint()}") from None
 
     def evaluate(self, step: int) -> float:
-        """Held-out accuracy at the training temperature, one sample per problem.
+        """Held-out accuracy at the training temperature, one sample per problem (returned and logged as
+        ``eval_accuracy``), and with greedy decoding (``eval_accuracy_greedy``).
 
         Every evaluation uses the same sampling seeds, so successive numbers differ by the weights, not the dice.
         """
         start = time.perf_counter()
-        outputs = self._collect(self._launch(self.eval_problems, n=1, seed=EVAL_SEED), f"step {step}: evaluation")
-        accuracy = held_out_accuracy(outputs)
-        self.sink.log_event(step, {"eval_accuracy": accuracy, "eval_problems": float(len(self.eval_problems)),
+        sampled = self._launch(self.eval_problems, n=1, seed=EVAL_SEED)
+        greedy = self._launch(self.eval_problems, n=1, seed=EVAL_SEED, greedy=True)
+        accuracy = held_out_accuracy(self._collect(sampled, f"step {step}: evaluation"))
+        greedy_accuracy = held_out_accuracy(self._collect(greedy, f"step {step}: greedy evaluation"))
+        self.sink.log_event(step, {"eval_accuracy": accuracy, "eval_accuracy_greedy": greedy_accuracy,
+                                   "eval_problems": float(len(self.eval_problems)),
                                    "time_eval": time.perf_counter() - start})
         return accuracy
 
@@ -675,8 +723,11 @@ def step_metrics(batch, outputs, old_stats, adv_stats, update_stats, sync_stats,
     metrics = {
         "reward_mean": float(batch.scores.mean()),
         "accuracy": float(batch.correct.float().mean()),
+        # Prompts whose responses all scored alike: no GRPO gradient (what dynamic sampling drops).
+        "uniform_groups_frac": float(uniform_groups(batch.scores, batch.group_size).float().mean()),
         "response_length": float(mask.sum(1).mean()),
         "truncated_frac": float(np.mean([float(t) for out in outputs for t in out["truncated"]])),
+        "rollout_responses": float(sum(len(out["truncated"]) for out in outputs)),  # refills included
         "rollout_tokens_per_s": generated / max(timings["time_rollout"], 1e-9),
         "rollout_weight_version": float(batch.weight_version),
         **old_stats, **adv_stats, **update_stats, **sync_stats,
@@ -739,17 +790,20 @@ class Rollout:
     version: int
     refs: dict[int, Any]
     started: float
+    greedy: bool = False
 
 
-def generate(workers, cfg: JobConfig, problems, *, n: int, seed: int, only: list[int] | None = None) -> dict[int, Any]:
+def generate(workers, cfg: JobConfig, problems, *, n: int, seed: int, only: list[int] | None = None,
+             greedy: bool = False) -> dict[int, Any]:
     """Contiguous slices of whole prompts to each worker (a prompt's n samples stay together); worker ``i`` samples
-    with seed ``seed + i``. Returns {worker index: ObjectRef}; ``only`` launches just those workers' slices again."""
+    with seed ``seed + i``. Returns {worker index: ObjectRef}; ``only`` launches just those workers' slices again.
+    ``greedy`` decodes at temperature 0 (evaluation only)."""
     roll = cfg.rollout
     slices = np.array_split(np.arange(len(problems)), len(workers))
     return {
         index: workers[index].generate.remote(
             [problems[i].to_dict() for i in part], n=n, max_new_tokens=roll.max_new_tokens,
-            temperature=roll.temperature, top_p=roll.top_p, seed=seed + index,
+            temperature=0.0 if greedy else roll.temperature, top_p=roll.top_p, seed=seed + index,
         )
         for index, part in enumerate(slices)
         if len(part) and (only is None or index in only)

@@ -129,6 +129,24 @@ def concat_batches(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
     )
 
 
+def uniform_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[P]`` bool: the prompts whose n responses all got the same score. Their GRPO advantage is 0 on every token
+    (docs/algorithms.md §3), so they carry no policy gradient; DAPO's dynamic sampling drops them."""
+    if scores.dim() != 1 or group_size < 1 or scores.numel() % group_size:
+        raise ValueError(f"uniform_groups: {scores.numel()} scores are not whole groups of {group_size}")
+    groups = scores.view(-1, group_size)
+    return (groups == groups[:, :1]).all(dim=1)
+
+
+def select_groups(batch: RolloutBatch, groups: list[int]) -> RolloutBatch:
+    """The sub-batch of whole prompt groups ``groups`` (indices into ``batch.prompt_ids``), in that order."""
+    n = batch.group_size
+    rows = [group * n + j for group in groups for j in range(n)]
+    picked = batch.rows(rows)
+    picked.prompt_ids = [batch.prompt_ids[group] for group in groups]
+    return picked
+
+
 @dataclass
 class AdvantageResult:
     advantages: torch.Tensor  # [N, T], whitened where the estimator whitens

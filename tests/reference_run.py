@@ -33,4 +33,6 @@ def assert_same_run(reference_dir, run_dir) -> None:
         for want, have in zip(expected, got):
             for key, value in want.items():
                 if not is_timing(key) and key not in NOT_COMPARED:
-                    assert have[key] == pytest.approx(value, rel=TOLERANCE, abs=1e-9), (name, want["step"], key)
+                    # NaN (a diagnostic with nothing to measure, e.g. σ flat at step 0) must be NaN in both.
+                    expected_value = pytest.approx(value, rel=TOLERANCE, abs=1e-9, nan_ok=True)
+                    assert have[key] == expected_value, (name, want["step"], key)

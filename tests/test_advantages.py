@@ -173,3 +173,28 @@ def test_place_outcome_rewards_rejects_empty_response():
         place_outcome_rewards(torch.ones(2), make_mask([[1, 0], [0, 0]]))
     with pytest.raises(ValueError, match="scores"):
         place_outcome_rewards(torch.ones(3), make_mask([[1, 0], [1, 0]]))
+
+
+def test_uniform_groups_are_the_prompts_whose_responses_all_scored_alike():
+    from asyppo.core.batch import uniform_groups
+
+    scores = torch.tensor([1.0, 1, 1, 0, 1, 0, 0, 0, 0, 0.5, 0.5, 0.5])
+    assert uniform_groups(scores, 3).tolist() == [True, False, True, True]
+    assert uniform_groups(torch.tensor([0.0, 0.0, 1.0, 1.0]), 2).tolist() == [True, True]
+    with pytest.raises(ValueError, match="whole groups"):
+        uniform_groups(scores, 5)
+
+
+def test_select_groups_keeps_whole_groups_with_their_prompt_ids():
+    from asyppo.core.batch import collate_rollouts, select_groups
+
+    n, T = 2, 3
+    batch = collate_rollouts(
+        [[5], [6, 7], [8]], torch.arange(18).view(6, T), torch.ones(6, T), torch.zeros(6, T),
+        torch.tensor([0.0, 1, 2, 3, 4, 5]), torch.tensor([0, 1, 0, 1, 0, 1]).bool(), ["a", "b", "c"], n, 0, 7,
+    )
+    picked = select_groups(batch, [2, 0])
+    assert picked.prompt_ids == ["c", "a"] and picked.group_size == n and picked.weight_version == 7
+    assert picked.scores.tolist() == [4.0, 5.0, 0.0, 1.0]
+    assert torch.equal(picked.input_ids, batch.input_ids[[4, 5, 0, 1]])
+    assert select_groups(batch, []).num_sequences == 0

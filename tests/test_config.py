@@ -32,7 +32,9 @@ def test_default_is_the_asyppo_preset_of_the_spec_table():
 # The §6 table, typed in here independently of asyppo.cluster.config.PRESETS.
 SPEC_TABLE = {
     "asyppo": ("asyppo", 2, "ppo", 0.2, 0.28, 3.0, (0.95, 1.05), 1e-3, 0.2, 0.2),
+    "asyppo-only": ("asyppo", 2, "ppo", 0.2, 0.2, None, None, 1e-3, 0.2, 0.2),
     "ppo": ("gae", 1, "ppo", 0.2, 0.2, 3.0, None, 1e-3, 0.0, 0.0),
+    "ppo-policy-critic": ("gae", 1, "ppo", 0.2, 0.2, 3.0, None, 1e-3, 0.0, 0.0),
     "grpo": ("grpo", 0, "ppo", 0.2, 0.2, 3.0, None, 0.0, 0.0, 0.0),
     "dapo-erc": ("grpo", 0, "ppo", 0.2, 0.28, 10.0, (0.95, 1.05), 0.0, 0.0, 0.0),
     "gppo-erc": ("grpo", 0, "gppo", 0.2, 0.2, 10.0, (0.95, 1.05), 0.0, 0.0, 0.0),
@@ -47,6 +49,10 @@ def test_presets_match_the_spec_table(name):
            alg.erc_band, alg.entropy_coef, alg.adv_mask_fraction, alg.entropy_filter_fraction)
     assert got == SPEC_TABLE[name]
     assert set(PRESETS) == set(SPEC_TABLE)
+    # DAPO's dynamic sampling comes with the DAPO preset only.
+    assert cfg.rollout.dynamic_sampling == (name == "dapo-erc")
+    # Only the papers' PPO baseline changes the critics' model: to the policy's own.
+    assert cfg.model.critic == ("policy" if name == "ppo-policy-critic" else "builtin:tiny-critic")
 
 
 def test_every_switch_stays_independently_configurable():
@@ -104,6 +110,9 @@ def test_override_values_are_parsed_as_yaml():
     (["trainer.steps=5", "algorithm.critic_warmup_steps=5"], "algorithm.critic_warmup_steps", "never be updated"),
     (["data.task=chain"], "data.train", "use builtin:chain or a file"),
     (["data.task=math", "data.train=/data/train.jsonl"], "data.eval", "the task has no built-in data"),
+    (["preset=dapo-erc", "trainer.max_staleness=1"], "rollout.dynamic_sampling", "needs trainer.max_staleness=0"),
+    (["rollout.dynamic_sampling=true", "rollout.samples_per_prompt=1", "learner.mini_batch_size=32",
+      "learner.micro_batch_size=32", "algorithm.adv_mask_fraction=0"], "rollout.dynamic_sampling", "at least 2 samples"),
     (["preset=nope"], "preset", "unknown preset"),
     (["novalue"], "novalue", "dotted.key=value"),
 ])

@@ -179,3 +179,31 @@ def test_critic_warmup_trains_the_critics_alone(tmp_path):
     for m in range(2):
         assert lines[0][f"value_absmax_critic_{m}"] == 0.0 < lines[1][f"value_absmax_critic_{m}"]
     assert lines[2]["masks_skipped"] == 0.0 and lines[2]["adv_mask_frac"] > 0
+
+
+def test_dynamic_sampling_drops_uniform_groups_and_refills(tmp_path):
+    """preset=dapo-erc: the trained batch holds only prompts whose responses scored differently, refilled from
+    fresh prompts; when the refill rounds run out (here every response scores the same, reward.wrong=1), the
+    dropped prompts fill the batch back to its size, and the metrics say so."""
+    cfg = small_job(tmp_path, "preset=dapo-erc", "trainer.steps=2")
+    P = cfg.rollout.prompts_per_step
+    train(cfg)
+    for line in read_metrics(tmp_path / cfg.trainer.name / "metrics.jsonl"):
+        assert 0 <= line["dynamic_sampling_rounds"] <= cfg.rollout.dynamic_sampling_rounds
+        assert line["uniform_groups_frac"] * P == line["dynamic_sampling_filled"]
+        assert line["rollout_responses"] == cfg.batch_size * (1 + line["dynamic_sampling_rounds"])
+        assert line["optimizer_steps"] == cfg.batch_size // cfg.learner.mini_batch_size  # the batch kept its size
+        # A refill round runs exactly when the first round left prompts to replace.
+        assert (line["dynamic_sampling_rounds"] > 0) == (line["dynamic_sampling_informative_frac"] < 1)
+
+    # Every evaluation reports sampled and greedy accuracy.
+    for line in read_metrics(tmp_path / cfg.trainer.name / "eval.jsonl"):
+        assert 0 <= line["eval_accuracy"] <= 1 and 0 <= line["eval_accuracy_greedy"] <= 1
+
+    flat = small_job(tmp_path / "flat", "preset=dapo-erc", "trainer.steps=1", "reward.wrong=1",
+                     "rollout.dynamic_sampling_rounds=1")
+    train(flat)
+    [line] = read_metrics(tmp_path / "flat" / flat.trainer.name / "metrics.jsonl")
+    assert (line["dynamic_sampling_rounds"], line["dynamic_sampling_informative_frac"]) == (1.0, 0.0)
+    assert line["dynamic_sampling_filled"] == P and line["uniform_groups_frac"] == 1.0
+    assert line["optimizer_steps"] == flat.batch_size // flat.learner.mini_batch_size

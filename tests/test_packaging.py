@@ -140,7 +140,9 @@ def test_a_submitted_job_gets_this_checkout_as_a_regular_asyppo_package(tmp_path
     )
     assert result.returncode == 0, result.stderr
     where, tasks = json.loads(result.stdout)
-    assert where == str(staged / "core" / "losses.py") and tasks == ["arithmetic", "math"]
+    from asyppo.tasks.registry import TASKS
+
+    assert where == str(staged / "core" / "losses.py") and tasks == sorted(TASKS)
 
 
 def test_adding_a_task_as_docs_tasks_md_shows(tmp_path):
@@ -151,13 +153,14 @@ def test_adding_a_task_as_docs_tasks_md_shows(tmp_path):
     (staged / "tasks" / "choice.py").write_text(new_file)
     registry = (staged / "tasks" / "registry.py").read_text()
     old_table = registry[registry.index("TASKS: dict[str, Task] = {"):registry.index("\n\n\ndef load_problems")]
-    registry = registry.replace("from asyppo.tasks import arithmetic, math\n", "").replace(old_table, registration)
+    registry = registry.replace("from asyppo.tasks import arithmetic, chain, math\n", "").replace(old_table, registration)
     (staged / "tasks" / "registry.py").write_text(registry)
     result = subprocess.run([sys.executable, "-c", textwrap.dedent("""
         import json
         from asyppo.cluster.config import build_config
         from asyppo.tasks.rewards import RewardFunction
-        cfg = build_config(overrides=["data.task=choice"])
+        cfg = build_config(overrides=["data.task=choice", "data.train=/data/choice/train.jsonl",
+                                      "data.eval=/data/choice/test.jsonl"])
         reward = RewardFunction(task=cfg.data.task)
         print(json.dumps([reward("I pick (B).", "B", response_length=3, truncated=False),
                           reward("A, then C", "B", response_length=3, truncated=False)]))

@@ -66,3 +66,9 @@ def test_wandb_online_needs_credentials(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_API_KEY", "key")
     assert wandb_problems(online) == []
     assert wandb_problems(build_config(overrides=["logging.wandb_mode=auto"])) == []
+
+
+def test_a_critic_of_the_policys_own_model(tiny_policy_dir):
+    cfg = build_config(overrides=["preset=ppo-policy-critic", f"model.policy={tiny_policy_dir}"])
+    models = resolve_models(cfg)
+    assert models.policy == models.critic == tiny_policy_dir

@@ -238,6 +238,22 @@ def test_rollout_logprobs_match_hf_model_at_temperature(worker, policy_a):
         assert logps == pytest.approx(expected, abs=2e-4), f"row {row}"
 
 
+def test_greedy_decoding_follows_the_argmax_of_the_hf_model(worker, policy_a):
+    out = ray.get(worker.generate.remote(PROBLEMS, n=1, max_new_tokens=8, temperature=0.0, top_p=1.0, seed=0))
+    for row in range(len(PROBLEMS)):
+        tokens, _ = valid_row(out, row)
+        context = list(out["prompt_ids"][row])
+        expected = []
+        with torch.no_grad():
+            while len(expected) < len(tokens):
+                token = int(policy_a(torch.tensor([context])).logits[0, -1].argmax())
+                expected.append(token)
+                context.append(token)
+        assert tokens == expected, f"row {row}"
+    with pytest.raises(ray.exceptions.RayTaskError, match="greedy decoding .* one response per prompt"):
+        ray.get(worker.generate.remote(PROBLEMS, n=2, max_new_tokens=4, temperature=0.0, top_p=1.0, seed=0))
+
+
 def test_seeds_reproduce_and_prompts_do_not_share_samples(worker):
     same_prompt = [{"id": "a", "prompt": "2+2=", "answer": "4"}, {"id": "b", "prompt": "2+2=", "answer": "4"}]
     kwargs = {"n": 3, "max_new_tokens": 12, "temperature": 1.0, "top_p": 1.0}
