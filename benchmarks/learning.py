@@ -95,6 +95,19 @@ EXPERIMENTS = {
         common=[*CHAIN, "trainer.steps=30", "trainer.eval_every=10"],
         seeds=(0,),
     ),
+    "critic-fit": Experiment(
+        question="On the chain task the critics' values explain none of the return's variance (value_explained_var "
+                 "≈ 0): σ and the masks then carry no information. Do more critic updates per step, or a critic "
+                 "backbone that knows the task (the policy's own model), fit the returns?",
+        variants={
+            "asyppo": [],
+            "critic-epochs-4": ["critics.epochs=4"],
+            "critic-of-policy-model": ["model.critic=policy"],
+            "critic-of-policy-model-epochs-4": ["model.critic=policy", "critics.epochs=4"],
+        },
+        common=[*CHAIN, "trainer.steps=30", "trainer.eval_every=10"],
+        seeds=(0,),
+    ),
     **{
         f"presets-{task}": Experiment(
             question=f"Every preset (docs/algorithms.md §6) on the {task} task, 3 seeds, 100 steps of the same batch "
