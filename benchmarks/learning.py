@@ -223,7 +223,7 @@ def plot_curves(spec: Experiment, records: list[dict], path: Path, title: str) -
     axes.set_ylabel("held-out accuracy")
     axes.set_title(title)
     axes.grid(alpha=0.3)
-    axes.legend()
+    axes.legend(fontsize="small", loc="upper left")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
