@@ -372,11 +372,10 @@ class Trainer:
         roll = self.cfg.rollout
         wanted, n = roll.prompts_per_step, roll.samples_per_prompt
         informative, uniform = [], []  # sub-batches of whole prompt groups
-        first_informative_frac, rounds = None, 0
+        first_informative_frac = 1 - float(uniform_groups(batch.scores, n).float().mean())
+        rounds = 0
         while True:
             flat = uniform_groups(batch.scores, n).tolist()
-            if first_informative_frac is None:
-                first_informative_frac = 1 - sum(flat) / len(flat)
             have = sum(len(sub.prompt_ids) for sub in informative)
             take = [group for group, same in enumerate(flat) if not same][:wanted - have]
             informative.append(select_groups(batch, take))

@@ -12,14 +12,13 @@ Registered as the task ``arithmetic`` in ``asyppo.tasks.registry``. No Ray impor
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from typing import Literal
 
-from asyppo.tasks.problems import Problem, problem_id
+from asyppo.tasks.problems import Problem, is_heldout, problem_id
 
 __all__ = [
     "ARITHMETIC_DIGITS",
@@ -38,12 +37,6 @@ ARITHMETIC_OPERATORS = "+"
 HELDOUT_FRACTION = 0.1
 _OPERATORS = "+-*"
 _MAX_DIGITS = 3  # 3 digits with three operators is ~3M problems, the most we enumerate in memory.
-
-
-def _is_heldout(prompt: str) -> bool:
-    # An independent hash from the id's, so that the split is not correlated with id-based critic shards.
-    digest = hashlib.sha256(b"asyppo-heldout:" + prompt.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") < HELDOUT_FRACTION * 2**64
 
 
 def _arithmetic_result(left: int, operator: str, right: int) -> int:
@@ -92,7 +85,8 @@ def arithmetic_problems(
         for left in range(10**digits):
             for right in range(10**digits):
                 prompt = f"{left}{operator}{right}="
-                if _is_heldout(prompt) == want_heldout:
+                # A salt of its own, so that the split is not correlated with id-based critic shards.
+                if is_heldout(prompt, b"asyppo-heldout:", HELDOUT_FRACTION) == want_heldout:
                     pool.append((prompt, _arithmetic_result(left, operator, right)))
     if count is not None and count > len(pool):
         raise ValueError(

@@ -18,13 +18,12 @@ Registered as the task ``chain`` in ``asyppo.tasks.registry``. No Ray import her
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 from collections.abc import Callable
 from typing import Literal
 
-from asyppo.tasks.problems import Problem, problem_id
+from asyppo.tasks.problems import Problem, is_heldout, problem_id
 
 __all__ = [
     "CHAIN_DIGITS",
@@ -43,11 +42,6 @@ _HELDOUT_FRACTION = 0.1
 
 # One step ``a+b=c``; a response is steps joined by ``;``.
 _STEP = re.compile(r"(\d+)\+(\d+)=(\d+)")
-
-
-def _is_heldout(prompt: str) -> bool:
-    digest = hashlib.sha256(b"asyppo-chain-heldout:" + prompt.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") < _HELDOUT_FRACTION * 2**64
 
 
 def _operands(prompt: str) -> list[int]:
@@ -77,7 +71,7 @@ def _pools() -> dict[str, list[tuple[str, int]]]:
         if prompt in seen:
             continue
         seen.add(prompt)
-        split = "eval" if _is_heldout(prompt) else "train"
+        split = "eval" if is_heldout(prompt, b"asyppo-chain-heldout:", _HELDOUT_FRACTION) else "train"
         if len(pools[split]) < CHAIN_POOL[split]:
             pools[split].append((prompt, sum(operands)))
     return pools

@@ -26,6 +26,7 @@ __all__ = [
     "Problem",
     "PromptSampler",
     "apply_template",
+    "is_heldout",
     "load_problem_file",
     "problem_id",
 ]
@@ -47,6 +48,13 @@ class Problem:
 
     def to_dict(self) -> dict[str, str]:
         return {"id": self.id, "prompt": self.prompt, "answer": self.answer}
+
+
+def is_heldout(prompt: str, salt: bytes, fraction: float) -> bool:
+    """Whether ``prompt`` belongs to a built-in task's held-out split: the first 8 bytes of SHA-256(salt + prompt),
+    read big-endian, fall below ``fraction`` of 2**64. Stable across runs, and independent of the id's hash."""
+    digest = hashlib.sha256(salt + prompt.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64
 
 
 def problem_id(prompt: str) -> str:
