@@ -20,3 +20,8 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(VENV)/bin/python benchmarks/bench_logprobs.py
 	$(VENV)/bin/python benchmarks/bench_weight_sync.py
+	$(VENV)/bin/python benchmarks/bench_rollout.py
+	$(VENV)/bin/python benchmarks/bench_rollout.py --task arithmetic
+	$(VENV)/bin/python benchmarks/bench_steps.py
+	$(VENV)/bin/python benchmarks/bench_trl.py
+	$(VENV)/bin/python benchmarks/bench_trl.py --task chain

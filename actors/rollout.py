@@ -192,14 +192,15 @@ class RolloutWorker:
         """Token ids of each problem's prompt, checked to leave room for a response."""
         if not problems:
             raise ValueError("generate() got no problems")
-        prompt_ids = []
         for position, problem in enumerate(problems):
             if not isinstance(problem, dict):
                 raise TypeError(f"problem #{position} is a {type(problem).__name__}, not a dict")
             missing = [key for key in ("id", "prompt", "answer") if not isinstance(problem.get(key), str)]
             if missing:
                 raise ValueError(f"problem #{position} ({problem.get('id')!r}): {missing} missing or not a string")
-            ids = self.tokenizer.encode(problem["prompt"])
+        # One batch call (the same ids as encoding each prompt, special tokens included, in a fraction of the time).
+        prompt_ids = [list(ids) for ids in self.tokenizer([problem["prompt"] for problem in problems])["input_ids"]]
+        for problem, ids in zip(problems, prompt_ids):
             if not ids:
                 raise ValueError(f"problem {problem['id']!r}: the prompt tokenises to nothing")
             if len(ids) >= self.max_model_len:
@@ -207,7 +208,6 @@ class RolloutWorker:
                     f"problem {problem['id']!r}: prompt of {len(ids)} tokens leaves no room in max_model_len "
                     f"{self.max_model_len}"
                 )
-            prompt_ids.append(list(ids))
         return prompt_ids
 
     @staticmethod
@@ -236,15 +236,14 @@ class RolloutWorker:
 
     def _pad(self, samples: list[_Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Response ids (right-padded with the pad id), response mask and sampled log-probs, ``[rows, T]`` each."""
-        rows, width = len(samples), max(len(sample.token_ids) for sample in samples)
-        response_ids = torch.full((rows, width), self.pad_id, dtype=torch.long)
-        response_mask = torch.zeros((rows, width), dtype=torch.float32)
-        rollout_logprobs = torch.zeros((rows, width), dtype=torch.float32)
-        for row, sample in enumerate(samples):
-            length = len(sample.token_ids)
-            response_ids[row, :length] = torch.tensor(sample.token_ids, dtype=torch.long)
-            response_mask[row, :length] = 1.0
-            rollout_logprobs[row, :length] = torch.tensor(sample.logprobs, dtype=torch.float32)
+        width = max(len(sample.token_ids) for sample in samples)
+        # Padded Python lists turned into tensors once: a tensor per row costs more than the rest of this method.
+        response_ids = torch.tensor([sample.token_ids + [self.pad_id] * (width - len(sample.token_ids))
+                                     for sample in samples], dtype=torch.long)
+        rollout_logprobs = torch.tensor([sample.logprobs + [0.0] * (width - len(sample.logprobs))
+                                         for sample in samples], dtype=torch.float32)
+        lengths = torch.tensor([len(sample.token_ids) for sample in samples])
+        response_mask = (torch.arange(width)[None, :] < lengths[:, None]).to(torch.float32)
         return response_ids, response_mask, rollout_logprobs
 
     def prompt_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:

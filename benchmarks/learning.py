@@ -37,6 +37,8 @@ STEP_KEYS = ("reward_mean", "accuracy", "entropy_mean", "response_length", "erc_
              "entropy_filter_frac", "masks_skipped", "optimizer_steps", "policy_loss", "approx_kl", "time_step",
              "rollout_responses", "uniform_groups_frac", "dynamic_sampling_rounds", "value_explained_var",
              "sigma_error_spearman", "adv_mask_grad_share_removed", "erc_grad_share_removed", "clip_frac",
+             "time_rollout", "time_old_logprobs", "time_values", "time_update", "time_critic_train",
+             "time_weight_sync", "rollout_tokens_per_s",
              *(f"{mask}_frac_{third}_third" for mask in ("adv_mask", "entropy_filter")
                for third in ("first", "middle", "last")))
 

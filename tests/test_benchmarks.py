@@ -47,3 +47,88 @@ def test_learning_grid_smoke_run_then_resume(tmp_path):
     # A run whose result file exists is not run again.
     again = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert again.returncode == 0 and "0 run(s) to do, 1 already there" in again.stdout, again.stdout + again.stderr
+
+
+def _run_script(name: str, *args: str, timeout: int = 900) -> str:
+    command = [sys.executable, str(REPO_ROOT / "benchmarks" / name), *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.cluster
+def test_rollout_benchmark_smoke(tmp_path):
+    out = tmp_path / "rollout.json"
+    stdout = _run_script("bench_rollout.py", "--task", "arithmetic", "--prompts", "4", "--samples", "2",
+                         "--repeats", "1", "--output", str(out))
+    result = json.loads(out.read_text())
+    # Same seeds on both engines: the same tokens were generated, and the ratio is the tokens/s ratio.
+    assert result["generated_tokens"] >= 4 * 2
+    assert result["ratio_rollout_worker_to_plain"] == pytest.approx(
+        result["plain"]["median_s"] / result["rollout_worker"]["median_s"])
+    worker = result["rollout_worker"]
+    assert 0 < worker["engine_median_s"] <= worker["median_s"]
+    assert "ratio rollout_worker / plain" in stdout
+
+
+@pytest.mark.cluster
+def test_weight_sync_benchmark_smoke(tmp_path):
+    out = tmp_path / "sync.json"
+    _run_script("bench_weight_sync.py", "--sizes", "10M", "--repeats", "1", "--output", str(out))
+    (row,) = json.loads(out.read_text())["results"]
+    # Each path's weights were checked against the learner model after its measurement.
+    assert max(row["max_logprob_gap"].values()) <= 1e-3
+    assert row["fraction_of_raw"] == pytest.approx(row["raw_median_s"] / row["process_group_median_s"])
+    assert row["raw_s_per_gb"] == pytest.approx(row["raw_median_s"] / (row["bytes"] / 1e9))
+
+
+def test_logprobs_benchmark_smoke(tmp_path):
+    out = tmp_path / "logprobs.json"
+    _run_script("bench_logprobs.py", "--size", "2", "64", "512", "--hidden", "32", "--chunk-size", "16",
+                "--output", str(out), timeout=300)
+    report = json.loads(out.read_text())
+    assert {row["variant"] for row in report["measurements"]} == {"naive", "chunked"}
+    (comparison,) = report["comparisons"]
+    assert comparison["full_logits_mib"] == pytest.approx(2 * 64 * 512 * 4 / 2**20)
+
+
+@pytest.mark.cluster
+def test_steps_benchmark_smoke(tmp_path):
+    stdout = _run_script("bench_steps.py", "--steps", "3", "--variants", "sync", "--out", str(tmp_path))
+    record = json.loads((tmp_path / "sync" / "seed-0.json").read_text())
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    per_step = record["per_step"]
+    # The remainder is the step minus its sequential phases, over the steps after the first.
+    expected = sum(per_step["time_step"][1:]) / 2 - sum(
+        sum(per_step[key][1:]) / 2 for key in ("time_rollout", "time_values", "time_critic_train", "time_weight_sync"))
+    assert summary["breakdown_sync"]["orchestration"] == pytest.approx(expected)
+    assert set(summary["projection"]["seconds_target"]) == {"rollout", "learner", "critics"}
+    assert "orchestration remainder" in stdout
+    # Resumable: the run is not repeated.
+    again = _run_script("bench_steps.py", "--steps", "3", "--variants", "sync", "--out", str(tmp_path))
+    assert "sync ..." not in again
+
+
+@pytest.mark.cluster
+def test_trl_benchmark_smoke(tmp_path):
+    pytest.importorskip("trl", reason="TRL is a benchmark-only extra (pip install -e '.[bench]')")
+    out = tmp_path / "trl.json"
+    _run_script("bench_trl.py", "--steps", "2", "--output", str(out))
+    result = json.loads(out.read_text())
+    # 2 rollout batches of 256 responses, 4 optimizer steps of 64 each.
+    assert result["trl_optimizer_steps"] == 8
+    assert all(row["generated_tokens"] > 0 for row in result["rows"].values())
+
+
+def test_critic_fit_benchmark_smoke(tmp_path):
+    out = tmp_path / "fit.json"
+    # The arithmetic task: its built-in models are the default job's (the chain task's take minutes to bootstrap).
+    _run_script("critic_fit.py", "--task", "arithmetic", "--steps", "2", "--train-prompts", "8", "--test-prompts",
+                "8", "--lrs", "1e-3", "--backbones", "critic", "--out", str(out), timeout=600)
+    result = json.loads(out.read_text())
+    assert result["train_responses"] == 8 * 8 and result["test_responses"] == 8 * 8
+    # The value head starts at zero, so V ≡ 0 before the first step: explained variance exactly 0.
+    for fit in [*result["fits"], *result["positive_controls"]]:
+        assert fit["curve"][0]["step"] == 0 and fit["curve"][0]["test_explained_var"] == pytest.approx(0.0, abs=1e-12)
+    assert [fit["target"] for fit in result["fits"]] == ["returns"] and len(result["positive_controls"]) == 1
+    assert set(result["references"]) == {"prompt-oracle"}

@@ -191,12 +191,18 @@ class _SyncGroup:
         self.group.allreduce([flag], options).wait()
         return bool(flag.item() == 1)
 
-    def receive(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    def start_receive(self, numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, Any]:
+        """Post the receive of the next bucket into a new buffer; :meth:`finish_receive` waits for it."""
         flat = torch.empty(numel, dtype=dtype, device=self.device)
         options = torch.distributed.BroadcastOptions()
         options.rootRank = 0
         options.timeout = self.timeout
-        self.group.broadcast([flat], options).wait()
+        return flat, self.group.broadcast([flat], options)
+
+    @staticmethod
+    def finish_receive(pending: tuple[torch.Tensor, Any]) -> torch.Tensor:
+        flat, work = pending
+        work.wait()
         return flat
 
     def shutdown(self) -> None:
@@ -301,10 +307,16 @@ class WeightSyncExtension:
         received = 0
 
         def stream():
+            # Double-buffered: the next bucket is received while vLLM loads this one. Each bucket gets a buffer of
+            # its own, since the loader may keep the yielded views until a layer is complete.
             nonlocal received
-            for bucket in plan["buckets"]:
-                flat = sync.receive(bucket["numel"], dtype)
+            buckets = plan["buckets"]
+            pending = sync.start_receive(buckets[0]["numel"], dtype)
+            for index, bucket in enumerate(buckets):
+                flat = sync.finish_receive(pending)
                 received += 1
+                if index + 1 < len(buckets):
+                    pending = sync.start_receive(buckets[index + 1]["numel"], dtype)
                 yield from unpack_bucket(flat, bucket)
 
         state["weights_valid"] = False

@@ -46,7 +46,8 @@ class WeightBroadcaster:
     ``backend``: ``"gloo"`` (tensors travel through host memory) or ``"nccl"`` (learner and vLLM workers on GPU).
     ``timeout_s`` bounds every collective, the group's formation and the wait for acknowledgements; note that a
     worker only joins a broadcast once its current Ray call (e.g. a ``generate``) has returned.
-    ``bucket_mb``: size of one flat bucket (MiB); bounds the extra memory on both sides.
+    ``bucket_mb``: size of one flat bucket (MiB). Each side holds two buckets at most: the sender packs the next
+    while one is on the wire, and each receiver receives the next while vLLM loads the last.
     """
 
     def __init__(self, backend: str, timeout_s: float, bucket_mb: float):
@@ -164,9 +165,12 @@ class WeightBroadcaster:
         try:
             if not self._handshake(workers, calls, what):
                 raise WeightPlanRejected(f"{what} rejected: {self._rejections(workers, calls)}")
-            for index, bucket in enumerate(plan["buckets"]):
-                flat = pack_bucket(bucket, tensors, torch_dtype, self.device)
+            buckets = plan["buckets"]
+            flat = pack_bucket(buckets[0], tensors, torch_dtype, self.device)
+            for index in range(len(buckets)):
                 work = self._group.broadcast([flat], self._options(torch.distributed.BroadcastOptions()))
+                # Pack the next bucket while this one is on the wire (two buckets in memory at most).
+                flat = pack_bucket(buckets[index + 1], tensors, torch_dtype, self.device) if index + 1 < len(buckets) else None
                 self._wait(work.is_completed, workers, calls, f"{what}, bucket {index}",
                            time.monotonic() + self.timeout_s)
                 work.wait()
