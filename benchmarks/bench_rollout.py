@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -148,7 +149,7 @@ def main() -> None:
         "task": args.task, "prompts": len(problems), "samples_per_prompt": args.samples,
         "max_new_tokens": max_new_tokens, "generated_tokens": generated, "repeats": args.repeats, **rows,
         "ratio_rollout_worker_to_plain": ratio, "goal": 0.95,
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
     }
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")

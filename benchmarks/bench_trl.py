@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -132,7 +133,7 @@ def main() -> None:
               "mini_batch": MINI_BATCH, "max_new_tokens": MAX_NEW_TOKENS[args.task], "trl_version": trl.__version__, "rows": rows,
               "trl_seconds_per_step_over_asyppo": speedup, "trl_optimizer_steps": theirs["optimizer_steps"],
               "asyppo_final_accuracy": ours["final_accuracy"],
-              "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores"}
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{args.task} task, {args.steps} steps of {PROMPTS} prompts x {SAMPLES} samples, "

@@ -89,13 +89,12 @@ def to_batch(rows, pad_id: int):
 
 
 def predict(model: ValueModel, rows, pad_id: int, chunk: int = 256) -> torch.Tensor:
-    values, masks = [], []
+    values = []
     model.eval()
     with torch.no_grad():
         for start in range(0, len(rows), chunk):
             ids, att, mask, _, t = to_batch(rows[start : start + chunk], pad_id)
             values.append(model.response_values(ids, att, t) * mask)
-            masks.append(mask)
     width = max(v.shape[1] for v in values)
     return torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[1])) for v in values])
 
