@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from asyppo.tasks.prompts import PromptFormat, encode_prompts
 from asyppo.weight_sync.receiver import EXTENSION, EngineWeights
 
 
@@ -57,26 +58,31 @@ def score_samples(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The score and the correctness of every sample (rows prompt-major), one ``reward_fn`` call per sample.
 
-    ``reward_fn(response_text, answer, *, response_length, truncated)`` returns a score, or a ``(score, correct)``
-    pair (``asyppo.tasks.rewards.RewardFunction`` returns one); a bare score counts as correct when it is > 0.
+    ``reward_fn(prompt, response, answer, row, *, response_length, truncated)`` returns a ``(score, correct)`` pair
+    (``asyppo.tasks.rewards.RewardFunction`` returns a ``Reward``, which is one). An error, or a score that is not a
+    finite number, names the problem it happened on.
     """
     scores, correct = [], []
     for row, sample in enumerate(samples):
         problem = problems[row // n]
-        result = reward_fn(sample.text, problem["answer"], response_length=len(sample.token_ids),
-                           truncated=sample.truncated)
-        score, accepted = result if isinstance(result, tuple) else (result, None)
+        try:
+            score, accepted = reward_fn(problem["prompt"], sample.text, problem["answer"], problem.get("row", {}),
+                                        response_length=len(sample.token_ids), truncated=sample.truncated)
+        except Exception as exc:  # noqa: BLE001 - the user's reward function can raise anything
+            raise ValueError(f"problem {problem['id']!r}: the reward function failed on the response "
+                             f"{sample.text[:80]!r}: {type(exc).__name__}: {exc}") from exc
         if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
-            raise ValueError(f"problem {problem['id']!r}: reward_fn returned {result!r}, not a finite score")
+            raise ValueError(f"problem {problem['id']!r}: the reward function scored {score!r}, not a finite number")
         scores.append(float(score))
-        correct.append(score > 0 if accepted is None else bool(accepted))
+        correct.append(bool(accepted))
     return torch.tensor(scores, dtype=torch.float32), torch.tensor(correct, dtype=torch.bool)
 
 
 class RolloutWorker:
     """A vLLM engine for ``model_path`` (a Hugging Face directory with its tokenizer).
 
-    ``reward_fn`` scores each response (:func:`score_samples`).
+    ``reward_fn`` scores each response (:func:`score_samples`). ``prompt_format`` says how prompt texts become
+    token ids: raw text by default, or the tokenizer's chat template (``asyppo.tasks.prompts``).
     ``cpu_kv_cache_gib`` sizes the KV cache of a CPU engine (the ``VLLM_CPU_KVCACHE_SPACE`` environment variable,
     if set, wins); ``gpu_memory_utilization`` is the share of GPU memory a GPU engine may take.
     """
@@ -85,7 +91,7 @@ class RolloutWorker:
         self,
         model_path: str,
         *,
-        reward_fn: Callable[..., float],
+        reward_fn: Callable[..., Any],
         worker_index: int = 0,
         tensor_parallel_size: int = 1,
         dtype: str = "float32",
@@ -94,6 +100,7 @@ class RolloutWorker:
         gpu_memory_utilization: float = 0.5,
         cpu_kv_cache_gib: float = 1.0,
         enforce_eager: bool = True,
+        prompt_format: PromptFormat = PromptFormat(),
     ):
         if not os.path.isdir(model_path):
             raise FileNotFoundError(f"rollout model directory {model_path!r} does not exist")
@@ -109,6 +116,7 @@ class RolloutWorker:
         self.model_path = model_path
         self.reward_fn = reward_fn
         self.worker_index = worker_index
+        self.prompt_format = prompt_format
         engine_args: dict[str, Any] = {}
         if current_platform.is_cpu():
             engine_args["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * 2**30)
@@ -198,8 +206,7 @@ class RolloutWorker:
             missing = [key for key in ("id", "prompt", "answer") if not isinstance(problem.get(key), str)]
             if missing:
                 raise ValueError(f"problem #{position} ({problem.get('id')!r}): {missing} missing or not a string")
-        # One batch call (the same ids as encoding each prompt, special tokens included, in a fraction of the time).
-        prompt_ids = [list(ids) for ids in self.tokenizer([problem["prompt"] for problem in problems])["input_ids"]]
+        prompt_ids = encode_prompts(self.tokenizer, [problem["prompt"] for problem in problems], self.prompt_format)
         for problem, ids in zip(problems, prompt_ids):
             if not ids:
                 raise ValueError(f"problem {problem['id']!r}: the prompt tokenises to nothing")

@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32, help="prompts per call (rollout.prompts_per_step)")
     parser.add_argument("--samples", type=int, default=8, help="responses per prompt (rollout.samples_per_prompt)")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rounds", type=int, choices=(1, 2), default=2,
+                        help="2: a second round with the engines started in the other order (1: a smoke run)")
     parser.add_argument("--kv-cache-gib", type=float, default=1.0)
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
@@ -100,7 +102,7 @@ def main() -> None:
     try:
         # Two rounds with the engines started in either order: the engine started second was measurably slower in
         # some runs (both share 2 cores), and the rounds cancel that out.
-        for first in ("plain", "rollout_worker"):
+        for first in ("plain", "rollout_worker")[: args.rounds]:
             if first == "plain":
                 plain = start_plain()
                 ray.get(plain.__ray_ready__.remote())

@@ -52,9 +52,10 @@ SIZES = {
 }
 
 
-def constant_reward(response_text: str, answer: str, *, response_length: int, truncated: bool) -> float:
+def constant_reward(prompt: str, response: str, answer: str, row: dict, *, response_length: int,
+                    truncated: bool) -> tuple[float, bool]:
     """The engine needs a reward function; nothing is generated here."""
-    return 0.0
+    return 0.0, False
 
 
 def build_tokenizer():

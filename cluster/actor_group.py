@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -17,6 +18,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from asyppo.cluster.config import JobConfig
+from asyppo.cluster.logs import with_output_to
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,50 @@ def role_resources(cfg: JobConfig) -> dict[str, RoleResources]:
 
 def total_cpus(cfg: JobConfig) -> float:
     return sum(r.count * r.cpus for r in role_resources(cfg).values())
+
+
+def total_gpus(cfg: JobConfig) -> float:
+    return sum(r.count * r.gpus for r in role_resources(cfg).values())
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot hold the job's actors; the message names the role, the sizes and the knobs."""
+
+
+def fit_to_cluster(cfg: JobConfig, cluster: dict[str, float], log) -> JobConfig:
+    """``cfg`` made to fit a running cluster's resources (``ray.cluster_resources()``), or :class:`PlacementError`
+    at once, instead of a placement that waits and then fails.
+
+    A CPU-only job that asks for more logical CPUs than the cluster has is scaled down: every role's CPU share by the
+    same factor (its roles then share cores, as on the embedded cluster; ``log`` says so). GPUs cannot be shared
+    that way, so a job needing more GPUs than the cluster has fails, naming the knobs."""
+    need_gpus, have_gpus = total_gpus(cfg), cluster.get("GPU", 0.0)
+    if need_gpus > have_gpus:
+        raise PlacementError(
+            f"the job needs {need_gpus:g} GPUs ({_sizes(cfg, 'gpus')}) and the cluster has {have_gpus:g}: lower "
+            "rollout.gpus_per_worker, critics.gpus_per_critic or learner.num_gpus, or add GPU nodes")
+    need_cpus, have_cpus = total_cpus(cfg), cluster.get("CPU", 0.0)
+    if need_cpus <= have_cpus:
+        return cfg
+    if need_gpus or have_cpus <= 0:
+        raise PlacementError(
+            f"the job needs {need_cpus:g} CPUs ({_sizes(cfg, 'cpus')}) and the cluster has {have_cpus:g}: lower "
+            "rollout.cpus_per_worker, critics.cpus_per_critic or learner.cpus, or add nodes")
+    # Ray reads CPU requests to 4 decimals; round down so that the scaled job fits for sure.
+    factor = have_cpus / need_cpus
+    def scaled(cpus: float) -> float:
+        return max(1e-4, int(cpus * factor * 1e4) / 1e4)
+    fitted = cfg.model_copy(deep=True)
+    fitted.rollout.cpus_per_worker = scaled(cfg.rollout.cpus_per_worker)
+    fitted.critics.cpus_per_critic = scaled(cfg.critics.cpus_per_critic)
+    fitted.learner.cpus = scaled(cfg.learner.cpus)
+    log(f"the job asks for {need_cpus:g} CPUs ({_sizes(cfg, 'cpus')}) and the cluster has {have_cpus:g}: every role's "
+        f"CPU share is scaled by {factor:.2f} (the roles share cores)")
+    return fitted
+
+
+def _sizes(cfg: JobConfig, what: str) -> str:
+    return ", ".join(f"{role} {r.count}×{getattr(r, what):g}" for role, r in role_resources(cfg).items() if r.count)
 
 
 class ActorGroup:
@@ -63,10 +109,10 @@ class ActorGroup:
                                       strategy="PACK" if pack else "SPREAD", name=f"asyppo-{role}")
         if not self._group.wait(timeout_seconds=placement_timeout_s):
             self.close()
-            raise RuntimeError(
-                f"the cluster cannot place the {role} role: {resources.count} × (CPU {resources.cpus}, GPU "
-                f"{resources.gpus}) did not fit within {placement_timeout_s:.0f}s; cluster resources: "
-                f"{ray.cluster_resources()}"
+            raise PlacementError(
+                f"the cluster cannot place the {role} role: {resources.count} × (CPU {resources.cpus:g}, GPU "
+                f"{resources.gpus:g}) did not fit within {placement_timeout_s:.0f}s (other jobs may hold the "
+                f"resources); cluster resources: {ray.cluster_resources()}"
             )
 
     def bundle_options(self, index: int) -> dict[str, Any]:
@@ -82,12 +128,13 @@ class ActorGroup:
 
     def spawn(
         self, actor_class: type, arguments: Callable[[int], tuple[tuple, dict]], *,
-        name: Callable[[int], str] | None = None, max_restarts: int = 0,
+        name: Callable[[int], str] | None = None, max_restarts: int = 0, log_dir: Path | None = None,
     ) -> list:
         """One ``actor_class`` per bundle; actor ``i`` gets ``*args, **kwargs = arguments(i)`` and the Ray name
-        ``name(i)`` (default ``<role>-<i>``). Returns the actor handles (also kept in ``self.actors``)."""
+        ``name(i)`` (default ``<role>-<i>``). With ``log_dir`` each actor's output goes to ``log_dir/<name>.log``
+        instead of the console (asyppo.cluster.logs). Returns the actor handles (also kept in ``self.actors``)."""
         name = name or (lambda index: f"{self.role}-{index}")
-        remote_class = ray.remote(actor_class)
+        remote_class = ray.remote(with_output_to(actor_class, log_dir) if log_dir else actor_class)
         for index in range(self.resources.count):
             args, kwargs = arguments(index)
             self.names.append(name(index))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import logging
 import os
 import shlex
 import shutil
@@ -19,10 +18,14 @@ import tempfile
 from pathlib import Path
 
 from asyppo.cluster.config import ConfigError, JobConfig, load_config
+from asyppo.cluster.logs import setup_console
+from asyppo.cluster.metrics import describe_evaluation
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML job file (see examples/)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's, vLLM's and other libraries' output on the console (logging.verbose=true)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. rollout.num_workers=2 critics.num_critics=3")
 
@@ -43,10 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--no-wait", action="store_true", help="return after submitting instead of following logs")
     submit.add_argument("--working-dir", default=".", help="directory shipped to the cluster (runtime_env)")
 
-    evaluate = sub.add_parser("eval", help="held-out accuracy of a policy checkpoint (HF directory)")
+    evaluate = sub.add_parser(
+        "eval", usage="asyppo eval [RUN_DIR] [--config FILE] [--checkpoint DIR] [key=value ...]",
+        help="score a policy on the held-out sets as a training run does: `asyppo eval runs/<name>` uses the run's "
+             "config.yaml and its latest checkpoint",
+    )
     _add_config_args(evaluate)
-    evaluate.add_argument("--checkpoint", required=True, type=Path,
-                          help="a policy directory, or a run's checkpoints/step-N directory")
+    evaluate.add_argument("--checkpoint", type=Path,
+                          help="a policy directory, or a run's checkpoints/step-N directory (default with RUN_DIR: "
+                               "its latest)")
 
     config = sub.add_parser("config", help="validate a job config and print it fully resolved")
     _add_config_args(config)
@@ -54,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args) -> JobConfig:
-    return load_config(args.config, args.overrides)
+    cfg = load_config(args.config, [*args.overrides, *(["logging.verbose=true"] if args.verbose else [])])
+    setup_console(cfg.logging.verbose)
+    return cfg
 
 
 def _train(args) -> int:
@@ -64,7 +74,8 @@ def _train(args) -> int:
     if "base_accuracy" in summary and "final_accuracy" in summary:
         print(f"held-out accuracy: {summary['base_accuracy']:.3f} (start) -> {summary['final_accuracy']:.3f} "
               f"(after {summary['steps']} steps)")
-    print(f"run directory: {summary['run_dir']} (config.yaml, metrics.jsonl, eval.jsonl, checkpoints/)")
+    print(f"run directory: {Path(summary['run_dir']).resolve()} (config.yaml, metrics.jsonl, eval.jsonl, "
+          "samples.jsonl, checkpoints/, logs/)")
     return 0
 
 
@@ -75,8 +86,8 @@ def _submit(args) -> int:
 
     _load(args)  # fail here, not on the cluster, if the config is wrong
     command = ["asyppo", "train", *(["--config", str(args.config)] if args.config else []),
-               *(["--resume"] if args.resume else []), *args.overrides]
-    env_vars = {key: os.environ[key] for key in ("WANDB_API_KEY", "WANDB_MODE") if key in os.environ}
+               *(["--resume"] if args.resume else []), *(["--verbose"] if args.verbose else []), *args.overrides]
+    env_vars = {key: os.environ[key] for key in FORWARDED_ENV_VARS if os.environ.get(key)}
     client = JobSubmissionClient(args.address)
     with tempfile.TemporaryDirectory(prefix="asyppo-submit-") as staging:
         runtime_env = {"working_dir": args.working_dir, "py_modules": [str(stage_package(Path(staging)))],
@@ -95,6 +106,9 @@ def _submit(args) -> int:
     print(f"job {job_id}: {status}")
     return 0 if status == JobStatus.SUCCEEDED else 1
 
+
+# What a submitted job takes from the submitting shell, by both submit paths (deploy/submit.sh keeps the same list).
+FORWARDED_ENV_VARS = ("WANDB_API_KEY", "WANDB_ENTITY", "WANDB_BASE_URL", "WANDB_MODE")
 
 # The packages under `asyppo` (pyproject.toml's package-dir; tests/test_packaging.py checks that they agree).
 SUBPACKAGES = ("actors", "cluster", "core", "critics", "learner", "tasks", "weight_sync")
@@ -118,17 +132,43 @@ def stage_package(target: Path) -> Path:
 
 
 def _eval(args) -> int:
-    from asyppo.cluster.driver import evaluate_policy
+    """``asyppo eval RUN_DIR``: the run's own config and its latest checkpoint; or ``--config``/overrides with
+    ``--checkpoint``."""
+    from asyppo.cluster.checkpoint import CheckpointDir
+    from asyppo.cluster.driver import JobFailed, evaluate_policy
 
+    overrides = list(args.overrides)
+    run_dir = Path(overrides.pop(0)) if overrides and "=" not in overrides[0] else None
     checkpoint = args.checkpoint
+    if run_dir is not None:
+        if not (run_dir / "config.yaml").is_file():
+            raise JobFailed(f"{run_dir}: not a run directory (no config.yaml)")
+        config = args.config or run_dir / "config.yaml"
+        checkpoint = checkpoint or CheckpointDir(run_dir, keep=1).latest()
+        if checkpoint is None:
+            raise JobFailed(f"{run_dir}: no checkpoint to evaluate (checkpoints/ is empty)")
+    else:
+        config = args.config
+        if checkpoint is None:
+            raise JobFailed("asyppo eval: give a run directory (asyppo eval runs/<name>) or --checkpoint")
+    cfg = load_config(config, [*overrides, *(["logging.verbose=true"] if args.verbose else [])])
+    setup_console(cfg.logging.verbose)
     policy_dir = checkpoint / "policy" if (checkpoint / "policy" / "config.json").is_file() else checkpoint
-    accuracy, count = evaluate_policy(_load(args), str(policy_dir))
-    print(json.dumps({"policy": str(policy_dir), "eval_accuracy": accuracy, "eval_problems": count}))
+    metrics = evaluate_policy(cfg, str(policy_dir))
+    for line in describe_evaluation(_step_of(checkpoint), metrics):
+        print(line, file=sys.stderr)
+    print(json.dumps({"policy": str(policy_dir), **metrics}))
     return 0
 
 
+def _step_of(checkpoint: Path) -> int | str:
+    """N of a ``step-N`` checkpoint directory, else its name."""
+    name = checkpoint.name if checkpoint.name != "policy" else checkpoint.parent.name
+    return int(name.removeprefix("step-")) if name.removeprefix("step-").isdigit() else name
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_console(verbose=False)
     args = build_parser().parse_args(argv)
     if args.command is None:
         args = build_parser().parse_args(["train", *(argv if argv is not None else sys.argv[1:])])
@@ -142,10 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"asyppo: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - the CLI's job is to turn known failures into one clear line
-        from asyppo.tasks.problems import DatasetError
+        from asyppo.cluster.actor_group import PlacementError
         from asyppo.cluster.driver import JobFailed
+        from asyppo.tasks.problems import DatasetError
 
-        if isinstance(exc, (DatasetError, JobFailed)):
+        if isinstance(exc, (DatasetError, JobFailed, PlacementError)):
             print(f"asyppo: {exc}", file=sys.stderr)
             return getattr(exc, "exit_code", 1)
         raise

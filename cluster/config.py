@@ -28,6 +28,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from asyppo.tasks.prompts import PromptFormat
 from asyppo.tasks.registry import BUILTIN_PREFIX, TASKS
 
 log = logging.getLogger("asyppo")
@@ -149,14 +150,27 @@ class DataConfig(_Section):
     prompt_key: str = "question"
     answer_key: str = "answer"
     id_key: str | None = None
-    prompt_template: str = Field("{question}", description="format string; {question} is the prompt_key column")
+    prompt_template: str = Field("{question}", description="the prompt text; {question} is replaced by the prompt_key column")
+    chat_template: bool = Field(
+        False, description="render each prompt as a user message with the policy tokenizer's chat template (instruct "
+                           "and thinking models); false: raw text (base models)"
+    )
+    system_prompt: str | None = Field(None, description="a system message before each prompt (needs chat_template)")
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="passed to the chat template, e.g. {enable_thinking: false} for Qwen3"
+    )
     train_limit: int | None = Field(None, ge=1)
     eval_size: int = Field(512, ge=1, description="held-out problems scored at each evaluation")
 
 
 class RewardConfig(_Section):
-    correct: float = 1.0
-    wrong: float = 0.0
+    function: str | None = Field(
+        None, pattern=r"^.+:[A-Za-z_][A-Za-z0-9_]*$",
+        description="your reward, 'package.module:name' or 'path/to/file.py:name', called as fn(prompt, response, "
+                    "answer, row) (docs/rewards.md); null: data.task's verifier",
+    )
+    correct: float = Field(1.0, description="the score of a true verdict")
+    wrong: float = Field(0.0, description="the score of a false verdict")
     overlong_buffer: int | None = Field(None, ge=1, description="DAPO overlong shaping L_buf; None disables it")
     overlong_factor: float = Field(1.0, ge=0)
 
@@ -264,12 +278,34 @@ class TrainerConfig(_Section):
     )
 
 
+class EvaluationConfig(_Section):
+    """Held-out evaluation (docs/monitoring.md, "Evaluation"): every trainer.eval_every steps, at the start and at the
+    end, each set is scored greedily and with ``k`` sampled responses per problem at the training temperature."""
+
+    k: int = Field(1, ge=1, description="sampled responses per problem: avg@k (eval_accuracy) and pass@k")
+    sets: dict[str, str] = Field(
+        default_factory=dict,
+        description="more held-out sets beside data.eval, name: source (a file, or builtin:<task>), each cut to "
+                    "data.eval_size problems",
+    )
+
+
 class LoggingConfig(_Section):
-    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto", description="auto: $WANDB_MODE if set, else online with WANDB_API_KEY, else offline"
+    )
     wandb_project: str = "asyppo"
     wandb_entity: str | None = None
-    console: bool = True
+    wandb_group: str | None = Field(None, description="W&B run group; null: trainer.name")
+    wandb_tags: list[str] = Field(default_factory=list)
+    console: bool = Field(True, description="the progress bar and the job's own lines on the console")
+    verbose: bool = Field(
+        False, description="also show Ray's, vLLM's and the other libraries' output on the console; otherwise it goes "
+                           "to <run>/logs/"
+    )
     ray_metrics: bool = True
+    samples_every: int = Field(10, ge=0, description="steps between logged generations (samples.jsonl, W&B); 0 = never")
+    samples_per_log: int = Field(8, ge=1, description="responses logged each time")
 
 
 class JobConfig(_Section):
@@ -282,6 +318,7 @@ class JobConfig(_Section):
     critics: CriticsConfig = CriticsConfig()
     learner: LearnerConfig = LearnerConfig()
     weight_sync: WeightSyncConfig = WeightSyncConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     trainer: TrainerConfig = TrainerConfig()
     logging: LoggingConfig = LoggingConfig()
 
@@ -302,6 +339,11 @@ class JobConfig(_Section):
     @property
     def learner_ranks(self) -> int:
         return max(1, self.learner.num_gpus)
+
+    @property
+    def prompt_format(self) -> PromptFormat:
+        """How prompts become token ids (``data.chat_template`` and its companions)."""
+        return PromptFormat(self.data.chat_template, self.data.system_prompt, dict(self.data.chat_template_kwargs))
 
     @property
     def run_path(self) -> Path:
@@ -334,6 +376,10 @@ def cross_field_problems(cfg: JobConfig) -> list[tuple[str, str]]:
             "algorithm.critic_warmup_steps",
             f"{alg.critic_warmup_steps} >= trainer.steps ({cfg.trainer.steps}): the policy would never be updated",
         ))
+    if not cfg.data.chat_template:
+        for name in ("system_prompt", "chat_template_kwargs"):
+            if getattr(cfg.data, name):
+                problems.append((f"data.{name}", "is used by the chat template only: set data.chat_template=true"))
     if roll.dynamic_sampling and cfg.trainer.max_staleness > 0:
         problems.append((
             "rollout.dynamic_sampling",
@@ -350,12 +396,19 @@ def cross_field_problems(cfg: JobConfig) -> list[tuple[str, str]]:
             f"response split needs samples_per_prompt ({roll.samples_per_prompt}) divisible by num_critics ({m})",
         ))
 
-    for field in ("train", "eval"):
-        source = getattr(cfg.data, field)
+    for name in cfg.evaluation.sets:
+        if re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name) is None:
+            problems.append((f"evaluation.sets.{name}", "a set's name must be letters, digits and '_' (it names "
+                                                        "metrics: eval_<name>_accuracy)"))
+    if cfg.evaluation.sets and not cfg.data.eval:
+        problems.append(("evaluation.sets", "needs data.eval, the main held-out set, as well"))
+    sources = {f"data.{field}": getattr(cfg.data, field) for field in ("train", "eval")}
+    sources.update({f"evaluation.sets.{name}": source for name, source in cfg.evaluation.sets.items()})
+    for field, source in sources.items():
         if source and source.startswith(BUILTIN_PREFIX) and source != BUILTIN_PREFIX + cfg.data.task:
             own = BUILTIN_PREFIX + cfg.data.task if TASKS[cfg.data.task].builtin_problems else None
             problems.append((
-                f"data.{field}",
+                field,
                 f"{source} is another task's dataset than data.task={cfg.data.task} (use "
                 + (f"{own} or a file)" if own else "a dataset file: the task has no built-in data)"),
             ))

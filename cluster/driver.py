@@ -29,12 +29,13 @@ import numpy as np
 import ray
 import torch
 
-from asyppo.cluster.actor_group import ActorGroup, role_resources, total_cpus
+from asyppo.cluster.actor_group import ActorGroup, fit_to_cluster, role_resources, total_cpus
 from asyppo.cluster.checkpoint import CheckpointDir, read_trainer_state
+from asyppo.cluster.logs import RunLog, route_library_loggers
 from asyppo.cluster.config import (
     BUILTIN_CRITIC, BUILTIN_POLICY, CRITIC_IS_POLICY, ConfigError, JobConfig, load_config, resume_changes,
 )
-from asyppo.cluster.metrics import MetricsSink
+from asyppo.cluster.metrics import MetricsSink, generation_samples, sample_rows
 from asyppo.cluster.preflight import preflight_problems
 from asyppo.core.batch import collate_rollouts, concat_batches, select_groups, uniform_groups
 from asyppo.tasks.registry import TASKS, load_problems
@@ -122,13 +123,33 @@ def resolve_models(cfg: JobConfig) -> Models:
 
 
 def load_datasets(cfg: JobConfig):
-    """Train and held-out problems, every row validated before any actor starts."""
+    """Training problems and the held-out sets, every row validated before any actor starts. The held-out sets map a
+    name to problems: ``""`` is ``data.eval``, the others are ``evaluation.sets`` (each cut to data.eval_size)."""
     data = cfg.data
     common = dict(prompt_key=data.prompt_key, answer_key=data.answer_key, id_key=data.id_key,
                   prompt_template=data.prompt_template, seed=cfg.trainer.seed)
     train = load_problems(data.train, split="train", limit=data.train_limit, **common)
-    held_out = load_problems(data.eval, split="eval", limit=data.eval_size, **common) if data.eval else []
+    sources = {"": data.eval, **cfg.evaluation.sets} if data.eval else {}
+    held_out = {name: load_problems(source, split="eval", limit=data.eval_size, **common)
+                for name, source in sources.items()}
     return train, held_out
+
+
+def eval_prefix(name: str) -> str:
+    """Metric prefix of a held-out set: ``eval_`` for data.eval, ``eval_<name>_`` for an evaluation.sets entry."""
+    return f"eval_{name}_" if name else "eval_"
+
+
+def evaluation_metrics(name: str, sampled: list[dict], greedy: list[dict], k: int) -> dict[str, float]:
+    """One held-out set's numbers (docs/monitoring.md, "Evaluation") from the rollout outputs of its k sampled
+    responses per problem (prompt-major rows) and its greedy ones: ``accuracy`` is avg@k (the mean verdict over
+    all k·P responses), ``pass_at_k`` the fraction of problems with at least one of its k responses correct."""
+    correct = torch.cat([torch.as_tensor(out["correct"]) for out in sampled]).view(-1, k).float()
+    greedy_correct = torch.cat([torch.as_tensor(out["correct"]) for out in greedy]).float()
+    prefix = eval_prefix(name)
+    return {f"{prefix}accuracy": float(correct.mean()), f"{prefix}accuracy_greedy": float(greedy_correct.mean()),
+            f"{prefix}pass_at_k": float(correct.amax(1).mean()), f"{prefix}problems": float(correct.shape[0]),
+            f"{prefix}k": float(k)}
 
 
 def unique_run_path(cfg: JobConfig, resume: bool) -> JobConfig:
@@ -156,17 +177,19 @@ class Trainer:
         checkpoint = self._resume_point(cfg) if resume else None
 
         # Everything that can be wrong with the inputs is found before a single actor starts.
-        self.train_problems, self.eval_problems = load_datasets(cfg)
+        self.train_problems, self.eval_sets = load_datasets(cfg)
         self.models = resolve_models(cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(self.models.policy)
-        problems = preflight_problems(cfg, self.train_problems, self.eval_problems, self.tokenizer, self.models)
+        problems = preflight_problems(cfg, self.train_problems, self.eval_sets, self.tokenizer, self.models)
         if problems:
             raise ConfigError(problems)
         self.reward_fn = reward_function(cfg)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.sampler = PromptSampler(self.train_problems, seed=cfg.trainer.seed)
+        self._problems_by_id = {problem.id: problem for problem in self.train_problems}
 
         self.run_path.mkdir(parents=True, exist_ok=True)
+        self.run_log = RunLog(self.run_path / "logs")
         (self.run_path / "config.yaml").write_text(cfg.to_yaml())
         self.start_step, self.version, self.base_accuracy = 0, 0, None
         # The sampler's state after drawing each launched step's prompts: a checkpoint at step s saves the one of
@@ -192,6 +215,8 @@ class Trainer:
         self.stop_signals = StopSignals()
         self.stop_signals.install()
         try:
+            if not self.owns_ray:  # a running cluster: fit it now, or fail now
+                self.cfg = cfg = fit_to_cluster(cfg, ray.cluster_resources(), log.warning)
             self._spawn(policy_dir, resume_dir)
             self.sink = MetricsSink(cfg, self.run_path, resumed=checkpoint is not None,
                                     total_steps=cfg.trainer.steps, start_step=self.start_step)
@@ -211,7 +236,9 @@ class Trainer:
         # Rollout engines and critics start from the base models, so that Ray can restart them at any time (their
         # constructors run again) even after the checkpoint a run resumed from has been rotated away; the resumed
         # state reaches them below (the weight broadcast, MiniCritic.restore).
-        self.rollout_workers = spawn_rollout_workers(cfg, self.models.policy, self.reward_fn, max_restarts=restarts)
+        log_dir = None if cfg.logging.verbose else self.run_path / "logs"
+        self.rollout_workers = spawn_rollout_workers(cfg, self.models.policy, self.reward_fn, max_restarts=restarts,
+                                                     log_dir=log_dir)
         self.learners = ActorGroup("learner", resources["learner"], pack=True)
         address, port = ray.get(
             _learner_address.options(**self.learners.bundle_options(0)).remote(), timeout=cfg.trainer.call_timeout_s,
@@ -221,12 +248,12 @@ class Trainer:
             Learner,
             lambda rank: learner_arguments(cfg, policy_dir, rank=rank, world_size=cfg.learner_ranks,
                                            master_addr=address, master_port=port, resume_state_dir=state_dir),
-            name=lambda rank: "learner" if rank == 0 else f"learner-rank{rank}",
+            name=lambda rank: "learner" if rank == 0 else f"learner-rank{rank}", log_dir=log_dir,
         )
         if cfg.critics.num_critics:
             self.critics = ActorGroup("critics", resources["critics"])
             self.critics.spawn(MiniCritic, lambda m: critic_arguments(cfg, self.models.critic, m),
-                               name=lambda m: f"critic-{m}", max_restarts=restarts)
+                               name=lambda m: f"critic-{m}", max_restarts=restarts, log_dir=log_dir)
         self._get(self.learners.call("ping"), "starting the learner")
         if self.critics:
             self.critics.note_pids(self._get(self.critics.call("pid"), "starting the critics"))
@@ -491,7 +518,7 @@ class Trainer:
         steps, staleness = cfg.trainer.steps, cfg.trainer.max_staleness
         summary: dict[str, Any] = {"run_dir": str(self.run_path)}
         try:
-            if self.eval_problems:
+            if self.eval_sets:
                 # A resumed run keeps the accuracy its first start measured.
                 if self.base_accuracy is None:
                     self.base_accuracy = self.evaluate(self.start_step)
@@ -506,7 +533,7 @@ class Trainer:
                 self.sink.log(step, metrics)
                 self._check_progress(step, metrics)
                 last = step == steps - 1
-                if self.eval_problems and cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0 and not last:
+                if self.eval_sets and cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0 and not last:
                     self.evaluate(step)
                 stopping = self.stop_signals.received
                 if last or stopping or (cfg.trainer.checkpoint_every and (step + 1) % cfg.trainer.checkpoint_every == 0):
@@ -514,7 +541,7 @@ class Trainer:
                 if stopping and not last:
                     raise JobStopped(f"stopped by {signal.Signals(stopping).name} after step {step}; checkpoint "
                                      f"saved{self._resume_hint()}", stopping)
-            if self.eval_problems:
+            if self.eval_sets:
                 summary["final_accuracy"] = self.evaluate(steps - 1)
             summary["steps"] = steps
             return summary
@@ -559,6 +586,9 @@ class Trainer:
         returns_ref, adv_stats_ref = prepared[0]
         update_stats, critic_stats = self._train(step, batch, batch_ref, returns_ref, timings)
         adv_stats = self._get(adv_stats_ref, f"step {step}: advantages")
+        every = self.cfg.logging.samples_every
+        if every and step % every == 0:
+            self._log_samples(step, batch)
         self._get([ref for ref, _ in prepared[1:]], f"step {step}: advantages on learner ranks")
         self._get(old_refs[1:], f"step {step}: old log-probs on learner ranks")
         sync_stats, logp_diff = self._sync_weights(step, batch, update_stats, timings)
@@ -625,6 +655,14 @@ class Trainer:
         timings["time_critic_train"] = time.perf_counter() - phase
         return update_stats, critic_stats
 
+    def _log_samples(self, step: int, batch) -> None:
+        """Some of this step's generations with their rewards and σ, for people to read (logging.samples_every)."""
+        rows = sample_rows(batch.num_sequences, self.cfg.logging.samples_per_log)
+        sigma = None
+        if self.cfg.critics.num_critics >= 2:
+            sigma = self._get(self.learners[0].response_sigma.remote(rows), f"step {step}: σ of the logged samples")
+        self.sink.log_samples(step, generation_samples(step, batch, rows, self._problems_by_id, self.tokenizer, sigma))
+
     def _sync_weights(self, step: int, batch, update_stats: dict[str, float], timings: dict[str, float]):
         """Broadcast the new weights, then check that every rollout engine now assigns the learner's log-probs."""
         phase = time.perf_counter()
@@ -664,20 +702,23 @@ class Trainer:
             raise JobFailed(f"{exc}{self._resume_hint()}") from None
 
     def evaluate(self, step: int) -> float:
-        """Held-out accuracy at the training temperature, one sample per problem (returned and logged as
-        ``eval_accuracy``), and with greedy decoding (``eval_accuracy_greedy``).
+        """Every held-out set, greedily and with evaluation.k sampled responses per problem at the training
+        temperature (:func:`evaluation_metrics`), logged to eval.jsonl; returns data.eval's avg@k (``eval_accuracy``).
 
         Every evaluation uses the same sampling seeds, so successive numbers differ by the weights, not the dice.
         """
         start = time.perf_counter()
-        sampled = self._launch(self.eval_problems, n=1, seed=EVAL_SEED)
-        greedy = self._launch(self.eval_problems, n=1, seed=EVAL_SEED, greedy=True)
-        accuracy = held_out_accuracy(self._collect(sampled, f"step {step}: evaluation"))
-        greedy_accuracy = held_out_accuracy(self._collect(greedy, f"step {step}: greedy evaluation"))
-        self.sink.log_event(step, {"eval_accuracy": accuracy, "eval_accuracy_greedy": greedy_accuracy,
-                                   "eval_problems": float(len(self.eval_problems)),
-                                   "time_eval": time.perf_counter() - start})
-        return accuracy
+        k = self.cfg.evaluation.k
+        launched = {name: (self._launch(problems, n=k, seed=EVAL_SEED),
+                           self._launch(problems, n=1, seed=EVAL_SEED, greedy=True))
+                    for name, problems in self.eval_sets.items()}
+        metrics: dict[str, float] = {}
+        for name, (sampled, greedy) in launched.items():
+            what = f"step {step}: evaluation" + (f" of {name}" if name else "")
+            metrics.update(evaluation_metrics(name, self._collect(sampled, what), self._collect(greedy, what), k))
+        metrics["time_eval"] = time.perf_counter() - start
+        self.sink.log_event(step, metrics)
+        return metrics["eval_accuracy"]
 
     def save_checkpoint(self, step: int) -> Path:
         staging = self.checkpoints.begin(step)
@@ -709,6 +750,9 @@ class Trainer:
         if getattr(self, "owns_ray", False):
             self.owns_ray = False
             ray.shutdown()
+        run_log, self.run_log = getattr(self, "run_log", None), None
+        if run_log is not None:
+            run_log.close()
 
 
 EVAL_SEED = 10**6
@@ -760,8 +804,10 @@ def critic_arguments(cfg: JobConfig, critic_dir: str, index: int) -> tuple[tuple
     )
 
 
-def spawn_rollout_workers(cfg: JobConfig, policy_dir: str, reward_fn, *, max_restarts: int = 0) -> ActorGroup:
-    """``rollout-0`` … : one vLLM engine per actor, tensor-parallel over its bundle's GPUs."""
+def spawn_rollout_workers(cfg: JobConfig, policy_dir: str, reward_fn, *, max_restarts: int = 0,
+                          log_dir: Path | None = None) -> ActorGroup:
+    """``rollout-0`` … : one vLLM engine per actor, tensor-parallel over its bundle's GPUs; their output goes to
+    ``log_dir`` when given (asyppo.cluster.logs)."""
     from asyppo.actors.rollout import RolloutWorker
 
     roll = cfg.rollout
@@ -771,7 +817,8 @@ def spawn_rollout_workers(cfg: JobConfig, policy_dir: str, reward_fn, *, max_res
             reward_fn=reward_fn, worker_index=i, tensor_parallel_size=max(1, roll.gpus_per_worker),
             dtype=cfg.model.dtype, seed=cfg.trainer.seed + i, max_model_len=roll.max_model_len,
             gpu_memory_utilization=roll.gpu_memory_utilization, cpu_kv_cache_gib=roll.cpu_kv_cache_gib,
-        )), max_restarts=max_restarts)
+            prompt_format=cfg.prompt_format,
+        )), max_restarts=max_restarts, log_dir=log_dir)
     except BaseException:
         group.close()
         raise
@@ -809,24 +856,26 @@ def generate(workers, cfg: JobConfig, problems, *, n: int, seed: int, only: list
     }
 
 
-def held_out_accuracy(outputs: list[dict]) -> float:
-    """Fraction of held-out problems answered correctly, one sample each at the training temperature."""
-    correct = torch.cat([torch.as_tensor(out["correct"]) for out in outputs]).float()
-    return float(correct.mean())
-
-
-def evaluate_policy(cfg: JobConfig, policy_dir: str) -> tuple[float, int]:
-    """``asyppo eval``: held-out accuracy of a saved policy, on rollout workers only."""
+def evaluate_policy(cfg: JobConfig, policy_dir: str) -> dict[str, float]:
+    """``asyppo eval``: a saved policy scored on the job's held-out sets as a training run scores them
+    (:meth:`Trainer.evaluate`: the same seeds, so a run's checkpoint reproduces its evaluation), on rollout workers
+    only."""
     _, held_out = load_datasets(cfg)
     if not held_out:
         raise JobFailed("data.eval: no held-out data configured")
     owns_ray = _connect_ray(cfg)
     workers = None
+    k = cfg.evaluation.k
     try:
         workers = spawn_rollout_workers(cfg, policy_dir, reward_function(cfg))
-        outputs = ray.get(list(generate(workers, cfg, held_out, n=1, seed=EVAL_SEED).values()),
-                          timeout=cfg.trainer.call_timeout_s)
-        return held_out_accuracy(outputs), len(held_out)
+        launched = {name: (generate(workers, cfg, problems, n=k, seed=EVAL_SEED),
+                           generate(workers, cfg, problems, n=1, seed=EVAL_SEED, greedy=True))
+                    for name, problems in held_out.items()}
+        metrics = {}
+        for name, (sampled, greedy) in launched.items():
+            outputs = [ray.get(list(refs.values()), timeout=cfg.trainer.call_timeout_s) for refs in (sampled, greedy)]
+            metrics.update(evaluation_metrics(name, *outputs, k))
+        return metrics
     finally:
         if workers is not None:
             workers.close()
@@ -835,13 +884,16 @@ def evaluate_policy(cfg: JobConfig, policy_dir: str) -> tuple[float, int]:
 
 
 def reward_function(cfg: JobConfig):
+    """The job's reward (``reward.*``, docs/rewards.md), picklable for the rollout workers."""
     from asyppo.tasks.rewards import RewardFunction
 
     overlong = {}
     if cfg.reward.overlong_buffer:
         overlong = {"max_length": cfg.rollout.max_new_tokens, "buffer": cfg.reward.overlong_buffer,
                     "factor": cfg.reward.overlong_factor}
-    return RewardFunction(task=cfg.data.task, correct=cfg.reward.correct, wrong=cfg.reward.wrong, **overlong)
+    return RewardFunction(task=cfg.data.task, function=cfg.reward.function, correct=cfg.reward.correct,
+                          wrong=cfg.reward.wrong, **overlong)
+
 
 
 @ray.remote(num_cpus=0)
@@ -852,18 +904,26 @@ def _learner_address() -> tuple[str, int]:
 
 
 def _connect_ray(cfg: JobConfig) -> bool:
-    """Join ``RAY_ADDRESS`` if set, else start an embedded local cluster sized for the job. True if we started it."""
+    """Join ``RAY_ADDRESS`` if set, else start an embedded local cluster sized for the job. True if we started it.
+
+    Actors' output reaches the console only with ``logging.verbose``; otherwise it is in ``<run>/logs/``."""
     if ray.is_initialized():
         return False
+    verbose = cfg.logging.verbose
+    if not verbose:
+        route_library_loggers()
+    quiet = {"log_to_driver": verbose, "configure_logging": verbose}
     if os.environ.get("RAY_ADDRESS"):
         # No runtime_env here: inside `ray job submit` the job's own runtime env applies, and a second one that
         # sets the same variables makes Ray refuse the job.
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
         return False
     # Logical CPUs: fractional roles share this machine's cores (docs/architecture.md, "Scaling knobs").
     needed = math.ceil(total_cpus(cfg)) + 1
-    ray.init(num_cpus=max(needed, os.cpu_count() or 1), num_gpus=torch.cuda.device_count(),
-             object_store_memory=512 * 1024**2, log_to_driver=True)
+    context = ray.init(num_cpus=max(needed, os.cpu_count() or 1), num_gpus=torch.cuda.device_count(),
+                       object_store_memory=512 * 1024**2, **quiet)
+    if context.dashboard_url:
+        log.info("Ray dashboard: http://%s", context.dashboard_url)
     return True
 
 

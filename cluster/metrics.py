@@ -1,4 +1,5 @@
-"""Where the numbers of every step go: metrics.jsonl, W&B, Ray's metrics (dashboard) and the console.
+"""Where the numbers of every step go: metrics.jsonl, W&B, Ray's metrics (dashboard) and the console; and every
+``logging.samples_every`` steps some of the generations themselves (samples.jsonl and a W&B table).
 
 docs/algorithms.md §7 lists what is logged each step; :func:`required_metric_keys` is that list as it applies to a
 given config (no σ without two critics, no value loss without critics).
@@ -7,6 +8,7 @@ given config (no σ without two critics, no value loss without critics).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -16,6 +18,8 @@ from typing import Any
 
 from asyppo.cluster.checkpoint import atomic_write_text
 from asyppo.cluster.config import JobConfig
+
+log = logging.getLogger("asyppo")
 
 PHASES = ("rollout", "old_logprobs", "values", "update", "critic_train", "weight_sync", "step")
 
@@ -38,9 +42,41 @@ def required_metric_keys(cfg: JobConfig) -> list[str]:
 
 
 def _wandb_mode(requested: str) -> str:
+    """``logging.wandb_mode``; ``auto`` follows ``WANDB_MODE`` when it is set, else goes online with a key."""
     if requested != "auto":
         return requested
+    if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
+        return os.environ["WANDB_MODE"]
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+SAMPLE_COLUMNS = ("step", "id", "prompt", "response", "reference", "reward", "correct", "response_tokens",
+                  "sigma_mean")
+
+
+def generation_samples(step: int, batch, rows: list[int], problems: dict, tokenizer,
+                       sigma: list[float] | None) -> list[dict[str, Any]]:
+    """One record per row of ``batch`` in ``rows``: the prompt, the decoded response, the reference answer, the
+    reward and verdict, the response's length and its mean σ (None without an ensemble). ``problems`` maps a
+    problem id to its ``Problem``."""
+    records = []
+    prompt_length = batch.prompt_length
+    for position, row in enumerate(rows):
+        problem = problems[batch.prompt_ids[row // batch.group_size]]
+        valid = batch.response_mask[row] > 0
+        response = batch.input_ids[row, prompt_length:][valid].tolist()
+        records.append({
+            "step": step, "id": problem.id, "prompt": problem.prompt,
+            "response": tokenizer.decode(response, skip_special_tokens=True), "reference": problem.answer,
+            "reward": float(batch.scores[row]), "correct": bool(batch.correct[row]), "response_tokens": len(response),
+            "sigma_mean": None if sigma is None else float(sigma[position]),
+        })
+    return records
+
+
+def sample_rows(num_rows: int, count: int) -> list[int]:
+    """``count`` rows spread evenly over a batch of ``num_rows`` (prompt-major rows: different prompts)."""
+    return sorted({(i * num_rows) // count for i in range(min(count, num_rows))})
 
 
 class MetricsSink:
@@ -55,11 +91,13 @@ class MetricsSink:
         self.cfg = cfg
         self.jsonl_path = run_path / "metrics.jsonl"
         self.eval_path = run_path / "eval.jsonl"
+        self.samples_path = run_path / "samples.jsonl"
         if resumed:
-            for path in (self.jsonl_path, self.eval_path):
+            for path in (self.jsonl_path, self.eval_path, self.samples_path):
                 keep_steps_before(path, start_step)
         self._jsonl = self.jsonl_path.open("a" if resumed else "w", encoding="utf-8")
         self._eval_jsonl = self.eval_path.open("a" if resumed else "w", encoding="utf-8")
+        self._samples_jsonl = self.samples_path.open("a" if resumed else "w", encoding="utf-8")
         self._wandb = None
         self._gauges: dict[str, Any] = {}
         self._progress = None
@@ -70,9 +108,15 @@ class MetricsSink:
             name = cfg.trainer.name if not resumed else f"{cfg.trainer.name}-from-step-{start_step}"
             self._wandb = wandb.init(
                 project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity, name=name,
-                group=cfg.trainer.name, id=_new_wandb_run_id(run_path), dir=str(run_path), mode=mode,
-                config=cfg.model_dump(mode="json"),
+                group=cfg.logging.wandb_group or cfg.trainer.name, tags=cfg.logging.wandb_tags or None,
+                id=_new_wandb_run_id(run_path), dir=str(run_path), mode=mode, config=cfg.model_dump(mode="json"),
+                settings=wandb.Settings(silent=not cfg.logging.verbose),
             )
+            if mode == "online":
+                log.info("W&B run: %s", self._wandb.url)
+            else:
+                sync_dir = Path(self._wandb.settings.sync_dir).resolve()
+                log.info("W&B run (offline): %s; upload it with `wandb sync %s`", sync_dir, sync_dir)
         if cfg.logging.console:
             from tqdm.auto import tqdm
 
@@ -101,7 +145,20 @@ class MetricsSink:
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
         if self._progress is not None:
-            self._progress.write(" ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            for line in describe_evaluation(step, metrics):
+                self._progress.write(line)
+
+    def log_samples(self, step: int, records: list[dict[str, Any]]) -> None:
+        """Generations (:func:`generation_samples`): samples.jsonl, and a W&B table ``samples`` at this step."""
+        for record in records:
+            self._samples_jsonl.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._samples_jsonl.flush()
+        if self._wandb is not None:
+            import wandb
+
+            table = wandb.Table(columns=list(SAMPLE_COLUMNS),
+                                data=[[record[column] for column in SAMPLE_COLUMNS] for record in records])
+            self._wandb.log({"samples": table}, step=step)
 
     def _export_to_ray(self, metrics: dict[str, float]) -> None:
         from ray.util.metrics import Gauge
@@ -123,6 +180,7 @@ class MetricsSink:
             self._wandb.finish()
         self._jsonl.close()
         self._eval_jsonl.close()
+        self._samples_jsonl.close()
 
 
 def _new_wandb_run_id(run_path: Path) -> str:
@@ -131,6 +189,20 @@ def _new_wandb_run_id(run_path: Path) -> str:
     with (run_path / "wandb_runs").open("a", encoding="utf-8") as handle:
         handle.write(run_id + "\n")
     return run_id
+
+
+def describe_evaluation(step: int, metrics: dict[str, float]) -> list[str]:
+    """One console line per held-out set of an evaluation (keys of ``asyppo.cluster.driver.evaluation_metrics``)."""
+    lines = []
+    for key in sorted(key for key in metrics if key.endswith("accuracy_greedy")):
+        prefix = key.removesuffix("accuracy_greedy")
+        name = prefix.removeprefix("eval_").rstrip("_") or "held-out"
+        k = int(metrics[f"{prefix}k"])
+        sampled = f"{metrics[f'{prefix}accuracy']:.3f} sampled" + (
+            f" (avg@{k}, pass@{k} {metrics[f'{prefix}pass_at_k']:.3f})" if k > 1 else "")
+        lines.append(f"step {step}: {name} accuracy {sampled}, {metrics[key]:.3f} greedy "
+                     f"({metrics[f'{prefix}problems']:.0f} problems)")
+    return lines
 
 
 def keep_steps_before(path: Path, step: int) -> None:

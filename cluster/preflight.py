@@ -19,17 +19,20 @@ from asyppo.tasks.registry import TASKS
 ROWS_SHOWN = 3
 
 
-def preflight_problems(cfg: JobConfig, train: list[Problem], held_out: list[Problem], tokenizer,
+def preflight_problems(cfg: JobConfig, train: list[Problem], held_out: dict[str, list[Problem]], tokenizer,
                        models) -> list[tuple[str, str]]:
-    """Every problem the checks below find, in one list; ``tokenizer`` is the policy's, ``models`` the resolved
-    ``Models`` (policy and critic directories)."""
+    """Every problem the checks below find, in one list; ``held_out`` maps a set's name to its problems (``""`` for
+    data.eval, as ``asyppo.cluster.driver.load_datasets`` returns them), ``tokenizer`` is the policy's, ``models``
+    the resolved ``Models`` (policy and critic directories)."""
     from transformers import AutoConfig, AutoTokenizer
 
     max_model_len = cfg.rollout.max_model_len or AutoConfig.from_pretrained(models.policy).max_position_embeddings
+    splits = {"data.train": train,
+              **{f"evaluation.sets.{name}" if name else "data.eval": rows for name, rows in held_out.items()}}
     problems = [
         *batch_size_problems(cfg, train),
-        *prompt_length_problems(cfg, {"data.train": train, "data.eval": held_out}, tokenizer, max_model_len),
-        *answer_problems(cfg, {"data.train": train, "data.eval": held_out}),
+        *prompt_length_problems(cfg, splits, tokenizer, max_model_len),
+        *(answer_problems(cfg, splits) if cfg.reward.function is None else reward_function_problems(cfg, splits)),
         *wandb_problems(cfg),
     ]
     if cfg.critics.num_critics:
@@ -47,12 +50,18 @@ def batch_size_problems(cfg: JobConfig, train: list[Problem]) -> list[tuple[str,
 def prompt_length_problems(cfg: JobConfig, splits: dict[str, list[Problem]], tokenizer,
                            max_model_len: int) -> list[tuple[str, str]]:
     """Prompt tokens + ``rollout.max_new_tokens`` must fit the engine's maximum sequence length."""
+    from asyppo.tasks.prompts import encode_prompts
+
     budget = max_model_len - cfg.rollout.max_new_tokens
     problems = []
     for field, rows in splits.items():
         if not rows:
             continue
-        lengths = [len(ids) for ids in tokenizer([row.prompt for row in rows])["input_ids"]]
+        try:
+            lengths = [len(ids) for ids in encode_prompts(tokenizer, [row.prompt for row in rows], cfg.prompt_format)]
+        except ValueError as exc:  # no chat template
+            field_path, _, reason = str(exc).partition(": ")
+            return [(field_path, reason)]
         too_long = [(row.id, length) for row, length in zip(rows, lengths) if length > budget]
         if too_long:
             shown = ", ".join(f"{row_id!r} ({length} tokens)" for row_id, length in too_long[:ROWS_SHOWN])
@@ -77,6 +86,29 @@ def answer_problems(cfg: JobConfig, splits: dict[str, list[Problem]]) -> list[tu
             problems.append((field, f"{len(bad)} reference answers the {cfg.data.task} verifier cannot use, e.g. "
                                     + "; ".join(bad[:ROWS_SHOWN])))
     return problems
+
+
+def reward_function_problems(cfg: JobConfig, splits: dict[str, list[Problem]]) -> list[tuple[str, str]]:
+    """``reward.function`` imports, and on the first row of each split, given the reference answer as the response,
+    returns something it may return (a verdict, a finite score, or both): the rollout workers would fail otherwise,
+    after minutes of starting engines."""
+    from asyppo.cluster.driver import reward_function
+
+    reward = reward_function(cfg)
+    try:
+        reward.scorer
+    except ValueError as exc:
+        return [("reward.function", str(exc))]
+    for field, rows in splits.items():
+        if not rows:
+            continue
+        row = rows[0]
+        try:
+            reward(row.prompt, row.answer, row.answer, row.row, response_length=1, truncated=False)
+        except Exception as exc:  # noqa: BLE001 - the user's function can raise anything; say where and what
+            return [("reward.function", f"{cfg.reward.function} on the first row of {field} ({row.id!r}, with its "
+                                        f"reference answer as the response): {type(exc).__name__}: {exc}")]
+    return []
 
 
 def tokenizer_problems(policy_tokenizer, critic_tokenizer) -> list[tuple[str, str]]:

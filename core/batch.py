@@ -154,6 +154,7 @@ class AdvantageResult:
     adv_mask: torch.Tensor | None  # I^A [N, T] or None when off
     entropy_filter: torch.Tensor | None  # I^H [N, T] or None when off
     stats: dict[str, float]
+    sigma: torch.Tensor | None = None  # σ [N, T], the critics' disagreement (M ≥ 2), else None
 
 
 def compute_advantages(
@@ -176,7 +177,7 @@ def compute_advantages(
     """
     mask = batch.response_mask
     stats: dict[str, float] = {}
-    adv_mask = entropy_filter = None
+    adv_mask = entropy_filter = std = None
     if estimator == "grpo":
         per_response = grpo_advantages(batch.scores, batch.group_size)
         advantages = per_response[:, None] * mask
@@ -213,4 +214,4 @@ def compute_advantages(
     for name, keep in (("adv_mask", adv_mask), ("entropy_filter", entropy_filter)):
         for third, share in zip(("first", "middle", "last"), position_thirds(keep, mask)):
             stats[f"{name}_frac_{third}_third"] = share
-    return AdvantageResult(advantages, returns, adv_mask, entropy_filter, stats)
+    return AdvantageResult(advantages, returns, adv_mask, entropy_filter, stats, std)

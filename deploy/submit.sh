@@ -21,7 +21,7 @@
 #       it) is enough: this script then sets RAY_AUTH_MODE=token, which Ray's client needs before it sends the
 #       token. With RAY_AUTH_MODE=token alone, Ray reads ~/.ray/auth_token. The token is sent in a header of
 #       each request, never put in the job's runtime env.
-#   WANDB_API_KEY, WANDB_ENTITY, WANDB_BASE_URL  forwarded to the job when set (note: the dashboard shows a job's
+#   WANDB_API_KEY, WANDB_ENTITY, WANDB_BASE_URL, WANDB_MODE  forwarded to the job when set, as by `asyppo submit` (note: the dashboard shows a job's
 #       runtime env, so on a shared cluster prefer a secret set on the nodes).
 #   PYTHON  the interpreter that submits (default python3); it needs `ray[default]` (same version as the cluster).
 set -euo pipefail
@@ -87,7 +87,8 @@ except ImportError:
 else:
     runtime_env["py_modules"] = [str(stage_package(Path(staging)))]
 env_vars = runtime_env.setdefault("env_vars", {})
-for name in ("WANDB_API_KEY", "WANDB_ENTITY", "WANDB_BASE_URL"):
+# The same list as asyppo.cluster.cli.FORWARDED_ENV_VARS (tests/test_deploy.py checks it).
+for name in ("WANDB_API_KEY", "WANDB_ENTITY", "WANDB_BASE_URL", "WANDB_MODE"):
     if os.environ.get(name):
         env_vars[name] = os.environ[name]
 

@@ -189,6 +189,14 @@ class Learner:
             weight, self._advantages.adv_mask, batch.response_mask)
         return self._advantages.returns, self._advantages.stats
 
+    def response_sigma(self, rows: list[int]) -> list[float] | None:
+        """Mean σ over each response of ``rows`` of this step's batch (logged beside its text), or None without σ."""
+        sigma = self._advantages.sigma if self._advantages is not None else None
+        if sigma is None:
+            return None
+        mask = self._batch.response_mask[rows]
+        return ((sigma[rows] * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
+
     def update(self, step: int) -> dict[str, float]:
         """PPO epochs over shuffled mini-batches with the masks, the entropy filter and ERC (§5).
 

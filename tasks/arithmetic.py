@@ -26,6 +26,7 @@ __all__ = [
     "HELDOUT_FRACTION",
     "arithmetic_problems",
     "builtin_models",
+    "reward",
     "verify_arithmetic",
 ]
 
@@ -134,6 +135,13 @@ def verify_arithmetic(response: str, answer: str) -> bool:
         raise ValueError(f"verify_arithmetic: reference answer {answer!r} is not a plain decimal number")
     stated = _parse_number(response.strip())
     return stated is not None and stated == expected
+
+
+def reward(prompt: str, response: str, answer: str, row: dict) -> bool:
+    """The arithmetic task's reward function (``reward.function=asyppo.tasks.arithmetic:reward``, the default for
+    ``data.task=arithmetic``): the verifier's verdict, scored ``reward.correct`` / ``reward.wrong``."""
+    return verify_arithmetic(response, answer)
+
 
 
 def builtin_models(seed: int, log: Callable[[str], None]):

@@ -32,6 +32,7 @@ __all__ = [
     "builtin_models",
     "chain_problems",
     "chain_solution",
+    "reward",
     "verify_chain",
 ]
 
@@ -117,6 +118,13 @@ def verify_chain(response: str, answer: str) -> bool:
     if not all(matches):
         return False
     return int(matches[-1].group(3)) == int(answer.strip())
+
+
+def reward(prompt: str, response: str, answer: str, row: dict) -> bool:
+    """The chain task's reward function (``reward.function=asyppo.tasks.chain:reward``, the default for
+    ``data.task=chain``): the verifier's verdict, scored ``reward.correct`` / ``reward.wrong``."""
+    return verify_chain(response, answer)
+
 
 
 def builtin_models(seed: int, log: Callable[[str], None]):

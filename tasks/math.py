@@ -15,7 +15,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["verify_math"]
+__all__ = ["reward", "verify_math"]
 
 
 class _DeadlineExceeded(Exception):
@@ -102,3 +102,9 @@ def verify_math(response: str, answer: str, *, timeout_seconds: int = 5) -> bool
     except _DeadlineExceeded:
         logger.warning("verify_math: gave up after %s s on a response of %d chars", timeout_seconds, len(response))
         return False
+
+
+def reward(prompt: str, response: str, answer: str, row: dict) -> bool:
+    """The math task's reward function (``reward.function=asyppo.tasks.math:reward``, the default for
+    ``data.task=math``): the verifier's verdict, scored ``reward.correct`` / ``reward.wrong``."""
+    return verify_math(response, answer)

@@ -16,7 +16,7 @@ import hashlib
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +40,18 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class Problem:
-    """One prompt with its reference answer. ``id`` is stable across runs (it keys critic shards and logs)."""
+    """One prompt with its reference answer. ``id`` is stable across runs (it keys critic shards and logs).
+
+    ``row`` is the dataset row the problem came from, every column as read (empty for built-in tasks): a reward
+    function (``reward.function``) receives it, so it can use columns of its own (test cases, units, rubrics)."""
 
     id: str
     prompt: str
     answer: str
+    row: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
-    def to_dict(self) -> dict[str, str]:
-        return {"id": self.id, "prompt": self.prompt, "answer": self.answer}
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "prompt": self.prompt, "answer": self.answer, "row": self.row}
 
 
 def is_heldout(prompt: str, salt: bytes, fraction: float) -> bool:
@@ -217,7 +221,7 @@ def _problems_from_rows(
             what = f"duplicate {id_key!r} {identifier!r}" if id_key else "duplicate question (same prompt)"
             raise DatasetError(f"{where}: {place}: {what}, first seen at {first_place_of_id[identifier]}")
         first_place_of_id[identifier] = place
-        problems.append(Problem(id=identifier, prompt=prompt, answer=answer))
+        problems.append(Problem(id=identifier, prompt=prompt, answer=answer, row=row))
     return problems
 
 
@@ -227,7 +231,7 @@ def apply_template(problems: list[Problem], prompt_template: str) -> list[Proble
     if prompt_template == "{question}":
         return problems
     return [
-        Problem(id=problem_id(prompt), prompt=prompt, answer=problem.answer)
+        Problem(id=problem_id(prompt), prompt=prompt, answer=problem.answer, row=problem.row)
         for problem in problems
         for prompt in [prompt_template.replace("{question}", problem.prompt)]
     ]

@@ -28,6 +28,8 @@ class Task:
 
     ``verify(response_text, answer) -> bool``: whether a response is correct (raise ``ValueError`` when the
     reference answer itself is unusable: that is a data error, not a wrong response).
+    ``reward(prompt, response, answer, row) -> bool``: the same verdict as a reward function
+    (``asyppo.tasks.rewards``), what ``reward.function`` defaults to.
     ``builtin_problems(count, *, split, seed) -> list[Problem]``: the task's own dataset (``split`` is ``train``
     or ``eval``, disjoint; ``count=None`` gives the whole split), or None when the task has none.
     ``builtin_models(seed, log) -> BuiltinModels``: the task's own small policy and critic, or None.
@@ -35,6 +37,7 @@ class Task:
 
     name: str
     verify: Callable[[str, str], bool]
+    reward: Callable[[str, str, str, dict], bool]
     builtin_problems: Callable[..., list[Problem]] | None = None
     builtin_models: Callable[[int, Callable[[str], None]], Any] | None = None
 
@@ -42,9 +45,10 @@ class Task:
 TASKS: dict[str, Task] = {
     task.name: task
     for task in (
-        Task("arithmetic", arithmetic.verify_arithmetic, arithmetic.arithmetic_problems, arithmetic.builtin_models),
-        Task("chain", chain.verify_chain, chain.chain_problems, chain.builtin_models),
-        Task("math", math.verify_math),
+        Task("arithmetic", arithmetic.verify_arithmetic, arithmetic.reward, arithmetic.arithmetic_problems,
+             arithmetic.builtin_models),
+        Task("chain", chain.verify_chain, chain.reward, chain.chain_problems, chain.builtin_models),
+        Task("math", math.verify_math, math.reward),
     )
 }
 

@@ -1,22 +1,46 @@
-"""The reward of one response (docs/algorithms.md §1): the task's verifier, the scores, DAPO overlong shaping.
+"""The reward of one response (docs/algorithms.md §1): a reward function, the scores, DAPO overlong shaping.
 
-One scalar per response: ``correct`` when the task's verifier accepts the response, ``wrong`` otherwise, plus the
-optional DAPO overlong shaping. The learner places that scalar on the last valid response token; this module
-only scores text. The verifiers belong to their tasks (``asyppo.tasks.registry``).
+A reward function is any callable ``fn(prompt, response, answer, row)`` (docs/rewards.md):
+
+* ``prompt`` -- the prompt text as built from the dataset row (``data.prompt_template``, before any chat template),
+* ``response`` -- the text the policy generated (no EOS text),
+* ``answer`` -- the row's reference answer as text (``data.answer_key``),
+* ``row`` -- the whole dataset row as read, for columns of your own (empty for built-in tasks),
+
+returning one of
+
+* a **verdict** (``bool``): scored ``reward.correct`` when true, ``reward.wrong`` when false,
+* a **score** (a finite number): correct (for the logged accuracy) when it is > 0,
+* a ``(score, correct)`` pair.
+
+``reward.function`` names one as ``package.module:name`` or ``path/to/file.py:name``; left unset, the task's own
+verifier is used (``asyppo.tasks.arithmetic:reward``, ``asyppo.tasks.chain:reward``, ``asyppo.tasks.math:reward``,
+each a function of exactly this shape). DAPO's overlong shaping is added to whatever the function scores. The
+learner places the scalar on the last valid response token; this module only scores text.
 
 This module is plain Python (no Ray import) so it can be used and tested anywhere; rollout workers call it.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib
+import importlib.util
 import math
+import numbers
 import operator
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
+
+import numpy as np
 
 from asyppo.tasks.registry import TASKS
 
-__all__ = ["Reward", "RewardFunction", "overlong_penalty"]
+__all__ = ["Reward", "RewardFunction", "as_reward", "load_reward_function", "overlong_penalty"]
 
 
 def _as_int(name: str, value: Any) -> int:
@@ -60,18 +84,79 @@ class Reward(NamedTuple):
     correct: bool
 
 
+def load_reward_function(spec: str) -> Callable[..., Any]:
+    """The callable that ``spec`` names: ``package.module:name`` (imported; the working directory is on the path)
+    or ``path/to/file.py:name`` (loaded from that file, relative to the working directory). Loaded once per
+    process. Raises ``ValueError`` saying what is wrong: the form, a missing module or file, an import that
+    failed, a missing or non-callable name."""
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name.isidentifier():
+        raise ValueError(f"{spec!r} must look like 'package.module:function' or 'path/to/file.py:function'")
+    if target.endswith(".py"):
+        path = Path(target).expanduser().resolve()
+        if not path.is_file():
+            raise ValueError(f"{target}: no such file (relative paths start at the working directory, {Path.cwd()})")
+        target = str(path)
+    return _load(target, name)
+
+
+@functools.lru_cache(maxsize=None)
+def _load(target: str, name: str) -> Callable[..., Any]:
+    """``name`` from the module ``target`` (a dotted name, or the absolute path of a ``.py`` file)."""
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            # One module per file, under a name no import statement would collide with.
+            module_name = "asyppo_reward_" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
+            module_spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"cannot import {target!r}: {exc} (is it installed, or in the working directory?)") from None
+    except Exception as exc:  # noqa: BLE001 - any error while running the user's module is theirs to see
+        raise ValueError(f"importing {target!r} failed: {type(exc).__name__}: {exc}") from None
+    function = getattr(module, name, None)
+    if function is None:
+        raise ValueError(f"{target!r} has no {name!r}")
+    if not callable(function):
+        raise ValueError(f"{target}:{name} is a {type(function).__name__}, not a function")
+    return function
+
+
+def as_reward(result: Any) -> tuple[float | None, bool | None]:
+    """A reward function's return value as ``(score, correct)``: a verdict gives ``(None, verdict)`` (the caller
+    scores it), a number ``(score, None)``, a pair both. ``ValueError`` for anything else, or a score that is
+    not finite."""
+    if isinstance(result, tuple) and len(result) == 2:
+        score, correct = result
+        if not isinstance(correct, (bool, numbers.Integral)) or isinstance(score, bool):
+            raise ValueError(f"returned {result!r}: a (score, correct) pair needs a number and a bool")
+    elif isinstance(result, (bool, np.bool_)):
+        return None, bool(result)
+    else:
+        score, correct = result, None
+    if isinstance(score, bool) or not isinstance(score, numbers.Real) or not math.isfinite(score):
+        raise ValueError(f"returned {result!r}: expected a bool verdict, a finite score or a (score, correct) pair")
+    return float(score), None if correct is None else bool(correct)
+
+
 @dataclass(frozen=True)
 class RewardFunction:
-    """Outcome reward for one response (docs/algorithms.md §1); picklable, so it can be shipped to Ray actors.
+    """Outcome reward for one response (docs/algorithms.md §1); picklable, so it can be shipped to Ray actors (it
+    carries the name of the reward function, which each process loads once).
 
-    ``correct`` / ``wrong`` are the scores for accepted / rejected responses (default 1 / 0; ERC's
-    recipe uses +1 / -1). DAPO overlong shaping is off unless ``max_length`` and ``buffer`` are both set; it
-    then adds ``overlong_penalty(response_length, max_length, buffer, factor)`` to the score.
+    ``function`` is ``reward.function`` (None: the task's own verifier). ``correct`` / ``wrong`` score a verdict
+    (default 1 / 0; ERC's recipe uses +1 / -1). DAPO overlong shaping is off unless ``max_length`` and ``buffer``
+    are both set; it then adds ``overlong_penalty(response_length, max_length, buffer, factor)`` to the score.
     ``truncated_is_wrong`` makes a response cut off by the generation limit (no EOS) score as wrong even if its
-    text happens to state the answer; off by default, since a truncated response rarely states it anyway.
+    verdict is true; off by default, since a truncated response rarely states the answer anyway.
     """
 
     task: str = "arithmetic"
+    function: str | None = None
     correct: float = 1.0
     wrong: float = 0.0
     max_length: int | None = None
@@ -99,11 +184,20 @@ class RewardFunction:
     def overlong_enabled(self) -> bool:
         return self.max_length is not None
 
-    def __call__(self, response_text: str, answer: str, *, response_length: int, truncated: bool) -> Reward:
-        """The reward of one response of ``response_length`` tokens (docs/algorithms.md §1); the verifier runs once."""
-        correct = bool(TASKS[self.task].verify(response_text, answer))
-        accepted = correct and not (truncated and self.truncated_is_wrong)
-        score = float(self.correct if accepted else self.wrong)
+    @property
+    def scorer(self) -> Callable[..., Any]:
+        """The reward function itself: ``reward.function``, or the task's verifier."""
+        return load_reward_function(self.function) if self.function else TASKS[self.task].reward
+
+    def __call__(self, prompt: str, response: str, answer: str, row: dict, *, response_length: int,
+                 truncated: bool) -> Reward:
+        """The reward of one response of ``response_length`` tokens (docs/algorithms.md §1); the function runs once."""
+        score, correct = as_reward(self.scorer(prompt, response, answer, row))
+        if score is None:  # a verdict
+            accepted = correct and not (truncated and self.truncated_is_wrong)
+            score = float(self.correct if accepted else self.wrong)
+        elif correct is None:
+            correct = score > 0
         if self.overlong_enabled:
             score += overlong_penalty(response_length, self.max_length, self.buffer, self.factor)
         return Reward(score, correct)

@@ -60,7 +60,7 @@ def _run_script(name: str, *args: str, timeout: int = 900) -> str:
 def test_rollout_benchmark_smoke(tmp_path):
     out = tmp_path / "rollout.json"
     stdout = _run_script("bench_rollout.py", "--task", "arithmetic", "--prompts", "4", "--samples", "2",
-                         "--repeats", "1", "--output", str(out))
+                         "--repeats", "1", "--rounds", "1", "--output", str(out))
     result = json.loads(out.read_text())
     # Same seeds on both engines: the same tokens were generated, and the ratio is the tokens/s ratio.
     assert result["generated_tokens"] >= 4 * 2

@@ -63,7 +63,8 @@ def test_builtin_is_deterministic_and_seeded() -> None:
     assert first != arithmetic_problems(64, split="eval", seed=4)
     assert len({p.id for p in first}) == 64
     assert all(
-        isinstance(p, Problem) and p.to_dict() == {"id": p.id, "prompt": p.prompt, "answer": p.answer} for p in first
+        isinstance(p, Problem) and p.to_dict() == {"id": p.id, "prompt": p.prompt, "answer": p.answer, "row": {}}
+        for p in first
     )
 
 
@@ -108,6 +109,9 @@ def test_jsonl_fixture_loads() -> None:
         ("neg", "-7"),
     ]
     assert problems[2].prompt == "Simplify $\\sqrt{8}$."
+    # Each problem keeps its whole row, for a reward function's own columns.
+    rows = [json.loads(line) for line in (FIXTURES / "math_small.jsonl").read_text().splitlines() if line.strip()]
+    assert [p.row for p in problems] == rows
 
 
 def test_jsonl_ids_default_to_a_stable_prompt_hash() -> None:

@@ -395,3 +395,16 @@ def test_submit_without_the_token_is_refused(dashboard, tmp_path):
     assert result.returncode != 0
     assert "token" in result.stderr.lower()
     assert dashboard.jobs == []
+
+
+@pytest.mark.parametrize("dashboard", ["s3cr3t-token"], indirect=True)
+def test_submit_sh_forwards_the_same_variables_as_asyppo_submit(dashboard, tmp_path):
+    from asyppo.cluster.cli import FORWARDED_ENV_VARS
+
+    shell = {name: f"value-of-{name}" for name in FORWARDED_ENV_VARS}
+    result = run_submit(tmp_path, dashboard.address, ["trainer.steps=1"], RAY_AUTH_TOKEN="s3cr3t-token",
+                        WANDB_PROJECT="not-forwarded", **shell)
+    assert result.returncode == 0, result.stderr
+    (job,) = dashboard.jobs
+    forwarded = {name: value for name, value in job["runtime_env"]["env_vars"].items() if name.startswith("WANDB")}
+    assert forwarded == shell

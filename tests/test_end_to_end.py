@@ -13,7 +13,8 @@ import pytest
 import ray
 
 from asyppo.cluster.config import build_config
-from asyppo.cluster.driver import JobFailed, Trainer, evaluate_policy, train
+from asyppo.cluster import cli
+from asyppo.cluster.driver import JobFailed, Trainer, train
 from asyppo.cluster.metrics import read_metrics, required_metric_keys
 
 pytestmark = pytest.mark.cluster
@@ -95,9 +96,11 @@ def test_one_worker_two_critics_sync(tmp_path):
     assert runs and any(runs[0].rglob("*.wandb")), "no offline W&B run was written"
 
 
-def test_two_workers_three_critics_async_then_resume(tmp_path):
+def test_two_workers_three_critics_async_then_resume(tmp_path, capsys):
+    # A second held-out set with the same problems as data.eval must score exactly alike (same seeds).
     cfg = small_job(tmp_path, "rollout.num_workers=2", "critics.num_critics=3", "trainer.max_staleness=1",
-                    "data.eval_size=24", "trainer.checkpoint_every=2")
+                    "data.eval_size=24", "trainer.checkpoint_every=2", "evaluation.k=2",
+                    "evaluation.sets.again=builtin:arithmetic")
     summary = train(cfg)
     run_path = tmp_path / cfg.trainer.name
     lines = read_metrics(run_path / "metrics.jsonl")
@@ -115,9 +118,19 @@ def test_two_workers_three_critics_async_then_resume(tmp_path):
     assert saved["sampler"]["position"] == 2 * cfg.rollout.prompts_per_step
     assert 0 <= summary["base_accuracy"] <= 1 and 0 <= summary["final_accuracy"] <= 1
     assert (run_path / "checkpoints" / "step-2" / "policy" / "config.json").is_file()
-    # The checkpointed policy, served by fresh engines (`asyppo eval`), reproduces the final evaluation.
-    accuracy, count = evaluate_policy(cfg, str(run_path / "checkpoints" / "step-2" / "policy"))
-    assert count == 24 and accuracy == summary["final_accuracy"]
+    # `asyppo eval RUN_DIR`, with nothing else: the run's config, its latest checkpoint served by fresh engines, the
+    # same seeds: it reproduces the run's final evaluation, number for number.
+    assert cli.main(["eval", str(run_path)]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    final = read_metrics(run_path / "eval.jsonl")[-1]
+    assert evaluated["policy"] == str(run_path / "checkpoints" / "step-2" / "policy")
+    assert evaluated["eval_problems"] == 24 and evaluated["eval_accuracy"] == summary["final_accuracy"]
+    assert {key: evaluated[key] for key in final if key.startswith("eval_")} == {
+        key: value for key, value in final.items() if key.startswith("eval_")}
+    for line in read_metrics(run_path / "eval.jsonl"):
+        assert line["eval_k"] == 2 and line["eval_accuracy"] <= line["eval_pass_at_k"] <= 1
+        again = {key.replace("eval_again_", "eval_"): value for key, value in line.items() if "again" in key}
+        assert again == {key: value for key, value in line.items() if key.startswith("eval_") and "again" not in key}
 
     resumed = train(build_config(overrides=[*_overrides_of(cfg), "trainer.steps=5"]), resume=True)
     assert resumed["run_dir"] == str(run_path)

@@ -162,8 +162,8 @@ def test_adding_a_task_as_docs_tasks_md_shows(tmp_path):
         cfg = build_config(overrides=["data.task=choice", "data.train=/data/choice/train.jsonl",
                                       "data.eval=/data/choice/test.jsonl"])
         reward = RewardFunction(task=cfg.data.task)
-        print(json.dumps([reward("I pick (B).", "B", response_length=3, truncated=False),
-                          reward("A, then C", "B", response_length=3, truncated=False)]))
+        print(json.dumps([reward("Which?", "I pick (B).", "B", {}, response_length=3, truncated=False),
+                          reward("Which?", "A, then C", "B", {}, response_length=3, truncated=False)]))
     """)], cwd=tmp_path, capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(staged.parent)})
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == [[1.0, True], [0.0, False]]

@@ -182,34 +182,142 @@ def test_overlong_penalty_accepts_numpy_and_torch_integers() -> None:
     assert overlong_penalty(torch.tensor(18), 20, 4, 1.0) == pytest.approx(-0.5)
 
 
+def _score(reward: RewardFunction, response: str, answer: str, *, length: int = 3, truncated: bool = False):
+    return reward("1+1=", response, answer, {}, response_length=length, truncated=truncated)
+
+
 def test_reward_function_scores_and_accuracy() -> None:
     reward = RewardFunction(task="arithmetic")
-    assert reward("82", "82", response_length=3, truncated=False) == (1.0, True)
-    assert reward("81", "82", response_length=3, truncated=False) == (0.0, False)
+    assert _score(reward, "82", "82") == (1.0, True)
+    assert _score(reward, "81", "82") == (0.0, False)
 
     signed = RewardFunction(task="arithmetic", correct=1.0, wrong=-1.0)
-    assert signed("81", "82", response_length=3, truncated=False) == (-1.0, False)
+    assert _score(signed, "81", "82") == (-1.0, False)
 
 
 def test_reward_function_overlong_shaping_and_truncation() -> None:
     shaped = RewardFunction(task="arithmetic", max_length=20, buffer=4, factor=1.0)
-    assert shaped("82", "82", response_length=16, truncated=False).score == pytest.approx(1.0)
-    assert shaped("82", "82", response_length=18, truncated=False).score == pytest.approx(1.0 - 0.5)
-    assert shaped("81", "82", response_length=20, truncated=True).score == pytest.approx(0.0 - 1.0)
+    assert _score(shaped, "82", "82", length=16).score == pytest.approx(1.0)
+    assert _score(shaped, "82", "82", length=18).score == pytest.approx(1.0 - 0.5)
+    assert _score(shaped, "81", "82", length=20, truncated=True).score == pytest.approx(0.0 - 1.0)
 
-    assert RewardFunction()("82", "82", response_length=3, truncated=True) == (1.0, True)
+    assert _score(RewardFunction(), "82", "82", truncated=True) == (1.0, True)
     strict = RewardFunction(truncated_is_wrong=True)
     # The verifier still accepts the text (accuracy), but a truncated response scores as wrong.
-    assert strict("82", "82", response_length=3, truncated=True) == (0.0, True)
-    assert strict("82", "82", response_length=3, truncated=False) == (1.0, True)
+    assert _score(strict, "82", "82", truncated=True) == (0.0, True)
+    assert _score(strict, "82", "82") == (1.0, True)
 
 
 def test_reward_function_math_task_and_pickling() -> None:
     reward = RewardFunction(task="math", correct=1.0, wrong=-1.0)
     restored = pickle.loads(pickle.dumps(reward))
     assert restored == reward
-    assert restored("\\boxed{0.5}", "\\frac{1}{2}", response_length=9, truncated=False) == (1.0, True)
-    assert restored("\\boxed{0.6}", "\\frac{1}{2}", response_length=9, truncated=False) == (-1.0, False)
+    assert _score(restored, "\\boxed{0.5}", "\\frac{1}{2}", length=9) == (1.0, True)
+    assert _score(restored, "\\boxed{0.6}", "\\frac{1}{2}", length=9) == (-1.0, False)
+
+
+def test_each_builtin_verifier_is_a_reward_function_of_the_documented_shape() -> None:
+    """The default (no reward.function) and naming the task's function explicitly score alike."""
+    from asyppo.tasks.registry import TASKS
+
+    cases = {"arithmetic": ("37+45=", "82", "82"), "chain": ("1+2+3=", "1+2=3;3+3=6", "6"),
+             "math": ("x?", "\\boxed{\\frac{2}{4}}", "0.5")}
+    assert set(cases) == set(TASKS)
+    for task, (prompt, right, answer) in cases.items():
+        named = RewardFunction(task=task, function=f"asyppo.tasks.{task}:reward", wrong=-1.0)
+        default = RewardFunction(task=task, wrong=-1.0)
+        for response, expected in ((right, (1.0, True)), ("7", (-1.0, False))):
+            assert named(prompt, response, answer, {}, response_length=1, truncated=False) == expected, task
+            assert default(prompt, response, answer, {}, response_length=1, truncated=False) == expected, task
+
+
+USER_REWARDS = """
+calls = []
+
+def verdict(prompt, response, answer, row):
+    calls.append((prompt, response, answer, row))
+    return response.strip() == answer
+
+def score(prompt, response, answer, row):
+    return row["weight"] * (response == answer) - 0.5
+
+def pair(prompt, response, answer, row):
+    return 2.0, response == answer
+
+def nan(prompt, response, answer, row):
+    return float("nan")
+
+def text(prompt, response, answer, row):
+    return "yes"
+
+not_callable = 3
+
+def broken(prompt, response, answer, row):
+    raise KeyError("unit")
+"""
+
+
+@pytest.fixture
+def user_rewards(tmp_path, monkeypatch):
+    """A reward module outside the package, both as a file and as an importable module in the working directory."""
+    (tmp_path / "my_rewards.py").write_text(USER_REWARDS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize("where", ["my_rewards.py", "my_rewards"])
+def test_user_reward_functions_in_each_returned_form(user_rewards, where) -> None:
+    def call(name, response="82", row=None, **kwargs):
+        reward = RewardFunction(task="arithmetic", function=f"{where}:{name}", **kwargs)
+        return reward("37+45=", response, "82", row or {"weight": 3.0}, response_length=3, truncated=False)
+
+    # A verdict is scored with reward.correct / reward.wrong; the function sees all four arguments.
+    assert call("verdict", correct=2.0) == (2.0, True)
+    assert call("verdict", response="81", wrong=-1.0) == (-1.0, False)
+    # A score is used as is, correct when > 0; a pair gives both; overlong shaping applies to all.
+    assert call("score") == (2.5, True)
+    assert call("score", response="81") == (-0.5, False)
+    assert call("pair", response="81") == (2.0, False)
+    assert call("pair", max_length=4, buffer=2).score == pytest.approx(2.0 - 0.5)
+    # It survives pickling (the rollout workers get it this way) and is loaded once per process.
+    reward = pickle.loads(pickle.dumps(RewardFunction(function=f"{where}:verdict")))
+    assert reward.scorer is RewardFunction(function=f"{where}:verdict").scorer
+    reward("p", "r", "a", {"k": 1}, response_length=1, truncated=False)
+    assert reward.scorer.__globals__["calls"][-1] == ("p", "r", "a", {"k": 1})
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("my_rewards.py:missing", "has no 'missing'"),
+    ("my_rewards.py:not_callable", "is a int, not a function"),
+    ("elsewhere.py:verdict", "elsewhere.py: no such file"),
+    ("no_such_module:verdict", "cannot import 'no_such_module'"),
+    ("my_rewards.py", "must look like"),
+])
+def test_unloadable_reward_functions_say_why(user_rewards, spec, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        RewardFunction(function=spec).scorer
+
+
+@pytest.mark.parametrize(("name", "message"), [("nan", "returned nan: expected"), ("text", "returned 'yes': expected")])
+def test_a_reward_function_returning_something_else_is_an_error(user_rewards, name, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        RewardFunction(function=f"my_rewards.py:{name}")("p", "r", "a", {}, response_length=1, truncated=False)
+
+
+def test_preflight_runs_the_reward_function_on_a_row_before_any_actor(user_rewards) -> None:
+    from asyppo.cluster.config import build_config
+    from asyppo.cluster.preflight import reward_function_problems
+    from asyppo.tasks.problems import Problem
+
+    rows = {"data.train": [Problem("a", "1+1=", "2", row={"weight": 1.0})], "data.eval": []}
+    assert reward_function_problems(build_config(overrides=["reward.function=my_rewards.py:score"]), rows) == []
+    [(field, reason)] = reward_function_problems(build_config(overrides=["reward.function=my_rewards.py:broken"]),
+                                                 rows)
+    assert field == "reward.function" and "first row of data.train ('a'" in reason and "KeyError" in reason
+    [(field, reason)] = reward_function_problems(build_config(overrides=["reward.function=my_rewards.py:nope"]),
+                                                 rows)
+    assert field == "reward.function" and "has no 'nope'" in reason
 
 
 @pytest.mark.parametrize(
@@ -237,16 +345,38 @@ def test_each_response_is_verified_once_and_scored_with_its_correctness(monkeypa
         verified.append(response_text)
         return response_text.strip() == answer
 
-    monkeypatch.setitem(TASKS, "counting", Task("counting", counting_verify))
+    monkeypatch.setitem(TASKS, "counting", Task("counting", counting_verify,
+                                                lambda prompt, response, answer, row: counting_verify(response, answer)))
     reward = RewardFunction(task="counting", correct=1.0, wrong=-1.0)
     texts = ["82", "81", "82", "7"]
     samples = [_Sample(token_ids=[1, 2], logprobs=[-0.1, -0.2], text=t, truncated=False) for t in texts]
-    problems = [{"id": "a", "answer": "82"}, {"id": "b", "answer": "7"}]
+    problems = [{"id": "a", "prompt": "80+2=", "answer": "82"}, {"id": "b", "prompt": "3+4=", "answer": "7"}]
     scores, correct = score_samples(reward, problems, samples, n=2)
     assert verified == texts  # the verifier ran once per response, in row order
     assert correct.tolist() == [True, False, False, True]
     assert scores.tolist() == [1.0, -1.0, -1.0, 1.0]
-    # A plain-number reward function counts score > 0 as correct; a non-finite score names the problem.
-    assert score_samples(lambda *a, **k: 0.5, problems, samples, n=2)[1].all()
-    with pytest.raises(ValueError, match="problem 'a'.*not a finite score"):
-        score_samples(lambda *a, **k: float("nan"), problems, samples, n=2)
+    # A failing reward function, or a score that is not finite, names the problem it happened on.
+    with pytest.raises(ValueError, match="problem 'a'.*not a finite number"):
+        score_samples(lambda *a, **k: (float("nan"), False), problems, samples, n=2)
+    with pytest.raises(ValueError, match="problem 'a'.*failed on the response '82': ZeroDivisionError"):
+        score_samples(lambda *a, **k: 1 / 0, problems, samples, n=2)
+
+
+def test_the_example_reward_function_gives_partial_credit(monkeypatch) -> None:
+    """examples/rewards/partial_credit.py as its config names it, from the repository's root."""
+    from pathlib import Path
+
+    from asyppo.cluster.config import load_config
+    from asyppo.cluster.driver import reward_function
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    reward = reward_function(load_config(root / "examples" / "rewards" / "partial-credit.yaml"))
+
+    def score(response, row=None):
+        return tuple(reward("37+45=", response, "82", row or {}, response_length=2, truncated=False))
+
+    assert score("82") == (1.0, True)
+    assert score("84") == (pytest.approx(0.5 * (1 - 2 / 10)), False)
+    assert score("84", {"tolerance": 4}) == (pytest.approx(0.25), False)
+    assert score("200") == (0.0, False) and score("eighty") == (0.0, False)

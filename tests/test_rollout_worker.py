@@ -62,9 +62,10 @@ def build_tiny_qwen2(vocab_size: int, seed: int):
     return Qwen2ForCausalLM(config).eval()
 
 
-def starts_with_answer(response_text: str, answer: str, *, response_length: int, truncated: bool) -> float:
-    """Test reward: 1 when the response begins with the answer, else 0."""
-    return 1.0 if response_text.startswith(answer) else 0.0
+def starts_with_answer(prompt: str, response: str, answer: str, row: dict, *, response_length: int,
+                       truncated: bool) -> tuple[float, bool]:
+    """Test reward: 1 (correct) when the response begins with the answer, else 0."""
+    return (1.0, True) if response.startswith(answer) else (0.0, False)
 
 
 # ---- independent references --------------------------------------------------------------------------------------
