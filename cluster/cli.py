@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from asyppo.cluster.config import ConfigError, JobConfig, load_config
+from asyppo.cluster.config import RELATIVE_RUN_DIR, ConfigError, JobConfig, load_config
 from asyppo.cluster.logs import setup_console
 from asyppo.cluster.metrics import describe_evaluation
 
@@ -82,17 +82,30 @@ def _train(args) -> int:
 def _submit(args) -> int:
     import asyncio
 
+    # Ray's client sends a token only in token mode (read when Ray is imported); a token given without the mode would
+    # go unused.
+    if not os.environ.get("RAY_AUTH_MODE") and (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_MODE"] = "token"
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    _load(args)  # fail here, not on the cluster, if the config is wrong
+    from asyppo.cluster.driver import JobFailed
+
+    cfg = _load(args)  # fail here, not on the cluster, if the config is wrong
+    overrides = [*args.overrides, *durable_run_dir(cfg, args.address)]
     command = ["asyppo", "train", *(["--config", str(args.config)] if args.config else []),
-               *(["--resume"] if args.resume else []), *(["--verbose"] if args.verbose else []), *args.overrides]
+               *(["--resume"] if args.resume else []), *(["--verbose"] if args.verbose else []), *overrides]
     env_vars = {key: os.environ[key] for key in FORWARDED_ENV_VARS if os.environ.get(key)}
-    client = JobSubmissionClient(args.address)
-    with tempfile.TemporaryDirectory(prefix="asyppo-submit-") as staging:
-        runtime_env = {"working_dir": args.working_dir, "py_modules": [str(stage_package(Path(staging)))],
-                       "env_vars": env_vars}
-        job_id = client.submit_job(entrypoint=shlex.join(command), runtime_env=runtime_env)
+    try:
+        client = JobSubmissionClient(args.address)
+        with tempfile.TemporaryDirectory(prefix="asyppo-submit-") as staging:
+            runtime_env = {"working_dir": args.working_dir, "py_modules": [str(stage_package(Path(staging)))],
+                           "env_vars": env_vars}
+            job_id = client.submit_job(entrypoint=shlex.join(command), runtime_env=runtime_env)
+    except AuthenticationError:
+        raise JobFailed(f"{args.address} requires Ray's token authentication: set RAY_AUTH_TOKEN to the cluster's "
+                        "token (or RAY_AUTH_TOKEN_PATH to a file holding it; `ray get-auth-token` on the head prints "
+                        "it)") from None
     print(f"submitted {job_id} to {args.address}: {shlex.join(command)}")
     if args.no_wait:
         return 0
@@ -105,6 +118,25 @@ def _submit(args) -> int:
     status = client.get_job_status(job_id)
     print(f"job {job_id}: {status}")
     return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def durable_run_dir(cfg: JobConfig, address: str) -> list[str]:
+    """A submitted job runs in Ray's temporary copy of its working directory, so a relative ``trainer.run_dir`` would
+    vanish with it (docs/deploy.md, "Run directory"). For a cluster on this machine the run directory becomes the
+    absolute path it names here (returned as an override, and said on stderr); for another cluster it is refused."""
+    run_dir = Path(cfg.trainer.run_dir).expanduser()
+    if run_dir.is_absolute() or "://" in cfg.trainer.run_dir:
+        return []
+    from urllib.parse import urlsplit
+
+    if (urlsplit(address if "://" in address else f"http://{address}").hostname or "") in LOCAL_HOSTS:
+        print(f"asyppo submit: the job writes its run to {run_dir.resolve()} (trainer.run_dir {cfg.trainer.run_dir!r} "
+              "made absolute: the cluster runs on this machine)", file=sys.stderr)
+        return [f"trainer.run_dir={run_dir.resolve()}"]
+    raise ConfigError([("trainer.run_dir", RELATIVE_RUN_DIR.format(run_dir=cfg.trainer.run_dir))])
 
 
 # What a submitted job takes from the submitting shell, by both submit paths (deploy/submit.sh keeps the same list).

@@ -123,6 +123,12 @@ BUILTIN_DATA = "builtin:arithmetic"
 TaskName = Literal[tuple(TASKS)]  # type: ignore[valid-type]
 
 
+# Why a submitted job may not use a relative trainer.run_dir (asyppo submit and the driver both say it).
+RELATIVE_RUN_DIR = ("{run_dir!r} is relative, and a submitted job runs in Ray's temporary copy of its working "
+                    "directory, which Ray deletes: the checkpoints and metrics would be lost. Give an absolute path on "
+                    "storage every node keeps, e.g. trainer.run_dir=/mnt/shared/runs")
+
+
 class ConfigError(ValueError):
     """Invalid job configuration; ``problems`` holds ``(field path, reason)`` pairs."""
 

@@ -33,7 +33,8 @@ from asyppo.cluster.actor_group import ActorGroup, fit_to_cluster, role_resource
 from asyppo.cluster.checkpoint import CheckpointDir, read_trainer_state
 from asyppo.cluster.logs import RunLog, route_library_loggers
 from asyppo.cluster.config import (
-    BUILTIN_CRITIC, BUILTIN_POLICY, CRITIC_IS_POLICY, ConfigError, JobConfig, load_config, resume_changes,
+    BUILTIN_CRITIC, BUILTIN_POLICY, CRITIC_IS_POLICY, RELATIVE_RUN_DIR, ConfigError, JobConfig, load_config,
+    resume_changes,
 )
 from asyppo.cluster.metrics import MetricsSink, generation_samples, sample_rows
 from asyppo.cluster.preflight import preflight_problems
@@ -152,6 +153,22 @@ def evaluation_metrics(name: str, sampled: list[dict], greedy: list[dict], k: in
             f"{prefix}k": float(k)}
 
 
+def submitted_run_dir_problems(cfg: JobConfig) -> list[tuple[str, str]]:
+    """Inside a Ray job (``ray job submit``, deploy/submit.sh; Ray sets RAY_JOB_CONFIG_JSON_ENV_VAR for its driver)
+    with a working directory, the driver runs in Ray's temporary copy of it: a relative trainer.run_dir would land
+    there and vanish with the session, so it is refused before anything starts."""
+    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not job or Path(cfg.trainer.run_dir).is_absolute():
+        return []
+    try:
+        working_dir = json.loads(job).get("runtime_env", {}).get("working_dir")
+    except (ValueError, AttributeError):
+        working_dir = None
+    if not working_dir:
+        return []
+    return [("trainer.run_dir", RELATIVE_RUN_DIR.format(run_dir=cfg.trainer.run_dir) + f" (here: {Path.cwd()})")]
+
+
 def unique_run_path(cfg: JobConfig, resume: bool) -> JobConfig:
     """A new run never writes into an existing run's directory: it takes the next free ``name-K``."""
     if resume:
@@ -171,6 +188,9 @@ class Trainer:
 
         from asyppo.tasks.problems import PromptSampler
 
+        problems = submitted_run_dir_problems(cfg)
+        if problems:
+            raise ConfigError(problems)
         self.cfg = cfg = unique_run_path(cfg, resume)
         self.run_path = cfg.run_path
         self.checkpoints = CheckpointDir(self.run_path, cfg.trainer.keep_checkpoints)
@@ -190,6 +210,7 @@ class Trainer:
 
         self.run_path.mkdir(parents=True, exist_ok=True)
         self.run_log = RunLog(self.run_path / "logs")
+        log.info("run directory: %s", self.run_path.resolve())
         (self.run_path / "config.yaml").write_text(cfg.to_yaml())
         self.start_step, self.version, self.base_accuracy = 0, 0, None
         # The sampler's state after drawing each launched step's prompts: a checkpoint at step s saves the one of
