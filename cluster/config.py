@@ -208,6 +208,10 @@ class CriticsConfig(_Section):
     micro_batch_size: int = Field(64, ge=1)
     zero_stage: int = Field(0, ge=0, le=3)
     grad_clip: float = Field(1.0, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="after the warm-up (§5b)")
+    lr_warmup_steps: int = Field(0, ge=0, description="steps of linear learning-rate warm-up (§5b)")
+    lr_min_ratio: float = Field(0.0, ge=0, le=1, description="cosine: the last step's lr as a fraction of lr")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, more time")
 
 
 class AlgorithmConfig(_Section):
@@ -238,6 +242,8 @@ class AlgorithmConfig(_Section):
     critic_warmup_steps: int = Field(
         0, ge=0, description="the first W steps train the critics only; the policy starts updating at step W (§4)"
     )
+    kl_coef: float = Field(0.0, ge=0, description="β_KL of the KL penalty to the frozen initial policy; 0 = off (§5)")
+    kl_estimator: Literal["k1", "k3"] = Field("k3", description="per-token estimator of KL(π_θ ‖ π_ref) (§5)")
 
 
 class LearnerConfig(_Section):
@@ -251,6 +257,10 @@ class LearnerConfig(_Section):
     mini_batch_size: int = Field(64, ge=1, description="responses per optimizer step")
     micro_batch_size: int = Field(64, ge=1, description="responses per forward/backward")
     logprob_chunk: int = Field(256, ge=1, description="sequence positions per chunk of the vocab projection")
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="after the warm-up (§5b)")
+    lr_warmup_steps: int = Field(0, ge=0, description="steps of linear learning-rate warm-up (§5b)")
+    lr_min_ratio: float = Field(0.0, ge=0, le=1, description="cosine: the last step's lr as a fraction of lr")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, more time")
 
 
 class WeightSyncConfig(_Section):
@@ -432,6 +442,12 @@ def cross_field_problems(cfg: JobConfig) -> list[tuple[str, str]]:
         if not (0 <= low < 1 < high):
             problems.append(("algorithm.erc_band", f"needs 0 <= low < 1 < high, got [{low}, {high}]"))
 
+    for section in ("learner", "critics"):
+        warmup = getattr(cfg, section).lr_warmup_steps
+        if warmup >= cfg.trainer.steps:
+            problems.append((f"{section}.lr_warmup_steps", f"{warmup} >= trainer.steps ({cfg.trainer.steps}): the "
+                                                           "learning rate would never reach its value"))
+
     if PLAIN_NAME.fullmatch(cfg.trainer.name) is None:
         problems.append(("trainer.name", f"{cfg.trainer.name!r} must be a plain name (letters, digits, '.', '_', "
                                          "'-'), not a path; trainer.run_dir says where runs go"))
@@ -486,12 +502,19 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 def resume_changes(previous: JobConfig, current: JobConfig) -> list[tuple[str, str]]:
     """The fields ``current`` changes from the run being resumed that would make it a different run."""
     before, after = _flatten(previous.model_dump(mode="json")), _flatten(current.model_dump(mode="json"))
-    return [
+    changes = [
         (path, f"was {before.get(path)!r} in the run being resumed, now {after.get(path)!r}: a different run. "
                f"Set it back, or start a new run (without --resume)")
         for path in sorted(set(before) | set(after))
         if before.get(path) != after.get(path) and not path.startswith(RESUME_SAFE_FIELDS)
     ]
+    # A cosine schedule is laid over trainer.steps: running longer would change every later step's learning rate.
+    cosine = [section for section in ("learner", "critics") if getattr(current, section).lr_schedule == "cosine"]
+    if cosine and previous.trainer.steps != current.trainer.steps:
+        changes.append(("trainer.steps", f"was {previous.trainer.steps} in the run being resumed, now "
+                                         f"{current.trainer.steps}: {cosine[0]}.lr_schedule=cosine decays over "
+                                         "trainer.steps, so this would be a different run"))
+    return changes
 
 
 def _deep_merge(base: dict, update: dict) -> dict:

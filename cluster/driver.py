@@ -268,7 +268,8 @@ class Trainer:
         self.learners.spawn(
             Learner,
             lambda rank: learner_arguments(cfg, policy_dir, rank=rank, world_size=cfg.learner_ranks,
-                                           master_addr=address, master_port=port, resume_state_dir=state_dir),
+                                           master_addr=address, master_port=port, resume_state_dir=state_dir,
+                                           reference_path=self.models.policy),
             name=lambda rank: "learner" if rank == 0 else f"learner-rank{rank}", log_dir=log_dir,
         )
         if cfg.critics.num_critics:
@@ -661,7 +662,7 @@ class Trainer:
         if self.critics:
             shards = assign_shards(batch.prompt_ids, batch.group_size, len(self.critics),
                                    self.cfg.algorithm.critic_split, seed=self.cfg.trainer.seed + step)
-            critic_refs = [critic.train.remote(returns_ref, rows) for critic, rows in zip(self.critics, shards)]
+            critic_refs = [critic.train.remote(returns_ref, rows, step) for critic, rows in zip(self.critics, shards)]
         update_refs = self.learners.call("update", step)
         update_stats = self._get(update_refs, f"step {step}: learner update")[0]
         timings["time_update"] = time.perf_counter() - phase
@@ -669,7 +670,7 @@ class Trainer:
         if self.critics:
             def score_then_train(m):
                 self.critics[m].values.remote(batch_ref)  # an actor runs its calls in order: values, then train
-                return self.critics[m].train.remote(returns_ref, shards[m])
+                return self.critics[m].train.remote(returns_ref, shards[m], step)
 
             critic_stats = self._critic_calls(f"step {step}: critic training", critic_refs.__getitem__,
                                               relaunch=score_then_train)
@@ -814,7 +815,7 @@ def learner_arguments(cfg: JobConfig, policy_dir: str, **rank: Any) -> tuple[tup
     ``rank`` (rank, world_size, master_addr, master_port, resume_state_dir)."""
     return (policy_dir, cfg.algorithm, cfg.learner), dict(
         temperature=cfg.rollout.temperature, dtype=cfg.model.dtype, seed=cfg.trainer.seed,
-        timeout_s=cfg.trainer.call_timeout_s, **rank,
+        timeout_s=cfg.trainer.call_timeout_s, total_steps=cfg.trainer.steps, **rank,
     )
 
 
@@ -822,6 +823,7 @@ def critic_arguments(cfg: JobConfig, critic_dir: str, index: int) -> tuple[tuple
     """``MiniCritic(*args, **kwargs)`` for critic ``index`` of this job."""
     return (critic_dir, index, cfg.critics, cfg.algorithm), dict(
         dtype=cfg.model.dtype, seed=cfg.trainer.seed, timeout_s=cfg.trainer.call_timeout_s,
+        total_steps=cfg.trainer.steps,
     )
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "aggregate",
     "entropy_bonus",
     "entropy_from_logits",
+    "kl_penalty",
     "nll_loss",
     "policy_loss",
     "value_loss",
@@ -213,6 +214,34 @@ def entropy_bonus(
     if entropy_filter is not None:
         entropy = entropy * entropy_filter.detach().to(entropy.dtype)
     return aggregate(entropy, mask, agg, denominator)
+
+
+KL_ESTIMATORS = ("k1", "k3")
+
+
+def kl_penalty(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    estimator: str = "k3",
+    agg: str = "token-mean",
+    denominator: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``agg(k, mask)``, a per-token estimate of KL(π_θ ‖ π_ref) on tokens sampled from the rollout policy
+    (docs/algorithms.md §5, the optional β_KL term; the learner adds ``β_KL`` times this). With
+    ``d = log π_ref − log π_θ``:
+
+        k1 = −d                  (unbiased, can be negative per token)
+        k3 = exp(d) − d − 1      (unbiased, ≥ 0 per token, lower variance)
+
+    ``ref_logp`` comes from the frozen reference policy and carries no gradient.
+    """
+    _check_same_shape("kl_penalty", mask, logp=logp, ref_logp=ref_logp)
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_penalty: estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    d = (ref_logp.detach() - logp).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    per_token = -d if estimator == "k1" else torch.exp(d) - d - 1
+    return aggregate(per_token, mask, agg, denominator)
 
 
 def nll_loss(

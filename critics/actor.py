@@ -24,6 +24,7 @@ from asyppo.cluster.deepspeed_engine import (
 )
 from asyppo.core.batch import RolloutBatch
 from asyppo.core.losses import value_loss
+from asyppo.core.schedules import lr_factor
 from asyppo.critics.value_model import ValueModel
 
 
@@ -31,22 +32,26 @@ class MiniCritic:
     """One mini-critic: a causal-LM backbone with a scalar head, trained on its own shard only.
 
     ``critics`` and ``algorithm`` are the config sections it uses (its optimisation; ``value_clip``); ``dtype`` is
-    the model's (bf16 on GPU), ``seed`` keys its shuffles, ``timeout_s`` bounds its process group's collectives.
+    the model's (bf16 on GPU), ``seed`` keys its shuffles, ``timeout_s`` bounds its process group's collectives,
+    ``total_steps`` is the run's length (the learning-rate schedule, §5b).
     """
 
     def __init__(
         self, critic_path: str, index: int, critics: CriticsConfig, algorithm: AlgorithmConfig, *, dtype: str,
-        seed: int, timeout_s: float,
+        seed: int, timeout_s: float, total_steps: int = 1,
     ):
         self.config = critics
         self.value_clip = algorithm.value_clip
         self.seed = seed
         self.index = index
+        self.total_steps = total_steps
         # All critics start from the same checkpoint (§2); only the data they see differs.
         torch.manual_seed(seed)
         init_process_group(0, 1, "127.0.0.1", free_port(), timeout_s)
         self.device = accelerator_device()
         model = ValueModel.from_pretrained(critic_path)
+        if critics.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.engine = make_engine(
             model.to(self.device), lr=critics.lr, weight_decay=0.0, zero_stage=critics.zero_stage,
             grad_clip=critics.grad_clip, bf16=self.device.type == "cuda" and dtype == "bfloat16",
@@ -70,8 +75,9 @@ class MiniCritic:
             batch.input_ids.to(self.device), batch.attention_mask.to(self.device), batch.response_length
         )
 
-    def train(self, returns: torch.Tensor, rows: list[int]) -> dict[str, float]:
-        """Value-clipped regression to the returns on this critic's own rows (§2)."""
+    def train(self, returns: torch.Tensor, rows: list[int], step: int = 0) -> dict[str, float]:
+        """Value-clipped regression to the returns on this critic's own rows (§2), at training step ``step``'s
+        learning rate (§5b)."""
         if self._batch is None or self._old_values is None:
             raise RuntimeError(f"critic-{self.index}: train() before values()")
         start = time.perf_counter()
@@ -79,6 +85,9 @@ class MiniCritic:
             return {"value_loss": 0.0, "value_clip_frac": 0.0, "tokens_per_s": 0.0, "skipped_steps": 0.0,
                     "time_train": 0.0, "num_rows": 0.0}
         crit = self.config
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = crit.lr * lr_factor(step, total_steps=self.total_steps, warmup_steps=crit.lr_warmup_steps,
+                                              schedule=crit.lr_schedule, min_ratio=crit.lr_min_ratio)
         batch, rows_t = self._batch, torch.as_tensor(rows, dtype=torch.long)
         generator = torch.Generator().manual_seed(self.seed + 7919 * self.index)
         losses, clip_fracs, tokens, skipped = [], [], 0, 0

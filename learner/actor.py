@@ -24,7 +24,8 @@ from asyppo.cluster.deepspeed_engine import (
 from asyppo.core.batch import AdvantageResult, RolloutBatch, compute_advantages
 from asyppo.core.diagnostics import gradient_weight, removed_share
 from asyppo.core.logprobs import response_logprobs
-from asyppo.core.losses import entropy_bonus, nll_loss, policy_loss
+from asyppo.core.losses import entropy_bonus, kl_penalty, nll_loss, policy_loss
+from asyppo.core.schedules import lr_factor
 from asyppo.core.offpolicy import behaviour_weights
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 VALUE_LIMIT = 1e4
 
 # Losses whose micro-batch values carry the mini-batch denominator: they add up to the mini-batch loss.
-ADDITIVE_STATS = ("policy_loss", "pg_loss", "entropy_bonus", "nll_loss")
+ADDITIVE_STATS = ("policy_loss", "pg_loss", "entropy_bonus", "nll_loss", "kl_ref")
 
 
 class StepTotals:
@@ -79,13 +80,16 @@ class Learner:
 
     ``algorithm`` and ``learner`` are the config sections it uses; ``temperature`` is the rollout's (log-probs and
     entropies are those of the sampling distribution), ``dtype`` the model's (bf16 on GPU, and the wire dtype of the
-    broadcast), ``seed`` keys every random draw, ``timeout_s`` bounds the process group's collectives.
+    broadcast), ``seed`` keys every random draw, ``timeout_s`` bounds the process group's collectives,
+    ``total_steps`` is the run's length (the learning-rate schedule, §5b), ``reference_path`` the frozen policy of
+    the KL penalty (the run's initial policy, also when it resumes from a checkpoint; only with kl_coef > 0).
     """
 
     def __init__(
         self, policy_path: str, algorithm: AlgorithmConfig, learner: LearnerConfig, *, temperature: float,
-        dtype: str, seed: int, timeout_s: float, rank: int = 0, world_size: int = 1,
-        master_addr: str = "127.0.0.1", master_port: int = 29500, resume_state_dir: str | None = None,
+        dtype: str, seed: int, timeout_s: float, total_steps: int = 1, reference_path: str | None = None,
+        rank: int = 0, world_size: int = 1, master_addr: str = "127.0.0.1", master_port: int = 29500,
+        resume_state_dir: str | None = None,
     ):
         from transformers import AutoModelForCausalLM
 
@@ -97,12 +101,19 @@ class Learner:
         self.rank = rank
         self.world_size = world_size
         self.policy_path = policy_path
+        self.total_steps = total_steps
         torch.manual_seed(seed)
         init_process_group(rank, world_size, master_addr, master_port, timeout_s)
         self.device = accelerator_device()
         bf16 = self.device.type == "cuda" and dtype == "bfloat16"
         model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
         model.config.use_cache = False
+        if learner.gradient_checkpointing:  # applies in train mode: the update's forward passes
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.reference = None
+        if algorithm.kl_coef > 0:
+            self.reference = AutoModelForCausalLM.from_pretrained(reference_path or policy_path, dtype=torch.float32)
+            self.reference.to(self.device).eval().requires_grad_(False)
         self.engine = make_engine(
             model.to(self.device), lr=learner.lr, weight_decay=learner.weight_decay,
             zero_stage=learner.zero_stage, grad_clip=learner.grad_clip, bf16=bf16,
@@ -115,14 +126,15 @@ class Learner:
         self._old_logp: torch.Tensor | None = None
         self._old_entropy: torch.Tensor | None = None
         self._behaviour_weight: torch.Tensor | None = None
+        self._ref_logp: torch.Tensor | None = None
         self._skip_update = False
         self._advantages: AdvantageResult | None = None
 
     # ---- per-step phases -------------------------------------------------------------------------------------
 
-    def _forward(self, batch: RolloutBatch, *, with_entropy: bool, entropy_requires_grad: bool = False):
+    def _forward(self, batch: RolloutBatch, *, with_entropy: bool, entropy_requires_grad: bool = False, model=None):
         return response_logprobs(
-            self.engine.module, batch.input_ids.to(self.device), batch.attention_mask.to(self.device),
+            model or self.engine.module, batch.input_ids.to(self.device), batch.attention_mask.to(self.device),
             batch.response_length, temperature=self.temperature,
             chunk_size=self.config.logprob_chunk, with_entropy=with_entropy,
             entropy_requires_grad=entropy_requires_grad,
@@ -133,14 +145,18 @@ class Learner:
         the behaviour-policy weights that correct the engine's sampling policy μ to π_prox (§5a)."""
         start = time.perf_counter()
         self._batch = batch
-        logps, entropies = [], []
+        logps, entropies, ref_logps = [], [], []
         self.engine.module.eval()
         with torch.no_grad():
             for rows in torch.arange(batch.num_sequences).split(self.config.micro_batch_size):
                 logp, entropy = self._forward(batch.rows(rows), with_entropy=True)
                 logps.append(logp.float().cpu())
                 entropies.append(entropy.float().cpu())
+                if self.reference is not None:
+                    ref_logps.append(self._forward(batch.rows(rows), with_entropy=False,
+                                                   model=self.reference)[0].float().cpu())
         self._old_logp, self._old_entropy = torch.cat(logps), torch.cat(entropies)
+        self._ref_logp = torch.cat(ref_logps) if ref_logps else None
         mask = batch.response_mask
         self._behaviour_weight, mismatch = behaviour_weights(
             self._old_logp, batch.rollout_logprobs, mask, mode=self.algorithm.off_policy_correction,
@@ -213,6 +229,10 @@ class Learner:
             return {"optimizer_steps": 0.0, "skipped_steps": float(minis), "critic_warmup": float(warming_up),
                     "grad_norm": float("nan"), "learner_tokens_per_s": 0.0,
                     "time_update": time.perf_counter() - start, "policy_version": float(self.version)}
+        lr = lrn.lr * lr_factor(step, total_steps=self.total_steps, warmup_steps=lrn.lr_warmup_steps,
+                                schedule=lrn.lr_schedule, min_ratio=lrn.lr_min_ratio)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         self.engine.module.train()
         totals = StepTotals()
@@ -236,6 +256,7 @@ class Learner:
             "time_update": seconds,
             "policy_version": float(self.version),
             "critic_warmup": 0.0,
+            "lr": lr,
         })
         return result
 
@@ -298,6 +319,11 @@ class Learner:
                            denominator=denominators["nll"])
             loss = loss + alg.nll_coef * nll
             stats["nll_loss"] = float(nll.detach())
+        if alg.kl_coef > 0:
+            kl = kl_penalty(logp, pick(self._ref_logp), mask, alg.kl_estimator, agg=alg.agg,
+                            denominator=denominators["policy"])
+            loss = loss + alg.kl_coef * kl
+            stats["kl_ref"] = float(kl.detach())
         stats["policy_loss"] = float(loss.detach())
         return loss, stats
 

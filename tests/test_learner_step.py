@@ -218,3 +218,70 @@ def test_advantages_for_grpo_need_no_values():
     group0 = batch.scores[:GROUP]
     expected = (group0 - group0.mean()) / (group0.std() + 1e-6)
     torch.testing.assert_close(result.advantages[:GROUP, 0] * batch.response_mask[:GROUP, 0], expected)
+
+
+def one_step_cfg(*extra):
+    """One optimizer step per update (1 epoch, the whole batch as one mini-batch), no weight decay."""
+    return build_config(overrides=[
+        "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4", "learner.mini_batch_size=16",
+        "learner.micro_batch_size=4", "learner.lr=1e-2", "learner.epochs=1", "trainer.steps=10", *extra,
+    ])
+
+
+def update_once(learner, batch, step=0):
+    learner.compute_old(batch)
+    values = [torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(step + m))
+              * batch.response_mask for m in range(2)]
+    learner.prepare(step, *values)
+    return learner.update(step=step)
+
+
+def test_gradient_checkpointing_gives_the_same_update(tiny_policy_dir):
+    batch = make_batch(seed=2)
+    results = []
+    for flag in ("false", "true"):
+        learner = make_learner(one_step_cfg(f"learner.gradient_checkpointing={flag}"), tiny_policy_dir)
+        assert learner.engine.module.is_gradient_checkpointing == (flag == "true")
+        stats = update_once(learner, batch)
+        results.append((stats["policy_loss"], params(learner.engine.module)))
+    (loss_a, params_a), (loss_b, params_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    assert all(torch.allclose(params_a[k], params_b[k], atol=1e-7) for k in params_a)
+
+
+def test_the_learning_rate_follows_its_schedule_into_the_optimizer(tiny_policy_dir):
+    """Warm-up then cosine (§5b): the update reports lr_t, and Adam's first step moves the largest weight by ≈ lr_t
+    (m̂/√v̂ = ±1 on the first step), so the rate really reached the optimizer."""
+    cfg = one_step_cfg("learner.lr_warmup_steps=4", "learner.lr_schedule=cosine", "learner.lr_min_ratio=0.1")
+    for step in (1, 7):
+        expected = 1e-2 * ((step + 1) / 4 if step < 4 else
+                           0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 4) / (10 - 1 - 4))))
+        learner = make_learner(cfg, tiny_policy_dir)
+        before = params(learner.engine.module)
+        stats = update_once(learner, make_batch(seed=3), step=step)
+        assert stats["lr"] == pytest.approx(expected, rel=1e-12)
+        moved = max(float((params(learner.engine.module)[k] - before[k]).abs().max()) for k in before)
+        assert moved == pytest.approx(expected, rel=1e-3)
+
+
+def test_the_kl_penalty_measures_the_distance_to_the_initial_policy(tiny_policy_dir):
+    """After one update the policy has left the reference; the next update's kl_ref is the k3 estimate over the batch,
+    from the frozen initial model (loaded independently here) and the policy's log-probs before that update."""
+    from transformers import AutoModelForCausalLM
+
+    from asyppo.core.logprobs import response_logprobs
+
+    learner = make_learner(one_step_cfg("algorithm.kl_coef=0.5", "algorithm.kl_estimator=k3"), tiny_policy_dir)
+    first = update_once(learner, make_batch(seed=4), step=0)
+    assert first["kl_ref"] == pytest.approx(0.0, abs=1e-9)  # the policy still is the reference
+    batch = make_batch(seed=5)
+    second = update_once(learner, batch, step=1)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref_logp, _ = response_logprobs(reference, batch.input_ids, batch.attention_mask, batch.response_length,
+                                        temperature=1.0, chunk_size=256, with_entropy=False)
+    mask = batch.response_mask
+    d = ref_logp - learner._old_logp
+    k3 = ((torch.exp(d) - d - 1) * mask).sum() / mask.sum()
+    assert float(k3) > 1e-6
+    assert second["kl_ref"] == pytest.approx(float(k3), rel=1e-4)

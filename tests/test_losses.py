@@ -318,3 +318,39 @@ def test_policy_loss_rejects_bad_input():
         policy_loss(logp, old_logp[:, :3], advantages, mask, **kwargs)
     with pytest.raises(ValueError, match="entropy"):
         policy_loss(logp, old_logp, advantages, mask, erc_band=(0.95, 1.05), **kwargs)
+
+
+def test_kl_penalty_estimators_against_numpy():
+    import numpy as np
+
+    from asyppo.core.losses import kl_penalty
+
+    gen = torch.Generator().manual_seed(0)
+    logp = -torch.rand(3, 5, generator=gen) * 3
+    ref = -torch.rand(3, 5, generator=gen) * 3
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float32)
+    d = ref.numpy() - logp.numpy()
+    m = mask.numpy().astype(bool)
+    assert float(kl_penalty(logp, ref, mask, "k1")) == pytest.approx(float(np.mean(-d[m])), rel=1e-6)
+    assert float(kl_penalty(logp, ref, mask, "k3")) == pytest.approx(float(np.mean(np.exp(d[m]) - d[m] - 1)), rel=1e-6)
+    # k3's gradient pulls log π_θ toward log π_ref: ∂k3/∂logp = 1 − exp(d), zero where the two agree.
+    logp.requires_grad_(True)
+    kl_penalty(logp, ref, mask, "k3", denominator=1.0).backward()
+    expected = (1 - np.exp(d)) * mask.numpy()
+    assert np.allclose(logp.grad.numpy(), expected, atol=1e-6)
+    assert float(kl_penalty(ref, ref, mask, "k3")) == 0.0
+
+
+def test_lr_factor_warmup_constant_and_cosine():
+    import math
+
+    from asyppo.core.schedules import lr_factor
+
+    assert [lr_factor(t, total_steps=10, warmup_steps=4) for t in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cosine = [lr_factor(t, total_steps=10, warmup_steps=4, schedule="cosine", min_ratio=0.2) for t in range(12)]
+    assert cosine[4] == 1.0 and cosine[9] == pytest.approx(0.2) and cosine[11] == pytest.approx(0.2)
+    assert cosine[6] == pytest.approx(0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * 2 / 5)))
+    assert all(a >= b for a, b in zip(cosine[4:], cosine[5:]))  # decays monotonically after the warm-up
+    assert lr_factor(0, total_steps=1, schedule="cosine") == 1.0
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        lr_factor(0, total_steps=10, schedule="linear")

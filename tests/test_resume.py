@@ -27,6 +27,11 @@ def test_resume_refuses_a_different_run_and_allows_safe_changes():
                                                            "model.policy=/elsewhere", "trainer.steps=9"]))
     assert [path for path, _ in changes] == ["algorithm.clip_high", "data.eval_size", "model.policy"]
     assert "was 0.28 in the run being resumed, now 0.3" in changes[0][1]
+    # A cosine schedule decays over trainer.steps: running longer would change every later step's learning rate.
+    cosine = build_config(overrides=[*JOB, "critics.lr_schedule=cosine"])
+    [(path, reason)] = resume_changes(cosine, build_config(overrides=[*JOB, "critics.lr_schedule=cosine",
+                                                                     "trainer.steps=40"]))
+    assert path == "trainer.steps" and "critics.lr_schedule=cosine decays over trainer.steps" in reason
 
 
 def test_metrics_are_cut_back_to_the_checkpoint(tmp_path):
