@@ -322,3 +322,31 @@ def test_sampler_refuses_state_of_other_data_and_bad_counts() -> None:
         PromptSampler(_problems(30)).next_batch(31)
     with pytest.raises(ValueError, match="no problems"):
         PromptSampler([])
+
+
+def test_data_recipes_turn_published_gsm8k_and_math_into_rows_the_verifier_accepts(tmp_path):
+    """examples/data/prepare.py on rows as GSM8K and MATH publish them (the #### answer, the last \\boxed{})."""
+    import sys as _sys
+
+    from asyppo.tasks.math import verify_math
+
+    _sys.path.insert(0, str(FIXTURES.parents[1] / "examples" / "data"))
+    import prepare
+
+    published = FIXTURES / "published"
+    assert prepare.main(["gsm8k", str(published / "gsm8k.jsonl"), str(tmp_path / "gsm8k.jsonl")]) == 0
+    gsm8k = load_problems(str(tmp_path / "gsm8k.jsonl"), id_key="id")
+    assert [p.answer for p in gsm8k] == ["72", "2000"]
+    assert gsm8k[0].row["solution"].endswith("#### 72") and gsm8k[0].prompt.startswith("Natalia sold clips")
+    assert prepare.main(["math", str(published / "math.jsonl"), str(tmp_path / "math.jsonl")]) == 0
+    math_rows = load_problems(str(tmp_path / "math.jsonl"), id_key="id")
+    assert [p.answer for p in math_rows] == ["\\frac{1}{2}", "3"]
+    assert math_rows[1].row["unique_id"] == "test/algebra/1.json"
+    # The task's verifier accepts a response that boxes the reference answer.
+    for problem in [*gsm8k, *math_rows]:
+        assert verify_math(f"... so the answer is \\boxed{{{problem.answer}}}.", problem.answer)
+    # A row without a findable answer stops the conversion, naming it.
+    (tmp_path / "bad.jsonl").write_text('{"question": "q", "answer": "no final line"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl: row 1: ValueError: no '#### <answer>'"):
+        prepare.convert("gsm8k", [tmp_path / "bad.jsonl"], tmp_path / "out.jsonl")
+    assert prepare.last_boxed("\\boxed{a} then \\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
