@@ -408,3 +408,20 @@ def test_submit_sh_forwards_the_same_variables_as_asyppo_submit(dashboard, tmp_p
     (job,) = dashboard.jobs
     forwarded = {name: value for name, value in job["runtime_env"]["env_vars"].items() if name.startswith("WANDB")}
     assert forwarded == shell
+
+
+def test_the_grafana_dashboard_is_current_and_shows_only_logged_metrics():
+    """deploy/grafana/asyppo-dashboard.json is what make_dashboard.py writes, and every panel's key is one the driver
+    logs each step (required_metric_keys for a job with σ and every optional key the code can add)."""
+    import importlib.util
+
+    from asyppo.cluster.config import build_config
+    from asyppo.cluster.metrics import required_metric_keys
+
+    spec = importlib.util.spec_from_file_location("make_dashboard", DEPLOY / "grafana" / "make_dashboard.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert json.loads((DEPLOY / "grafana" / "asyppo-dashboard.json").read_text()) == module.dashboard()
+    logged = set(required_metric_keys(build_config(overrides=["critics.num_critics=4"])))
+    logged |= {"pg_loss", "lr", "actor_restarts"}  # in every step's record besides the required ones
+    assert set(module.panel_keys()) <= logged, set(module.panel_keys()) - logged
