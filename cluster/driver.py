@@ -31,11 +31,11 @@ import torch
 
 from asyppo.cluster.actor_group import ActorGroup, fit_to_cluster, role_resources, total_cpus
 from asyppo.cluster.checkpoint import CheckpointDir, read_trainer_state
-from asyppo.cluster.logs import RunLog, route_library_loggers
 from asyppo.cluster.config import (
     BUILTIN_CRITIC, BUILTIN_POLICY, CRITIC_IS_POLICY, RELATIVE_RUN_DIR, ConfigError, JobConfig, load_config,
     resume_changes,
 )
+from asyppo.cluster.logs import RunLog, route_library_loggers
 from asyppo.cluster.metrics import MetricsSink, generation_samples, sample_rows
 from asyppo.cluster.preflight import preflight_problems
 from asyppo.core.batch import collate_rollouts, concat_batches, select_groups, uniform_groups
@@ -916,7 +916,6 @@ def reward_function(cfg: JobConfig):
                     "factor": cfg.reward.overlong_factor}
     return RewardFunction(task=cfg.data.task, function=cfg.reward.function, correct=cfg.reward.correct,
                           wrong=cfg.reward.wrong, **overlong)
-
 
 
 @ray.remote(num_cpus=0)
