@@ -35,12 +35,11 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from learning import Experiment, run_one  # noqa: E402  (a sibling script, not a package)
+from learning import Experiment, run_missing  # noqa: E402  (a sibling script, not a package)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = Experiment(
@@ -150,16 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = args.variants or list(EXPERIMENT.variants)
 
     if not args.summary_only:
-        with tempfile.TemporaryDirectory(prefix="asyppo-steps-") as scratch:
-            for variant in variants:
-                target = args.out / variant / "seed-0.json"
-                if target.exists():
-                    continue
-                print(f"{variant} ...", end=" ", flush=True)
-                record = run_one("steps", EXPERIMENT, variant, 0, args.steps, [], Path(scratch))
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_text(json.dumps(record, indent=1) + "\n")
-                print(f"{_mean(record, 'time_step'):.2f} s/step ({record['wall_seconds'] / 60:.1f} min)", flush=True)
+        run_missing("steps", EXPERIMENT, args.out, variants, [0], args.steps)
 
     records = {path.parent.name: json.loads(path.read_text()) for path in sorted(args.out.glob("*/seed-0.json"))}
     if "sync" not in records:

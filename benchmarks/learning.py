@@ -166,6 +166,26 @@ def run_one(experiment: str, spec: Experiment, variant: str, seed: int, steps: i
     }
 
 
+def run_missing(experiment: str, spec: Experiment, out: Path, variants: list[str], seeds: list[int],
+                steps: int | None = None, extra: list[str] | None = None) -> None:
+    """Run every (variant, seed) whose ``out/<variant>/seed-<seed>.json`` does not exist yet, writing each result
+    as it finishes: an interrupted grid picks up where it stopped (benchmarks/bench_steps.py runs its variants the
+    same way)."""
+    todo = [(v, s) for s in seeds for v in variants if not (out / v / f"seed-{s}.json").exists()]
+    print(f"{experiment}: {len(todo)} run(s) to do, {len(seeds) * len(variants) - len(todo)} already there ({out})",
+          flush=True)
+    with tempfile.TemporaryDirectory(prefix="asyppo-learning-") as scratch:
+        for number, (variant, seed) in enumerate(todo, 1):
+            print(f"[{number}/{len(todo)}] {variant}, seed {seed} ...", end=" ", flush=True)
+            record = run_one(experiment, spec, variant, seed, steps, extra or [], Path(scratch))
+            target = out / variant / f"seed-{seed}.json"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(json.dumps(record, indent=1) + "\n")
+            step_s = statistics.mean(record["per_step"]["time_step"][1:] or record["per_step"]["time_step"])
+            print(f"held-out {record['base_accuracy']:.3f} -> {record['final_accuracy']:.3f}, {step_s:.2f} s/step "
+                  f"({record['wall_seconds'] / 60:.1f} min)", flush=True)
+
+
 def summarize(spec: Experiment, records: list[dict]) -> dict:
     """Mean ± std over seeds of each variant's held-out accuracy at the start and end and of its gain."""
     rows = {}
@@ -252,18 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--variants: {unknown} not in {sorted(spec.variants)}")
 
     if not args.summary_only:
-        todo = [(v, s) for s in seeds for v in variants if not (out / v / f"seed-{s}.json").exists()]
-        print(f"{args.experiment}: {len(todo)} run(s) to do, {len(seeds) * len(variants) - len(todo)} already there "
-              f"({out})", flush=True)
-        with tempfile.TemporaryDirectory(prefix="asyppo-learning-") as scratch:
-            for number, (variant, seed) in enumerate(todo, 1):
-                print(f"[{number}/{len(todo)}] {variant}, seed {seed} ...", end=" ", flush=True)
-                record = run_one(args.experiment, spec, variant, seed, args.steps, args.set, Path(scratch))
-                target = out / variant / f"seed-{seed}.json"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_text(json.dumps(record, indent=1) + "\n")
-                print(f"held-out {record['base_accuracy']:.3f} -> {record['final_accuracy']:.3f} "
-                      f"({record['wall_seconds'] / 60:.1f} min)", flush=True)
+        run_missing(args.experiment, spec, out, variants, seeds, args.steps, args.set)
 
     records = [json.loads(path.read_text()) for path in sorted(out.glob("*/seed-*.json"))]
     if not records:

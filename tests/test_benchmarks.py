@@ -106,7 +106,7 @@ def test_steps_benchmark_smoke(tmp_path):
     assert "orchestration remainder" in stdout
     # Resumable: the run is not repeated.
     again = _run_script("bench_steps.py", "--steps", "3", "--variants", "sync", "--out", str(tmp_path))
-    assert "sync ..." not in again
+    assert "steps: 0 run(s) to do, 1 already there" in again
 
 
 @pytest.mark.cluster
