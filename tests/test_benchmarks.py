@@ -19,34 +19,53 @@ SMALL = ["rollout.prompts_per_step=8", "rollout.samples_per_prompt=4", "learner.
          "learner.micro_batch_size=16", "critics.micro_batch_size=32", "data.eval_size=32"]
 
 
-@pytest.mark.parametrize("experiment", sorted(learning.EXPERIMENTS))
+@pytest.mark.parametrize("experiment", [*sorted(learning.EXPERIMENTS), "bench_steps"])
 def test_every_variant_of_every_experiment_is_a_valid_job(experiment):
-    spec = learning.EXPERIMENTS[experiment]
+    import bench_steps
+
+    spec = bench_steps.EXPERIMENT if experiment == "bench_steps" else learning.EXPERIMENTS[experiment]
     for overrides in spec.variants.values():
         build_config(overrides=[*spec.common, *overrides])  # raises ConfigError naming the field
 
 
 @pytest.mark.cluster
-def test_learning_grid_smoke_run_then_resume(tmp_path):
+def test_learning_grid_smoke_run_then_resume_and_the_step_breakdown_of_its_record(tmp_path):
+    """One real 2-step job through benchmarks/learning.py (the resumable loop that bench_steps.py shares), then
+    bench_steps.py's breakdown and projection computed from that job's record."""
+    grid = tmp_path / "grid"
     command = [sys.executable, str(REPO_ROOT / "benchmarks" / "learning.py"), "critic-warmup", "--steps", "2",
-               "--seeds", "0", "--variants", "skip-masks", "--out", str(tmp_path), "--set", *SMALL]
+               "--seeds", "0", "--variants", "skip-masks", "--out", str(grid), "--set", *SMALL]
     first = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "1 run(s) to do" in first.stdout
 
-    record = json.loads((tmp_path / "skip-masks" / "seed-0.json").read_text())
+    record = json.loads((grid / "skip-masks" / "seed-0.json").read_text())
     assert record["steps"] == 2 and record["seed"] == 0
     assert all(len(values) == 2 for values in record["per_step"].values())
     assert [point["step"] for point in record["eval"]][-1] == 1
     assert record["final_accuracy"] == record["eval"][-1]["accuracy"]
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((grid / "summary.json").read_text())
     gain = summary["variants"]["skip-masks"]["gain"]["mean"]
     assert gain == pytest.approx(record["final_accuracy"] - record["base_accuracy"])
-    assert (tmp_path / "curves.png").stat().st_size > 0 and "| skip-masks | 1 |" in (tmp_path / "summary.md").read_text()
+    assert (grid / "curves.png").stat().st_size > 0 and "| skip-masks | 1 |" in (grid / "summary.md").read_text()
 
     # A run whose result file exists is not run again.
     again = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert again.returncode == 0 and "0 run(s) to do, 1 already there" in again.stdout, again.stdout + again.stderr
+
+    # bench_steps.py on that record as its sync run: the remainder is the step minus its sequential phases, over the
+    # steps after the first.
+    steps = tmp_path / "steps"
+    (steps / "sync").mkdir(parents=True)
+    (steps / "sync" / "seed-0.json").write_text(json.dumps(record))
+    stdout = _run_script("bench_steps.py", "--summary-only", "--out", str(steps))
+    breakdown = json.loads((steps / "summary.json").read_text())
+    per_step = record["per_step"]
+    expected = per_step["time_step"][1] - sum(
+        per_step[key][1] for key in ("time_rollout", "time_values", "time_critic_train", "time_weight_sync"))
+    assert breakdown["breakdown_sync"]["orchestration"] == pytest.approx(expected)
+    assert set(breakdown["projection"]["seconds_target"]) == {"rollout", "learner", "critics"}
+    assert "orchestration remainder" in stdout
 
 
 def _run_script(name: str, *args: str, timeout: int = 900) -> str:
@@ -90,23 +109,6 @@ def test_logprobs_benchmark_smoke(tmp_path):
     assert {row["variant"] for row in report["measurements"]} == {"naive", "chunked"}
     (comparison,) = report["comparisons"]
     assert comparison["full_logits_mib"] == pytest.approx(2 * 64 * 512 * 4 / 2**20)
-
-
-@pytest.mark.cluster
-def test_steps_benchmark_smoke(tmp_path):
-    stdout = _run_script("bench_steps.py", "--steps", "3", "--variants", "sync", "--out", str(tmp_path))
-    record = json.loads((tmp_path / "sync" / "seed-0.json").read_text())
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    per_step = record["per_step"]
-    # The remainder is the step minus its sequential phases, over the steps after the first.
-    expected = sum(per_step["time_step"][1:]) / 2 - sum(
-        sum(per_step[key][1:]) / 2 for key in ("time_rollout", "time_values", "time_critic_train", "time_weight_sync"))
-    assert summary["breakdown_sync"]["orchestration"] == pytest.approx(expected)
-    assert set(summary["projection"]["seconds_target"]) == {"rollout", "learner", "critics"}
-    assert "orchestration remainder" in stdout
-    # Resumable: the run is not repeated.
-    again = _run_script("bench_steps.py", "--steps", "3", "--variants", "sync", "--out", str(tmp_path))
-    assert "steps: 0 run(s) to do, 1 already there" in again
 
 
 @pytest.mark.cluster

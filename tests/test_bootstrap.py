@@ -215,8 +215,10 @@ def test_bad_recipe_and_seed_are_rejected(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def default_models(tmp_path_factory: pytest.TempPathFactory):
-    return ensure_builtin_models(tmp_path_factory.mktemp("asyppo-cache"), log=_quiet)
+def default_models():
+    """The built-in models every default job uses, from the user cache: built here by the default recipe when they
+    are missing (a fresh machine), else the cached entry of that same recipe (its hash is the cache key)."""
+    return ensure_builtin_models(log=_quiet)
 
 
 def _reference_sampled_accuracy(model, tokenizer, problems, samples_per_problem: int, seed: int) -> float:

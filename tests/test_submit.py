@@ -74,10 +74,21 @@ def test_a_submitted_job_leaves_its_run_where_the_log_says(head, tmp_path):
     assert f"run directory: {run}" in result.stdout
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1]
     assert (run / "checkpoints" / "step-1" / "policy" / "config.json").is_file()
-    assert (run / "logs" / "rollout-0.log").is_file()
     # The 2-CPU head could not hold the default 3 CPUs: fitted, said once, not a 120-s wait and a traceback.
     assert "every role's CPU share is scaled by 0.67" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+    # A quiet console (docs/monitoring.md): the job's own lines and the progress bar; Ray's, vLLM's, DeepSpeed's and
+    # W&B's output is in the run's log files.
+    lines = [line for line in result.stdout.replace("\r", "\n").splitlines() if line.strip()]
+    progress = [line for line in lines if line.startswith("submitted:")]
+    others = [line for line in lines if line not in progress]
+    assert progress and "2/2" in progress[-1]
+    assert len(others) <= 12, "\n".join(others)  # the default 100-step job adds one line per evaluation to these
+    assert any(line.startswith("held-out accuracy:") for line in others)
+    assert any("W&B run (offline)" in line for line in others)
+    for noise in ("vllm", "deepspeed", "loading weights", "started a local ray instance", "wandb:"):
+        assert noise not in result.stdout.lower(), noise
+    assert "vllm" in (run / "logs" / "rollout-0.log").read_text().lower()
 
 
 def test_ray_job_submit_with_a_relative_run_dir_is_refused_in_one_line(head, tmp_path):
