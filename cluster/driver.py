@@ -804,6 +804,7 @@ def step_metrics(batch, outputs, old_stats, adv_stats, update_stats, sync_stats,
     for m, stats in enumerate(critic_stats):
         metrics[f"value_loss_critic_{m}"] = stats["value_loss"]
         metrics[f"value_clip_frac_critic_{m}"] = stats["value_clip_frac"]
+        metrics[f"time_train_critic_{m}"] = stats["time_train"]  # its own training time, beside the policy update
         metrics["skipped_steps"] += stats["skipped_steps"]
     if critic_stats:
         metrics["critic_tokens_per_s"] = sum(s["tokens_per_s"] for s in critic_stats)

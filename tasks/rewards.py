@@ -132,7 +132,7 @@ def as_reward(result: Any) -> tuple[float | None, bool | None]:
     not finite."""
     if isinstance(result, tuple) and len(result) == 2:
         score, correct = result
-        if not isinstance(correct, (bool, numbers.Integral)) or isinstance(score, bool):
+        if not isinstance(correct, (bool, np.bool_, numbers.Integral)) or isinstance(score, bool):
             raise ValueError(f"returned {result!r}: a (score, correct) pair needs a number and a bool")
     elif isinstance(result, (bool, np.bool_)):
         return None, bool(result)

@@ -244,6 +244,10 @@ def score(prompt, response, answer, row):
 def pair(prompt, response, answer, row):
     return 2.0, response == answer
 
+def numpy_pair(prompt, response, answer, row):
+    import numpy
+    return numpy.float32(0.5), numpy.bool_(response == answer)
+
 def nan(prompt, response, answer, row):
     return float("nan")
 
@@ -279,6 +283,7 @@ def test_user_reward_functions_in_each_returned_form(user_rewards, where) -> Non
     assert call("score") == (2.5, True)
     assert call("score", response="81") == (-0.5, False)
     assert call("pair", response="81") == (2.0, False)
+    assert call("numpy_pair") == (0.5, True)  # numpy scalars, as a vectorised scorer returns them
     assert call("pair", max_length=4, buffer=2).score == pytest.approx(2.0 - 0.5)
     # It survives pickling (the rollout workers get it this way) and is loaded once per process.
     reward = pickle.loads(pickle.dumps(RewardFunction(function=f"{where}:verdict")))
