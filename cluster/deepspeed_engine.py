@@ -73,6 +73,12 @@ def make_engine(
     return engine
 
 
+def set_learning_rate(engine, lr: float) -> None:
+    """The rate of the engine's optimizer for its next steps (the schedules of docs/algorithms.md §5b)."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
 def _local_grad_norm(engine) -> float:
     grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
     if not grads:

@@ -20,7 +20,7 @@ import torch
 from asyppo.cluster.checkpoint import fsync_tree
 from asyppo.cluster.config import AlgorithmConfig, CriticsConfig
 from asyppo.cluster.deepspeed_engine import (
-    accelerator_device, free_port, init_process_group, make_engine, optimizer_step,
+    accelerator_device, free_port, init_process_group, make_engine, optimizer_step, set_learning_rate,
 )
 from asyppo.core.batch import RolloutBatch
 from asyppo.core.losses import value_loss
@@ -85,9 +85,9 @@ class MiniCritic:
             return {"value_loss": 0.0, "value_clip_frac": 0.0, "tokens_per_s": 0.0, "skipped_steps": 0.0,
                     "time_train": 0.0, "num_rows": 0.0}
         crit = self.config
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = crit.lr * lr_factor(step, total_steps=self.total_steps, warmup_steps=crit.lr_warmup_steps,
-                                              schedule=crit.lr_schedule, min_ratio=crit.lr_min_ratio)
+        lr = crit.lr * lr_factor(step, total_steps=self.total_steps, warmup_steps=crit.lr_warmup_steps,
+                                 schedule=crit.lr_schedule, min_ratio=crit.lr_min_ratio)
+        set_learning_rate(self.engine, lr)
         batch, rows_t = self._batch, torch.as_tensor(rows, dtype=torch.long)
         generator = torch.Generator().manual_seed(self.seed + 7919 * self.index)
         losses, clip_fracs, tokens, skipped = [], [], 0, 0

@@ -19,7 +19,7 @@ from asyppo.cluster.checkpoint import fsync_tree
 from asyppo.cluster.config import AlgorithmConfig, LearnerConfig, WeightSyncConfig
 from asyppo.cluster.deepspeed_engine import (
     accelerator_device, all_ranks_sum, full_parameters, init_process_group, make_engine,
-    optimizer_step,
+    optimizer_step, set_learning_rate,
 )
 from asyppo.core.batch import AdvantageResult, RolloutBatch, compute_advantages
 from asyppo.core.diagnostics import gradient_weight, removed_share
@@ -231,8 +231,7 @@ class Learner:
                     "time_update": time.perf_counter() - start, "policy_version": float(self.version)}
         lr = lrn.lr * lr_factor(step, total_steps=self.total_steps, warmup_steps=lrn.lr_warmup_steps,
                                 schedule=lrn.lr_schedule, min_ratio=lrn.lr_min_ratio)
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(self.engine, lr)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         self.engine.module.train()
         totals = StepTotals()
