@@ -52,9 +52,17 @@ def init_process_group(rank: int, world_size: int, master_addr: str, master_port
 def make_engine(
     module: torch.nn.Module, *, lr: float, weight_decay: float, zero_stage: int, grad_clip: float, bf16: bool
 ):
-    """A DeepSpeed engine around ``module`` with a torch AdamW optimizer (DeepSpeed's fused ones need CUDA ops)."""
+    """A DeepSpeed engine around ``module`` with a torch AdamW optimizer (DeepSpeed's fused ones need CUDA ops).
+
+    bf16 runs at ZeRO stage 1 or above: at stage 0 DeepSpeed wraps the optimizer in its unfused fp16/bf16 optimizer,
+    which creates AdamW's state with a dummy step, so every real update used the bias correction of the step after
+    it (the first one 0.744 of AdamW's; measured on an H200 by benchmarks/bench_gpu.py, docs/evidence.md). With
+    one rank stage 1 partitions nothing, so it is stage 0 with float32 master weights and a correct AdamW.
+    """
     import deepspeed
 
+    if bf16 and zero_stage == 0:
+        zero_stage = 1
     config = {
         "train_micro_batch_size_per_gpu": 1,  # unused: batches are shaped by the caller
         "gradient_accumulation_steps": 1,
@@ -71,6 +79,20 @@ def make_engine(
     )
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
     return engine
+
+
+def begin_micro_batch(engine) -> None:
+    """Mark the start of a micro-batch's forward, as ``engine.forward()`` would.
+
+    The learner and the critics call their module's parts directly (the backbone and chunked log-probs, the value
+    head), never ``engine.forward()``. But ZeRO counts micro-batches there: ZeRO-3 copies the first backward's
+    gradients into its partitions and adds the later ones, so without this call every micro-batch overwrote the last
+    and a mini-batch trained on its final micro-batch alone (found by benchmarks/bench_gpu.py;
+    tests/test_learner_step.py checks every stage against ZeRO-0). Call it before each micro-batch's forward.
+    """
+    clear = getattr(engine.optimizer, "clear_backward_seen_flag", None)  # only DeepSpeed's ZeRO optimizers have it
+    if clear is not None:
+        clear()
 
 
 def set_learning_rate(engine, lr: float) -> None:

@@ -20,7 +20,8 @@ import torch
 from asyppo.cluster.checkpoint import fsync_tree
 from asyppo.cluster.config import AlgorithmConfig, CriticsConfig
 from asyppo.cluster.deepspeed_engine import (
-    accelerator_device, free_port, init_process_group, make_engine, optimizer_step, set_learning_rate,
+    accelerator_device, begin_micro_batch, free_port, init_process_group, make_engine, optimizer_step,
+    set_learning_rate,
 )
 from asyppo.core.batch import RolloutBatch
 from asyppo.core.losses import value_loss
@@ -100,6 +101,7 @@ class MiniCritic:
             for micro in shuffled.split(crit.micro_batch_size):
                 sub = batch.rows(micro)
                 mask = sub.response_mask.to(self.device)
+                begin_micro_batch(self.engine)
                 loss, stats = value_loss(
                     self._values(sub), self._old_values[micro].to(self.device), returns[micro].to(self.device),
                     mask, clip=self.value_clip, denominator=denominator,

@@ -18,7 +18,7 @@ import torch
 from asyppo.cluster.checkpoint import fsync_tree
 from asyppo.cluster.config import AlgorithmConfig, LearnerConfig, WeightSyncConfig
 from asyppo.cluster.deepspeed_engine import (
-    accelerator_device, all_ranks_sum, full_parameters, init_process_group, make_engine,
+    accelerator_device, all_ranks_sum, begin_micro_batch, full_parameters, init_process_group, make_engine,
     optimizer_step, set_learning_rate,
 )
 from asyppo.core.batch import AdvantageResult, RolloutBatch, compute_advantages
@@ -278,6 +278,7 @@ class Learner:
         }
         all_stats, tokens, finite = [], 0, True
         for micro in mini.split(self.config.micro_batch_size)[self.rank::self.world_size]:
+            begin_micro_batch(self.engine)
             loss, stats = self._micro_loss(micro, denominators)
             finite = finite and bool(torch.isfinite(loss))
             # DeepSpeed averages gradients over ranks; the loss already carries the global denominator.

@@ -134,3 +134,17 @@ def test_critic_fit_benchmark_smoke(tmp_path):
         assert fit["curve"][0]["step"] == 0 and fit["curve"][0]["test_explained_var"] == pytest.approx(0.0, abs=1e-12)
     assert [fit["target"] for fit in result["fits"]] == ["returns"] and len(result["positive_controls"]) == 1
     assert set(result["references"]) == {"prompt-oracle"}
+
+
+def test_gpu_benchmark_smoke(tmp_path):
+    """bench_gpu.py's code paths at tiny sizes on the CPU (its measurements need a GPU: benchmarks/results/gpu.json)."""
+    out = tmp_path / "gpu.json"
+    _run_script("bench_gpu.py", "--smoke", "--output", str(out), timeout=600)
+    result = json.loads(out.read_text())
+    stage = result["bf16"]["stages"]["0"]
+    # Without a GPU both learners run float32: the same step twice, so the comparison must find no difference.
+    assert stage["logp_abs_diff_max"] == 0.0 and stage["update_norm_ratio"] == pytest.approx(1.0)
+    assert stage["resume_exact"] is True
+    costs = result["costs"]
+    assert costs["learner_update"]["optimizer_steps"] == 1.0 and costs["critic_train"]["skipped_steps"] == 0.0
+    assert costs["sequence_tokens"] == 2 * (8 + 16)

@@ -236,6 +236,41 @@ def update_once(learner, batch, step=0):
     return learner.update(step=step)
 
 
+def master_weights(engine) -> dict[str, torch.Tensor]:
+    """Whole float32 parameters under any ZeRO stage (ZeRO-3 keeps them partitioned)."""
+    from asyppo.cluster.deepspeed_engine import full_parameters
+
+    with full_parameters(engine) as module:
+        return params(module)
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2, 3])
+def test_every_zero_stage_takes_the_update_of_zero_0(tiny_policy_dir, tiny_critic_dir, zero_stage):
+    """The learner and a critic, 4 micro-batches per optimizer step: ZeRO 1-3 move the weights as ZeRO-0 does. The
+    module's parts are called directly (never engine.forward()), so ZeRO-3 used to keep the last micro-batch's
+    gradient alone (begin_micro_batch in cluster/deepspeed_engine.py)."""
+    batch = make_batch(seed=2)
+    returns = batch.scores[:, None] * batch.response_mask
+    moved = {}
+    for stage in (0, zero_stage):
+        cfg = one_step_cfg(f"learner.zero_stage={stage}", f"critics.zero_stage={stage}", "critics.micro_batch_size=4")
+        learner, critic = make_learner(cfg, tiny_policy_dir), make_critic(cfg, tiny_critic_dir, 0)
+        learner_before, critic_before = master_weights(learner.engine), master_weights(critic.engine)
+        stats = update_once(learner, batch)
+        assert stats["optimizer_steps"] == 1
+        critic.values(batch)
+        assert critic.train(returns, list(range(batch.num_sequences)))["skipped_steps"] == 0
+        moved[stage] = ({k: v - learner_before[k] for k, v in master_weights(learner.engine).items()},
+                        {k: v - critic_before[k] for k, v in master_weights(critic.engine).items()},
+                        stats["grad_norm"])
+    (learner_0, critic_0, norm_0), (learner_z, critic_z, norm_z) = moved[0], moved[zero_stage]
+    assert norm_z == pytest.approx(norm_0, rel=1e-4)
+    for expected, got in ((learner_0, learner_z), (critic_0, critic_z)):
+        assert any(bool(delta.abs().sum() > 0) for delta in expected.values())
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-3, atol=1e-6, msg=name)
+
+
 def test_gradient_checkpointing_gives_the_same_update(tiny_policy_dir):
     batch = make_batch(seed=2)
     results = []

@@ -1,0 +1,55 @@
+"""The DeepSpeed engine the learner and the critics share (cluster/deepspeed_engine.py), on the CPU accelerator."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from asyppo.cluster.deepspeed_engine import free_port, init_process_group, make_engine, optimizer_step
+
+
+def master_weights(engine) -> torch.Tensor:
+    """The optimizer's float32 master copy of every parameter, flattened (ZeRO's, or the unfused optimizer's)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    unfused = {}
+    if hasattr(engine.optimizer, "fp32_groups") and hasattr(engine.optimizer, "fp16_groups"):
+        for low, high in zip(engine.optimizer.fp16_groups, engine.optimizer.fp32_groups):
+            unfused.update({id(p): master for p, master in zip(low, high)})
+    parts = []
+    for param in engine.module.parameters():
+        master = safe_get_full_fp32_param(param)
+        parts.append((unfused[id(param)] if master is None else master).detach().float().reshape(-1).clone())
+    return torch.cat(parts)
+
+
+def test_a_bf16_engine_takes_adamw_steps_of_the_right_size():
+    """bf16 keeps float32 master weights and moves them as AdamW does. At ZeRO-0 DeepSpeed's unfused bf16 optimizer
+    creates AdamW's state with a dummy step, which made the first update 0.744 of AdamW's (the bias correction of
+    step 2: 0.1/0.19 over sqrt(0.001/0.001999)); make_engine runs bf16 at ZeRO-1 instead. The reference is a float32
+    twin stepped by torch's own AdamW on the same data."""
+    init_process_group(0, 1, "127.0.0.1", free_port(), 60)
+    torch.manual_seed(0)
+    reference = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    inputs, targets = torch.randn(64, 16), torch.randn(64, 1)
+    engine = make_engine(copy.deepcopy(reference), lr=1e-3, weight_decay=0.0, zero_stage=0, grad_clip=1.0,
+                         bf16=True)
+    assert next(engine.module.parameters()).dtype == torch.bfloat16
+    before = master_weights(engine)
+    loss = ((engine.module(inputs.bfloat16()).float() - targets) ** 2).mean()
+    engine.backward(loss, scale_wrt_gas=False)
+    applied, grad_norm = optimizer_step(engine, True)
+    assert applied and grad_norm > 0
+    update = master_weights(engine) - before
+
+    start = torch.cat([p.detach().reshape(-1).clone() for p in reference.parameters()])
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-3, weight_decay=0.0)
+    ((reference(inputs) - targets) ** 2).mean().backward()
+    optimizer.step()
+    expected = torch.cat([p.detach().reshape(-1) for p in reference.parameters()]) - start
+
+    ratio = float(update.norm() / expected.norm())
+    cosine = float(update @ expected / (update.norm() * expected.norm()))
+    assert abs(ratio - 1) < 0.02, f"bf16 update is {ratio:.3f} of AdamW's"
+    assert cosine > 0.95  # bf16 gradients differ a little from float32's
