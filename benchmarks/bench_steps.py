@@ -20,7 +20,9 @@ The **projection** scales the sync run's measured per-token costs to a Qwen3-4B 
 (the AsyPPO paper's setup) on 8 GPUs: each role's work per step in FLOPs (2·N per token for a forward pass, 6·N for
 forward and backward), divided by the throughput that role achieved here, as a share of this machine's measured
 matmul peak, applied to the GPU's peak. It assumes each role keeps its measured efficiency, which decode (memory
-bound on a GPU) will not: read it as where the time would go, not as a promise.
+bound on a GPU) will not: read it as where the time would go, not as a promise. Where
+``benchmarks/results/gpu.json`` holds the learner's and a critic's per-token costs measured on a GPU at the target's
+model sizes (``benchmarks/bench_gpu.py``), a last column gives those two roles' seconds from them instead.
 
     python benchmarks/bench_steps.py                                  # 4 runs x 100 steps: ~15 min on 2 cores
     python benchmarks/bench_steps.py --summary-only                   # the tables from the files already there
@@ -139,6 +141,24 @@ def projection(record: dict, cfg_overrides: list[str], peak_here: float) -> dict
             "seconds_target": seconds_target}
 
 
+def gpu_projection(gpu: dict, epochs: dict[str, int]) -> dict | None:
+    """The learner's and the critics' seconds per step at the TARGET scale from their per-token costs measured on a
+    GPU at the target's model sizes (``benchmarks/bench_gpu.py``): each phase's tokens over its measured tokens/s,
+    the learner's split evenly over its data-parallel GPUs (their gradient all-reduce not counted), each critic on
+    its own GPU scoring every token and training on its 1/M share. None unless gpu.json holds both roles' costs."""
+    costs = gpu.get("costs", {})
+    needed = ("learner_old_logprobs", "learner_update", "critic_values", "critic_train")
+    if not all(key in costs for key in needed):
+        return None
+    t = TARGET
+    tokens = t["responses"] * (t["prompt_tokens"] + t["response_tokens"])
+    rate = {key: costs[key]["tokens_per_s"] for key in needed}
+    learner = tokens / rate["learner_old_logprobs"] + epochs["learner"] * tokens / rate["learner_update"]
+    critic = tokens / rate["critic_values"] + epochs["critics"] * tokens / t["critics"] / rate["critic_train"]
+    return {"gpu": gpu["machine"]["gpu"], "policy": costs["policy"], "critic": costs["critic"],
+            "tokens_per_s": rate, "seconds_target": {"learner": learner / t["gpus"]["learner"], "critics": critic}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", choices=sorted(EXPERIMENT.variants))
@@ -178,14 +198,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {variant} | {step_s:.3f} | {60 / step_s:.1f} | {sync['time_step'] / step_s:.2f}x | "
               f"{record['base_accuracy']:.3f} -> {record['final_accuracy']:.3f} |")
 
-    proj = projection(records["sync"], records["sync"]["overrides"], matmul_peak_flops())
+    # The matmul peak belongs with the runs: a summary made again later (other work on the cores) keeps the old one.
+    previous = args.out / "summary.json"
+    peak = json.loads(previous.read_text())["projection"]["peak_flops_here"] \
+        if args.summary_only and previous.exists() else matmul_peak_flops()
+    proj = projection(records["sync"], records["sync"]["overrides"], peak)
     print(f"\nprojection (not measured): Qwen3-4B policy, 2 x Qwen3-0.6B critics, {TARGET['responses']} responses of "
           f"{TARGET['prompt_tokens']}+{TARGET['response_tokens']} tokens per step, GPUs rollout/learner/critics "
           f"{TARGET['gpus']['rollout']}/{TARGET['gpus']['learner']}/{TARGET['gpus']['critics']}, {TARGET['gpu']}")
-    print("| role | efficiency here (share of matmul peak) | seconds here | projected seconds per step |\n|---|---|---|---|")
+    from asyppo.cluster.config import build_config
+
+    gpu_file = REPO_ROOT / "benchmarks" / "results" / "gpu.json"
+    cfg = build_config(overrides=records["sync"]["overrides"])
+    on_gpu = gpu_projection(json.loads(gpu_file.read_text()), {"learner": cfg.learner.epochs,
+                                                               "critics": cfg.critics.epochs}) \
+        if gpu_file.exists() else None
+    print("| role | efficiency here (share of matmul peak) | seconds here | projected seconds per step | "
+          "from per-token costs measured on a GPU |\n|---|---|---|---|---|")
     for role in ("rollout", "learner", "critics"):
+        measured = f"{on_gpu['seconds_target'][role]:.1f}" if on_gpu and role in on_gpu["seconds_target"] \
+            else "not measured"
         print(f"| {role} | {proj['efficiency_of_peak'][role]:.1%} | {proj['seconds_here'][role]:.3f} | "
-              f"{proj['seconds_target'][role]:.1f} |")
+              f"{proj['seconds_target'][role]:.1f} | {measured} |")
+    if on_gpu:
+        print(f"(last column: {on_gpu['policy']} learner and {on_gpu['critic']} critic in bf16 on one "
+              f"{on_gpu['gpu']}, benchmarks/bench_gpu.py; the rollout needs vLLM on a GPU, not measured)")
+    proj["from_gpu_costs"] = on_gpu
     summary = {"breakdown_sync": sync, "variants": variants_summary, "projection": proj}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"wrote {args.out / 'summary.json'}")
