@@ -29,9 +29,11 @@ def preflight_problems(cfg: JobConfig, train: list[Problem], held_out: dict[str,
     max_model_len = cfg.rollout.max_model_len or AutoConfig.from_pretrained(models.policy).max_position_embeddings
     splits = {"data.train": train,
               **{f"evaluation.sets.{name}" if name else "data.eval": rows for name, rows in held_out.items()}}
+    template = chat_template_problems(cfg, tokenizer)
     problems = [
         *batch_size_problems(cfg, train),
-        *prompt_length_problems(cfg, splits, tokenizer, max_model_len),
+        *template,
+        *([] if template else prompt_length_problems(cfg, splits, tokenizer, max_model_len)),  # needs the template
         *(answer_problems(cfg, splits) if cfg.reward.function is None else reward_function_problems(cfg, splits)),
         *wandb_problems(cfg),
     ]
@@ -47,6 +49,14 @@ def batch_size_problems(cfg: JobConfig, train: list[Problem]) -> list[tuple[str,
     return []
 
 
+def chat_template_problems(cfg: JobConfig, tokenizer) -> list[tuple[str, str]]:
+    """``data.chat_template`` needs a tokenizer that has one."""
+    from asyppo.tasks.prompts import missing_chat_template
+
+    missing = missing_chat_template(tokenizer, cfg.prompt_format)
+    return [("data.chat_template", missing)] if missing else []
+
+
 def prompt_length_problems(cfg: JobConfig, splits: dict[str, list[Problem]], tokenizer,
                            max_model_len: int) -> list[tuple[str, str]]:
     """Prompt tokens + ``rollout.max_new_tokens`` must fit the engine's maximum sequence length."""
@@ -57,11 +67,7 @@ def prompt_length_problems(cfg: JobConfig, splits: dict[str, list[Problem]], tok
     for field, rows in splits.items():
         if not rows:
             continue
-        try:
-            lengths = [len(ids) for ids in encode_prompts(tokenizer, [row.prompt for row in rows], cfg.prompt_format)]
-        except ValueError as exc:  # no chat template
-            field_path, _, reason = str(exc).partition(": ")
-            return [(field_path, reason)]
+        lengths = [len(ids) for ids in encode_prompts(tokenizer, [row.prompt for row in rows], cfg.prompt_format)]
         too_long = [(row.id, length) for row, length in zip(rows, lengths) if length > budget]
         if too_long:
             shown = ", ".join(f"{row_id!r} ({length} tokens)" for row_id, length in too_long[:ROWS_SHOWN])

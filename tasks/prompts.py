@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["PromptFormat", "encode_prompts"]
+__all__ = ["PromptFormat", "encode_prompts", "missing_chat_template"]
 
 
 @dataclass(frozen=True)
@@ -39,11 +39,20 @@ def encode_prompts(tokenizer, prompts: list[str], prompt_format: PromptFormat = 
     either way. ``ValueError`` when a chat template is asked for and the tokenizer has none."""
     if not prompt_format.chat_template:
         return [list(ids) for ids in tokenizer(prompts)["input_ids"]]
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"data.chat_template: the tokenizer of {tokenizer.name_or_path!r} has no chat template "
-                         "(a base model: leave data.chat_template false)")
+    missing = missing_chat_template(tokenizer, prompt_format)
+    if missing:
+        raise ValueError(f"data.chat_template: {missing}")
     encoded = tokenizer.apply_chat_template(
         [prompt_format.messages(prompt) for prompt in prompts], add_generation_prompt=True, tokenize=True,
         return_dict=True, **prompt_format.template_kwargs,
     )
     return [list(ids) for ids in encoded["input_ids"]]
+
+
+def missing_chat_template(tokenizer, prompt_format: PromptFormat) -> str | None:
+    """Why ``prompt_format`` cannot be rendered with ``tokenizer`` (a chat template asked for, none in the tokenizer),
+    or None when it can."""
+    if prompt_format.chat_template and not getattr(tokenizer, "chat_template", None):
+        return (f"the tokenizer of {tokenizer.name_or_path!r} has no chat template "
+                "(a base model: leave data.chat_template false)")
+    return None

@@ -7,7 +7,7 @@ import ray
 
 from asyppo.cluster.config import ConfigError, build_config
 from asyppo.cluster.driver import Trainer, resolve_models
-from asyppo.cluster.preflight import answer_problems, tokenizer_problems, wandb_problems
+from asyppo.cluster.preflight import answer_problems, chat_template_problems, tokenizer_problems, wandb_problems
 from asyppo.tasks.problems import Problem
 
 
@@ -72,3 +72,19 @@ def test_a_critic_of_the_policys_own_model(tiny_policy_dir):
     cfg = build_config(overrides=["preset=ppo-policy-critic", f"model.policy={tiny_policy_dir}"])
     models = resolve_models(cfg)
     assert models.policy == models.critic == tiny_policy_dir
+
+
+def test_a_chat_template_is_refused_for_a_tokenizer_without_one(builtin_policy_dir):
+    from transformers import AutoTokenizer
+
+    from asyppo.tasks.prompts import encode_prompts
+
+    base = AutoTokenizer.from_pretrained(builtin_policy_dir)  # the built-in character tokenizer: no template
+    assert chat_template_problems(build_config(), base) == []
+    cfg = build_config(overrides=["data.chat_template=true"])
+    [(field, reason)] = chat_template_problems(cfg, base)
+    assert field == "data.chat_template" and "has no chat template" in reason
+    # The rollout workers' encoder refuses it with the same words.
+    with pytest.raises(ValueError, match="^data.chat_template: .*has no chat template"):
+        encode_prompts(base, ["1+1="], cfg.prompt_format)
+
