@@ -39,6 +39,7 @@ from asyppo.cluster.logs import RunLog, route_library_loggers
 from asyppo.cluster.metrics import MetricsSink, generation_samples, sample_rows
 from asyppo.cluster.preflight import preflight_problems
 from asyppo.core.batch import collate_rollouts, concat_batches, select_groups, uniform_groups
+from asyppo.tasks.problems import Problem
 from asyppo.tasks.registry import TASKS, load_problems
 from asyppo.weight_sync.protocol import WeightSyncError, probe_mismatch
 
@@ -151,6 +152,17 @@ def evaluation_metrics(name: str, sampled: list[dict], greedy: list[dict], k: in
     return {f"{prefix}accuracy": float(correct.mean()), f"{prefix}accuracy_greedy": float(greedy_correct.mean()),
             f"{prefix}pass_at_k": float(correct.amax(1).mean()), f"{prefix}problems": float(correct.shape[0]),
             f"{prefix}k": float(k)}
+
+
+def evaluate_sets(held_out: dict[str, list[Problem]], k: int, launch, collect) -> dict[str, float]:
+    """Every held-out set scored with ``k`` sampled responses per problem and one greedy, at the fixed evaluation
+    seed (:func:`evaluation_metrics`). ``launch(problems, n, greedy)`` starts a generation and ``collect(launched,
+    name)`` waits for its outputs; every set is launched before any is collected, so the engines see them all."""
+    launched = {name: (launch(problems, k, False), launch(problems, 1, True)) for name, problems in held_out.items()}
+    metrics: dict[str, float] = {}
+    for name, (sampled, greedy) in launched.items():
+        metrics.update(evaluation_metrics(name, collect(sampled, name), collect(greedy, name), k))
+    return metrics
 
 
 def submitted_run_dir_problems(cfg: JobConfig) -> list[tuple[str, str]]:
@@ -730,14 +742,11 @@ class Trainer:
         Every evaluation uses the same sampling seeds, so successive numbers differ by the weights, not the dice.
         """
         start = time.perf_counter()
-        k = self.cfg.evaluation.k
-        launched = {name: (self._launch(problems, n=k, seed=EVAL_SEED),
-                           self._launch(problems, n=1, seed=EVAL_SEED, greedy=True))
-                    for name, problems in self.eval_sets.items()}
-        metrics: dict[str, float] = {}
-        for name, (sampled, greedy) in launched.items():
-            what = f"step {step}: evaluation" + (f" of {name}" if name else "")
-            metrics.update(evaluation_metrics(name, self._collect(sampled, what), self._collect(greedy, what), k))
+        metrics = evaluate_sets(
+            self.eval_sets, self.cfg.evaluation.k,
+            lambda problems, n, greedy: self._launch(problems, n=n, seed=EVAL_SEED, greedy=greedy),
+            lambda rollout, name: self._collect(rollout, f"step {step}: evaluation" + (f" of {name}" if name else "")),
+        )
         metrics["time_eval"] = time.perf_counter() - start
         self.sink.log_event(step, metrics)
         return metrics["eval_accuracy"]
@@ -889,17 +898,13 @@ def evaluate_policy(cfg: JobConfig, policy_dir: str) -> dict[str, float]:
         raise JobFailed("data.eval: no held-out data configured")
     owns_ray = _connect_ray(cfg)
     workers = None
-    k = cfg.evaluation.k
     try:
         workers = spawn_rollout_workers(cfg, policy_dir, reward_function(cfg))
-        launched = {name: (generate(workers, cfg, problems, n=k, seed=EVAL_SEED),
-                           generate(workers, cfg, problems, n=1, seed=EVAL_SEED, greedy=True))
-                    for name, problems in held_out.items()}
-        metrics = {}
-        for name, (sampled, greedy) in launched.items():
-            outputs = [ray.get(list(refs.values()), timeout=cfg.trainer.call_timeout_s) for refs in (sampled, greedy)]
-            metrics.update(evaluation_metrics(name, *outputs, k))
-        return metrics
+        return evaluate_sets(
+            held_out, cfg.evaluation.k,
+            lambda problems, n, greedy: generate(workers, cfg, problems, n=n, seed=EVAL_SEED, greedy=greedy),
+            lambda refs, name: ray.get(list(refs.values()), timeout=cfg.trainer.call_timeout_s),
+        )
     finally:
         if workers is not None:
             workers.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from asyppo.cluster.driver import evaluation_metrics
+from asyppo.cluster.driver import evaluate_sets, evaluation_metrics
 from asyppo.cluster.metrics import describe_evaluation
 
 
@@ -38,3 +38,24 @@ def test_one_console_line_per_set():
         "step 7: held-out accuracy 0.500 sampled (avg@2, pass@2 1.000), 1.000 greedy (1 problems)",
         "step 7: hard accuracy 0.000 sampled, 0.000 greedy (1 problems)",
     ]
+
+
+def test_every_set_is_launched_before_any_is_collected():
+    """The training run and `asyppo eval` share evaluate_sets; its order keeps every engine busy on all sets."""
+    events, verdicts = [], {"easy": [True, True], "hard": [False, True]}
+
+    def launch(problems, n, greedy):
+        events.append(("launch", problems[0], n, greedy))
+        return problems[0], n, greedy
+
+    def collect(launched, name):
+        events.append(("collect", name))
+        problem, n, _ = launched
+        return outputs(verdicts[problem][:1] * n if n == 1 else verdicts[problem])
+
+    metrics = evaluate_sets({"": ["easy"], "hard": ["hard"]}, 2, launch, collect)
+    assert [event[0] for event in events] == ["launch"] * 4 + ["collect"] * 4
+    assert ("launch", "easy", 2, False) in events and ("launch", "hard", 1, True) in events
+    assert metrics["eval_accuracy"] == 1.0 and metrics["eval_hard_accuracy"] == 0.5
+    assert metrics["eval_hard_pass_at_k"] == 1.0 and metrics["eval_hard_accuracy_greedy"] == 0.0
+
