@@ -206,7 +206,7 @@ class CriticsConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     epochs: int = Field(1, ge=1)
     micro_batch_size: int = Field(64, ge=1)
-    zero_stage: int = Field(0, ge=0, le=3)
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage; bf16 runs at 1 or above (docs/deploy.md)")
     grad_clip: float = Field(1.0, gt=0)
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="after the warm-up (§5b)")
     lr_warmup_steps: int = Field(0, ge=0, description="steps of linear learning-rate warm-up (§5b)")
@@ -249,7 +249,7 @@ class AlgorithmConfig(_Section):
 class LearnerConfig(_Section):
     num_gpus: int = Field(0, ge=0, description="DeepSpeed data-parallel ranks on GPU; 0 = one CPU rank")
     cpus: float = Field(1.0, gt=0)
-    zero_stage: int = Field(0, ge=0, le=3)
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage; bf16 runs at 1 or above (docs/deploy.md)")
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
