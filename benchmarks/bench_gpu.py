@@ -44,6 +44,8 @@ from pathlib import Path
 
 import torch
 
+from asyppo.cluster.deepspeed_engine import master_weights
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # The published configs of Qwen/Qwen3-0.6B and Qwen/Qwen3-4B (their config.json), and a tiny one for the smoke.
@@ -114,28 +116,6 @@ def make_critic(cfg, critic_dir: str, index: int, dtype: str):
 
     return MiniCritic(critic_dir, index, cfg.critics, cfg.algorithm, dtype=dtype, seed=cfg.trainer.seed,
                       timeout_s=300, total_steps=cfg.trainer.steps)
-
-
-def master_weights(engine) -> torch.Tensor:
-    """Every parameter's float32 master copy (bf16 engines keep one in the optimizer), flattened, on the CPU.
-
-    ZeRO 1-3 expose it through ``safe_get_full_fp32_param``; ZeRO-0 with bf16 wraps the optimizer in DeepSpeed's
-    unfused fp16/bf16 optimizer, which keeps its copies in ``fp32_groups`` beside ``fp16_groups``."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    unfused = {}
-    optimizer = engine.optimizer
-    if hasattr(optimizer, "fp16_groups") and hasattr(optimizer, "fp32_groups"):
-        for low, high in zip(optimizer.fp16_groups, optimizer.fp32_groups):
-            if isinstance(low, list) and isinstance(high, list):
-                unfused.update({id(p): master for p, master in zip(low, high)})
-    parts = []
-    for param in engine.module.parameters():
-        master = safe_get_full_fp32_param(param)
-        if master is None:
-            master = unfused.get(id(param), param)
-        parts.append(master.detach().float().reshape(-1).cpu())
-    return torch.cat(parts)
 
 
 # ---- part 1: bf16 against float32 ---------------------------------------------------------------------------------

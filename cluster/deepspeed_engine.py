@@ -152,6 +152,26 @@ def optimizer_step(engine, losses_finite: bool) -> tuple[bool, float]:
     return engine.was_step_applied(), float("nan") if grad_norm is None else grad_norm
 
 
+def master_weights(engine) -> torch.Tensor:
+    """Every parameter's float32 master copy, flattened, on the CPU: ZeRO 1-3 keep one in the optimizer (read with
+    ``safe_get_full_fp32_param``), DeepSpeed's unfused fp16/bf16 optimizer in ``fp32_groups`` beside ``fp16_groups``,
+    and a float32 engine has only the parameters. For checks and benchmarks (docs/evidence.md, "The GPU paths")."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    unfused = {}
+    if hasattr(engine.optimizer, "fp16_groups") and hasattr(engine.optimizer, "fp32_groups"):
+        for low, high in zip(engine.optimizer.fp16_groups, engine.optimizer.fp32_groups):
+            if isinstance(low, list) and isinstance(high, list):
+                unfused.update({id(p): master for p, master in zip(low, high)})
+    parts = []
+    for param in engine.module.parameters():
+        master = safe_get_full_fp32_param(param)
+        if master is None:
+            master = unfused.get(id(param), param)
+        parts.append(master.detach().float().reshape(-1).cpu())
+    return torch.cat(parts)
+
+
 @contextlib.contextmanager
 def full_parameters(engine) -> Iterator[torch.nn.Module]:
     """The engine's module with every parameter whole (ZeRO-3 gathers them; other stages already are)."""

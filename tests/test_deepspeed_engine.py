@@ -6,22 +6,9 @@ import copy
 
 import torch
 
-from asyppo.cluster.deepspeed_engine import free_port, init_process_group, make_engine, optimizer_step
-
-
-def master_weights(engine) -> torch.Tensor:
-    """The optimizer's float32 master copy of every parameter, flattened (ZeRO's, or the unfused optimizer's)."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    unfused = {}
-    if hasattr(engine.optimizer, "fp32_groups") and hasattr(engine.optimizer, "fp16_groups"):
-        for low, high in zip(engine.optimizer.fp16_groups, engine.optimizer.fp32_groups):
-            unfused.update({id(p): master for p, master in zip(low, high)})
-    parts = []
-    for param in engine.module.parameters():
-        master = safe_get_full_fp32_param(param)
-        parts.append((unfused[id(param)] if master is None else master).detach().float().reshape(-1).clone())
-    return torch.cat(parts)
+from asyppo.cluster.deepspeed_engine import (
+    free_port, init_process_group, make_engine, master_weights, optimizer_step,
+)
 
 
 def test_a_bf16_engine_takes_adamw_steps_of_the_right_size():
