@@ -12,13 +12,15 @@ per evaluation with a band of ± one std over seeds.
     python benchmarks/learning.py critic-warmup --steps 2 --seeds 0 --variants skip-masks --out /tmp/smoke  # smoke
 
 Writes ``benchmarks/results/learning/<experiment>/`` (or ``--out``): the per-run files, ``summary.json``,
-``summary.md`` and ``curves.png``.
+``summary.md``, ``curves.png`` (held-out accuracy per evaluation) and ``mechanisms.png`` (training reward, entropy, the
+share of tokens ERC keeps and the critics' explained variance, per step).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import subprocess
@@ -186,6 +188,50 @@ def run_missing(experiment: str, spec: Experiment, out: Path, variants: list[str
                   f"({record['wall_seconds'] / 60:.1f} min)", flush=True)
 
 
+# What each mechanism did in a run (docs/algorithms.md §7 logs them per step); the column names of the summary.
+MECHANISMS = {
+    "erc_kept": "tokens ERC keeps",
+    "erc_grad_removed": "gradient weight ERC removes",
+    "adv_mask_grad_removed": "gradient weight the advantage mask removes",
+    "entropy_change_std": "std of the per-step entropy change",
+    "explained_var_last10": "critics' explained variance, last 10 steps",
+    "sigma_error_spearman": "σ–error rank correlation",
+    "response_length": "response length (tokens)",
+}
+DIGITS = {"entropy_change_std": 4, "response_length": 1}  # where 3 decimals would hide the differences
+
+
+def mechanisms(record: dict) -> dict[str, float | None]:
+    """One run's mechanism numbers, from its per-step metrics: the mean over steps of the share of tokens ERC keeps,
+    of the gradient weight ``|A|·(1 − π(a))`` that ERC and the advantage mask remove, of σ's Spearman correlation
+    with the ensemble's error and of the response length; the critics' explained variance averaged over the last
+    10 steps; and the population std over steps of the step-to-step change of the mean entropy (how much entropy
+    swings). Steps where a number is undefined (NaN: σ flat at step 0; absent: the method has no critic) are left
+    out; a number no step defines is None."""
+    per_step = record["per_step"]
+
+    def finite(key: str, last: int | None = None) -> list[float]:
+        values = per_step.get(key) or []
+        if last:
+            values = values[-last:]
+        return [v for v in values if v is not None and math.isfinite(v)]
+
+    def mean(values: list[float]) -> float | None:
+        return statistics.fmean(values) if values else None
+
+    entropy = finite("entropy_mean")
+    changes = [after - before for before, after in zip(entropy, entropy[1:])]
+    return {
+        "erc_kept": mean(finite("erc_kept_frac")),
+        "erc_grad_removed": mean(finite("erc_grad_share_removed")),
+        "adv_mask_grad_removed": mean(finite("adv_mask_grad_share_removed")),
+        "entropy_change_std": statistics.pstdev(changes) if len(changes) > 1 else None,
+        "explained_var_last10": mean(finite("value_explained_var", last=10)),
+        "sigma_error_spearman": mean(finite("sigma_error_spearman")),
+        "response_length": mean(finite("response_length")),
+    }
+
+
 def summarize(spec: Experiment, records: list[dict]) -> dict:
     """Mean ± std over seeds of each variant's held-out accuracy at the start and end and of its gain."""
     rows = {}
@@ -196,6 +242,7 @@ def summarize(spec: Experiment, records: list[dict]) -> dict:
         gains = [r["final_accuracy"] - r["base_accuracy"] for r in mine]
         greedy = [r["eval"][-1].get("accuracy_greedy") for r in mine]
         responses = [sum(r["per_step"].get("rollout_responses") or [0]) for r in mine]
+        each_run = [mechanisms(r) for r in mine]
         rows[variant] = {
             "seeds": [r["seed"] for r in mine],
             "base": _mean_std([r["base_accuracy"] for r in mine]),
@@ -205,6 +252,7 @@ def summarize(spec: Experiment, records: list[dict]) -> dict:
             "final_greedy": _mean_std(greedy) if None not in greedy else None,
             "responses_per_run": statistics.mean(responses) if all(responses) else None,
             "minutes_per_run": statistics.mean(r["wall_seconds"] for r in mine) / 60,
+            "mechanisms": {key: _mean_std_or_none([m[key] for m in each_run]) for key in MECHANISMS},
         }
     return rows
 
@@ -220,6 +268,16 @@ def markdown_table(rows: dict) -> str:
         lines.append(f"| {variant} | {len(row['seeds'])} | {_fmt(row['base'])} | {_fmt(row['final'])} | "
                      f"{_fmt(row['gain'], sign=True)} | {per_seed} | {greedy} | {responses} | "
                      f"{row['minutes_per_run']:.1f} |")
+    return "\n".join(lines)
+
+
+def mechanisms_table(rows: dict) -> str:
+    """Per variant, each mechanism number as mean ± std over its seeds ("–": the variant has no such mechanism)."""
+    lines = ["| variant | " + " | ".join(MECHANISMS.values()) + " |", "|---" * (len(MECHANISMS) + 1) + "|"]
+    for variant, row in rows.items():
+        cells = [_fmt(row["mechanisms"][key], digits=DIGITS.get(key, 3))
+                 if row["mechanisms"].get(key) else "–" for key in MECHANISMS]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -248,6 +306,42 @@ def plot_curves(spec: Experiment, records: list[dict], path: Path, title: str) -
     axes.legend(fontsize="small", loc="upper left")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_mechanisms(spec: Experiment, records: list[dict], path: Path, title: str) -> None:
+    """Per step, mean over seeds with a ± one std band: training reward, entropy, the share of tokens ERC keeps and
+    the critics' explained variance (a panel stays empty for variants without that mechanism)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    panels = {"reward_mean": "training reward", "entropy_mean": "mean entropy (nats)",
+              "erc_kept_frac": "tokens ERC keeps", "value_explained_var": "critics' explained variance"}
+    figure, grid = plt.subplots(2, 2, figsize=(10, 6.4), sharex=True)
+    for axes, (key, label) in zip(grid.flat, panels.items()):
+        for variant in spec.variants:
+            series = [[np.nan if v is None else v for v in r["per_step"].get(key) or []]
+                      for r in records if r["variant"] == variant]
+            series = [s for s in series if s and not np.all(np.isnan(s))]
+            if not series or len({len(s) for s in series}) != 1:
+                axes.plot([], [])  # keep each variant's colour the same in every panel
+                continue
+            values = np.array(series, dtype=float)
+            mean, std = np.nanmean(values, 0), np.nanstd(values, 0)
+            steps = np.arange(values.shape[1])
+            axes.plot(steps, mean, label=variant, linewidth=1)
+            axes.fill_between(steps, mean - std, mean + std, alpha=0.15)
+        axes.set_ylabel(label)
+        axes.grid(alpha=0.3)
+    for axes in grid[1]:
+        axes.set_xlabel("step")
+    grid[0, 0].legend(fontsize="x-small", loc="best")
+    figure.suptitle(f"{title}: mean ± std over seeds, per step")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
@@ -280,12 +374,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     rows = summarize(spec, records)
     table = markdown_table(rows)
+    mechanism_table = mechanisms_table(rows)
     (out / "summary.json").write_text(json.dumps({"question": spec.question, "variants": rows}, indent=1) + "\n")
-    (out / "summary.md").write_text(f"{spec.question}\n\n{table}\n\nCommand: `python benchmarks/learning.py "
-                                    f"{args.experiment}`\n")
+    (out / "summary.md").write_text(f"{spec.question}\n\n{table}\n\nWhat each mechanism did (mean over steps, "
+                                    f"then mean ± std over seeds):\n\n{mechanism_table}\n\nCommand: `python "
+                                    f"benchmarks/learning.py {args.experiment}`\n")
     plot_curves(spec, records, out / "curves.png", args.experiment)
+    plot_mechanisms(spec, records, out / "mechanisms.png", args.experiment)
     print(table)
-    print(f"wrote {out / 'summary.md'}, {out / 'summary.json'}, {out / 'curves.png'}")
+    print(mechanism_table)
+    print(f"wrote {out / 'summary.md'}, {out / 'summary.json'}, {out / 'curves.png'}, {out / 'mechanisms.png'}")
     return 0
 
 
@@ -293,9 +391,13 @@ def _mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-def _fmt(stat: dict[str, float], sign: bool = False) -> str:
-    mean = f"{stat['mean']:+.3f}" if sign else f"{stat['mean']:.3f}"
-    return f"{mean} ± {stat['std']:.3f}"
+def _mean_std_or_none(values: list[float | None]) -> dict[str, float] | None:
+    return None if None in values else _mean_std(values)
+
+
+def _fmt(stat: dict[str, float], sign: bool = False, digits: int = 3) -> str:
+    mean = f"{stat['mean']:+.{digits}f}" if sign else f"{stat['mean']:.{digits}f}"
+    return f"{mean} ± {stat['std']:.{digits}f}"
 
 
 def _commit() -> str | None:

@@ -28,6 +28,44 @@ def test_every_variant_of_every_experiment_is_a_valid_job(experiment):
         build_config(overrides=[*spec.common, *overrides])  # raises ConfigError naming the field
 
 
+def test_mechanism_numbers_of_a_run_and_their_mean_over_seeds(tmp_path):
+    """learning.mechanisms on a record with numbers worked out by hand: NaN and absent steps are left out, the
+    explained variance is that of the last 10 steps, the entropy swing is the population std of the changes."""
+    nan = float("nan")
+    steps = 12
+    per_step = {
+        "erc_kept_frac": [0.5, 0.7, 0.9] + [0.8] * 9,               # mean (0.5 + 0.7 + 0.9 + 7.2) / 12 = 0.775
+        "erc_grad_share_removed": [0.4] * 6 + [0.1] * 6,             # 0.25
+        "adv_mask_grad_share_removed": [0.0] * steps,                # the masks step aside: 0
+        "entropy_mean": [1.0, 1.2, 1.0, 1.2] + [1.2] * 8,           # changes +.2, -.2, +.2, then 8 zeros
+        "value_explained_var": [-5.0, -5.0] + [0.1, 0.3] * 5,        # the last 10: mean 0.2
+        "sigma_error_spearman": [nan, None] + [0.5] * 5 + [-0.5] * 5,  # 0 over the 10 defined steps
+        "response_length": [30.0] * 6 + [40.0] * 6,                   # 35
+    }
+    record = {"variant": "v", "seed": 0, "base_accuracy": 0.3, "final_accuracy": 0.5,
+              "eval": [{"step": -1, "accuracy": 0.3, "accuracy_greedy": 0.4}], "wall_seconds": 60.0,
+              "per_step": {**per_step, "rollout_responses": [8] * steps}}
+    got = learning.mechanisms(record)
+    changes = [0.2, -0.2, 0.2] + [0.0] * 8
+    mean_change = sum(changes) / len(changes)
+    swing = (sum((c - mean_change) ** 2 for c in changes) / len(changes)) ** 0.5
+    assert got == pytest.approx({"erc_kept": 0.775, "erc_grad_removed": 0.25, "adv_mask_grad_removed": 0.0,
+                                 "entropy_change_std": swing, "explained_var_last10": 0.2,
+                                 "sigma_error_spearman": 0.0, "response_length": 35.0})
+    # A method without critics (no value metrics at all) has no such number, and the summary says so.
+    no_critic = {**record, "seed": 1, "per_step": {k: v for k, v in record["per_step"].items()
+                                                    if k not in ("value_explained_var", "sigma_error_spearman")}}
+    assert learning.mechanisms(no_critic)["explained_var_last10"] is None
+
+    spec = learning.Experiment(question="q", variants={"v": []})
+    second = {**record, "seed": 1, "per_step": {**record["per_step"], "erc_kept_frac": [0.875] * steps}}
+    row = learning.summarize(spec, [record, second])["v"]
+    assert row["mechanisms"]["erc_kept"] == {"mean": pytest.approx(0.825),
+                                             "std": pytest.approx(((0.05**2 + 0.05**2) / 1) ** 0.5)}
+    assert learning.summarize(spec, [record, no_critic])["v"]["mechanisms"]["explained_var_last10"] is None
+    assert "| v | 0.775 ± 0.000 |" in learning.mechanisms_table(learning.summarize(spec, [record]))
+
+
 @pytest.mark.cluster
 def test_learning_grid_smoke_run_then_resume_and_the_step_breakdown_of_its_record(tmp_path):
     """One real 2-step job through benchmarks/learning.py (the resumable loop that bench_steps.py shares), then
@@ -48,6 +86,7 @@ def test_learning_grid_smoke_run_then_resume_and_the_step_breakdown_of_its_recor
     gain = summary["variants"]["skip-masks"]["gain"]["mean"]
     assert gain == pytest.approx(record["final_accuracy"] - record["base_accuracy"])
     assert (grid / "curves.png").stat().st_size > 0 and "| skip-masks | 1 |" in (grid / "summary.md").read_text()
+    assert (grid / "mechanisms.png").stat().st_size > 0 and "tokens ERC keeps" in (grid / "summary.md").read_text()
 
     # A run whose result file exists is not run again.
     again = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
