@@ -254,20 +254,30 @@ def summarize(spec: Experiment, records: list[dict]) -> dict:
             "minutes_per_run": statistics.mean(r["wall_seconds"] for r in mine) / 60,
             "mechanisms": {key: _mean_std_or_none([m[key] for m in each_run]) for key in MECHANISMS},
         }
+    # Paired by seed (every variant of a seed starts from the same base): each variant's gain minus the first
+    # variant's, on the seeds both have. Seeds differ more than variants do, so this is the comparison that holds.
+    if rows:
+        first = next(iter(rows.values()))
+        first_gain = dict(zip(first["seeds"], first["gain_per_seed"]))
+        for row in rows.values():
+            row["gain_minus_first_per_seed"] = {seed: gain - first_gain[seed] for seed, gain in
+                                                zip(row["seeds"], row["gain_per_seed"]) if seed in first_gain}
     return rows
 
 
 def markdown_table(rows: dict) -> str:
-    lines = ["| variant | seeds | held-out at start | after training | gain | gain per seed | greedy after training "
-             "| responses generated | minutes per run |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    first = next(iter(rows), "")
+    lines = ["| variant | seeds | held-out at start | after training | gain | gain per seed | gain minus "
+             f"{first}'s, per seed | greedy after training | responses generated | minutes per run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for variant, row in rows.items():
         per_seed = ", ".join(f"{gain:+.3f}" for gain in row["gain_per_seed"])
+        paired = ", ".join(f"{difference:+.3f}" for difference in row["gain_minus_first_per_seed"].values())
         greedy = _fmt(row["final_greedy"]) if row.get("final_greedy") else "–"
         responses = f"{row['responses_per_run']:,.0f}" if row.get("responses_per_run") else "–"
         lines.append(f"| {variant} | {len(row['seeds'])} | {_fmt(row['base'])} | {_fmt(row['final'])} | "
-                     f"{_fmt(row['gain'], sign=True)} | {per_seed} | {greedy} | {responses} | "
-                     f"{row['minutes_per_run']:.1f} |")
+                     f"{_fmt(row['gain'], sign=True)} | {per_seed} | {paired if variant != first else '–'} | "
+                     f"{greedy} | {responses} | {row['minutes_per_run']:.1f} |")
     return "\n".join(lines)
 
 

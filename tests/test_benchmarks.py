@@ -65,6 +65,19 @@ def test_mechanism_numbers_of_a_run_and_their_mean_over_seeds(tmp_path):
     assert learning.summarize(spec, [record, no_critic])["v"]["mechanisms"]["explained_var_last10"] is None
     assert "| v | 0.775 ± 0.000 |" in learning.mechanisms_table(learning.summarize(spec, [record]))
 
+    # Paired by seed against the first variant, on the seeds both have: b's seed 0 gains 0.1 more than a's, its seed
+    # 1 0.3 less; a has no seed 2, so b's seed 2 is not paired.
+    def run(variant, seed, base, final):
+        return {**record, "variant": variant, "seed": seed, "base_accuracy": base, "final_accuracy": final}
+
+    pair = learning.Experiment(question="q", variants={"a": [], "b": []})
+    rows = learning.summarize(pair, [run("a", 0, 0.3, 0.5), run("a", 1, 0.4, 0.8), run("b", 0, 0.3, 0.6),
+                                     run("b", 1, 0.4, 0.5), run("b", 2, 0.2, 0.9)])
+    assert rows["a"]["gain_minus_first_per_seed"] == {0: 0.0, 1: 0.0}
+    assert rows["b"]["gain_minus_first_per_seed"] == pytest.approx({0: 0.1, 1: -0.3})
+    assert "| +0.200, +0.400 | – |" in learning.markdown_table(rows)
+    assert "| +0.100, -0.300 |" in learning.markdown_table(rows)
+
 
 @pytest.mark.cluster
 def test_learning_grid_smoke_run_then_resume_and_the_step_breakdown_of_its_record(tmp_path):
