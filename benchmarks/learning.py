@@ -41,7 +41,7 @@ STEP_KEYS = ("reward_mean", "accuracy", "entropy_mean", "response_length", "erc_
              "sigma_error_spearman", "adv_mask_grad_share_removed", "erc_grad_share_removed", "clip_frac",
              "time_rollout", "time_old_logprobs", "time_values", "time_update", "time_critic_train",
              "time_weight_sync", "rollout_tokens_per_s",
-             *(f"{mask}_frac_{third}_third" for mask in ("adv_mask", "entropy_filter")
+             *(f"{mask}_frac_{third}_third" for mask in ("adv_mask", "entropy_filter", "erc_removed")
                for third in ("first", "middle", "last")))
 
 
@@ -96,6 +96,14 @@ EXPERIMENTS = {
             "band-0.95-1.05-no-entropy-bonus": ["algorithm.entropy_coef=0"],
             "grpo-with-erc": ["preset=grpo", "algorithm.erc_band=[0.95,1.05]"],
         },
+        common=[*CHAIN, "trainer.steps=30", "trainer.eval_every=10"],
+        seeds=(0,),
+    ),
+    "erc-where": Experiment(
+        question="Where in the response does ERC remove tokens, beside the advantage mask and the entropy filter? "
+                 "erc-band's default variant again (the same job, so the same numbers), now that the removal is "
+                 "logged by thirds of the response (docs/algorithms.md §7).",
+        variants={"asyppo": []},
         common=[*CHAIN, "trainer.steps=30", "trainer.eval_every=10"],
         seeds=(0,),
     ),

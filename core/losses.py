@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from asyppo.core.diagnostics import gradient_weight, removed_share
+from asyppo.core.diagnostics import gradient_weight, position_thirds, removed_share
 
 __all__ = [
     "AGGREGATIONS",
@@ -134,7 +134,8 @@ def policy_loss(
     Returns:
         ``(loss, stats)`` with stats ``pg_loss``, ``clip_frac`` (valid tokens where ``pg2 > pg1``),
         ``dual_clip_frac`` (valid tokens where the dual clip lowered ℓ), ``erc_kept_frac`` (1.0 when ERC is
-        off), ``approx_kl`` (the k3 estimator ``(r − 1) − log r`` of KL(π_old‖π_θ), mean over valid tokens)
+        off), ``erc_grad_share_removed`` and ``erc_removed_frac_<first|middle|last>_third`` (what ERC removes:
+        ``asyppo.core.diagnostics``), ``approx_kl`` (the k3 estimator ``(r − 1) − log r`` of KL(π_old‖π_θ), mean over valid tokens)
         and ``ratio_mean``.
     """
     _check_same_shape(
@@ -193,6 +194,8 @@ def policy_loss(
             "dual_clip_frac": _masked_mean_float(dual_clip_active.float(), mask),
             "erc_kept_frac": _masked_mean_float(erc_keep.float(), mask),
             "erc_grad_share_removed": removed_share(gradient_weight(advantages, old_logp), erc_keep.float(), mask),
+            **{f"erc_removed_frac_{third}_third": share
+               for third, share in zip(("first", "middle", "last"), position_thirds(erc_keep, mask))},
             "approx_kl": _masked_mean_float(approx_kl_per_token, mask),
             "ratio_mean": _masked_mean_float(ratio, mask),
         }

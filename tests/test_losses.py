@@ -189,6 +189,35 @@ def test_erc_band_is_strict():
     assert stats["erc_kept_frac"] == pytest.approx(1 / 3)
 
 
+def test_erc_reports_where_in_the_response_it_removes_tokens():
+    """Two responses of 6 and 3 valid tokens (thirds: tokens 0-1 | 2-3 | 4-5, and 0 | 1 | 2). ERC drops tokens 0 and
+    5 of the first response (ρ = 2) and token 1 of the second: the first third loses 1 of its 3 tokens, the middle
+    third 1 of 3, the last third 1 of 3; padding (ρ = 2 too) counts nowhere."""
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=DTYPE)
+    old_entropy = torch.ones(2, 6)
+    entropy = torch.ones(2, 6)
+    entropy[0, 0] = entropy[0, 5] = entropy[1, 1] = 2.0
+    entropy[1, 3:] = 2.0
+    zeros = torch.zeros(2, 6, dtype=DTYPE)
+    _, stats = policy_loss(torch.zeros(2, 6, dtype=DTYPE, requires_grad=True), zeros, torch.ones(2, 6, dtype=DTYPE),
+                           mask, clip_low=0.2, clip_high=0.2, entropy=entropy, old_entropy=old_entropy,
+                           erc_band=(0.95, 1.05))
+    assert stats["erc_kept_frac"] == pytest.approx(6 / 9)
+    assert [stats[f"erc_removed_frac_{third}_third"] for third in ("first", "middle", "last")] == pytest.approx(
+        [1 / 3, 1 / 3, 1 / 3])
+    # Move the second response's dropped token to its end: the middle third keeps everything, the last loses 2 of 3.
+    entropy[1, 1], entropy[1, 2] = 1.0, 2.0
+    _, stats = policy_loss(torch.zeros(2, 6, dtype=DTYPE, requires_grad=True), zeros, torch.ones(2, 6, dtype=DTYPE),
+                           mask, clip_low=0.2, clip_high=0.2, entropy=entropy, old_entropy=old_entropy,
+                           erc_band=(0.95, 1.05))
+    assert [stats[f"erc_removed_frac_{third}_third"] for third in ("first", "middle", "last")] == pytest.approx(
+        [1 / 3, 0.0, 2 / 3])
+    # ERC off: nothing removed anywhere.
+    _, stats = policy_loss(torch.zeros(2, 6, dtype=DTYPE, requires_grad=True), zeros, torch.ones(2, 6, dtype=DTYPE),
+                           mask, clip_low=0.2, clip_high=0.2)
+    assert [stats[f"erc_removed_frac_{third}_third"] for third in ("first", "middle", "last")] == [0.0, 0.0, 0.0]
+
+
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
 @pytest.mark.parametrize("clip_mode", ["ppo", "gppo"])
 def test_micro_batch_accumulation_equals_one_batch(agg, clip_mode):
