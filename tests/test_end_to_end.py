@@ -32,7 +32,9 @@ def small_job(tmp_path, *extra):
 def alive_actor_names() -> set[str]:
     from ray.util.state import list_actors
 
-    return {a.name for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.name}
+    # This job's cluster by its address: another local Ray instance on the machine would make the lookup ambiguous.
+    address = ray.get_runtime_context().gcs_address
+    return {a.name for a in list_actors(address=address, filters=[("state", "=", "ALIVE")]) if a.name}
 
 
 def max_abs_diff(a: list[list[float]], b: list[list[float]]) -> float:
