@@ -125,7 +125,7 @@ class MetricsSink:
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, **metrics}
-        self._jsonl.write(json.dumps(record, allow_nan=True) + "\n")
+        self._jsonl.write(json_line(record))
         self._jsonl.flush()
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
@@ -140,7 +140,7 @@ class MetricsSink:
 
     def log_event(self, step: int, metrics: dict[str, float]) -> None:
         """Held-out evaluations: eval.jsonl and W&B, no progress tick (metrics.jsonl stays one line a step)."""
-        self._eval_jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._eval_jsonl.write(json_line({"step": step, **metrics}))
         self._eval_jsonl.flush()
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
@@ -151,7 +151,7 @@ class MetricsSink:
     def log_samples(self, step: int, records: list[dict[str, Any]]) -> None:
         """Generations (:func:`generation_samples`): samples.jsonl, and a W&B table ``samples`` at this step."""
         for record in records:
-            self._samples_jsonl.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._samples_jsonl.write(json_line(record))
         self._samples_jsonl.flush()
         if self._wandb is not None:
             import wandb
@@ -219,6 +219,16 @@ def keep_steps_before(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(kept))
 
 
+def json_line(record: dict[str, Any]) -> str:
+    """One line of strict JSON, which jq and JavaScript read too: a number that is not finite (NaN: a diagnostic with
+    nothing to measure, e.g. σ flat at step 0) is written as ``null``. :func:`read_metrics` reads it back as NaN."""
+    finite = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+              for key, value in record.items()}
+    return json.dumps(finite, ensure_ascii=False, allow_nan=False) + "\n"
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The lines of metrics.jsonl or eval.jsonl, with NaN where a number was not finite (``null`` in the file)."""
     with Path(path).open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        return [{key: math.nan if value is None else value for key, value in json.loads(line).items()}
+                for line in handle if line.strip()]

@@ -5,6 +5,7 @@ would make it a different run refused."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -57,6 +58,30 @@ def test_a_resumed_run_is_a_new_wandb_run_in_the_same_group(tmp_path):
     assert second._wandb.id != first_id and second._wandb.name.endswith("from-step-2")
     second.close()
     assert (run_path / "wandb_runs").read_text().split() == [first_id, second._wandb.id]
+
+
+def test_metrics_files_are_strict_json_and_a_nan_reads_back_as_nan(tmp_path):
+    """A diagnostic with nothing to measure is NaN (σ flat at step 0); the JSONL files must still parse under strict
+    JSON (jq, JavaScript), so it is written as null, and read_metrics gives the NaN back."""
+    cfg = build_config(overrides=[*JOB, f"trainer.run_dir={tmp_path}", "logging.wandb_mode=disabled"])
+    run_path = tmp_path / "run"
+    run_path.mkdir()
+    sink = MetricsSink(cfg, run_path, resumed=False, total_steps=2, start_step=0)
+    sink.log(0, {"reward_mean": 0.5, "sigma_error_spearman": float("nan"), "grad_norm": float("inf")})
+    sink.log_event(0, {"eval_accuracy": 0.25, "eval_accuracy_greedy": float("nan")})
+    sink.close()
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    for name in ("metrics.jsonl", "eval.jsonl"):
+        for line in (run_path / name).read_text().splitlines():
+            json.loads(line, parse_constant=refuse)
+    [line] = read_metrics(run_path / "metrics.jsonl")
+    assert line["reward_mean"] == 0.5 and line["step"] == 0
+    assert math.isnan(line["sigma_error_spearman"]) and math.isnan(line["grad_norm"])
+    [evaluation] = read_metrics(run_path / "eval.jsonl")
+    assert evaluation["eval_accuracy"] == 0.25 and math.isnan(evaluation["eval_accuracy_greedy"])
 
 
 @pytest.mark.cluster
