@@ -241,7 +241,8 @@ def mechanisms(record: dict) -> dict[str, float | None]:
 
 
 def summarize(spec: Experiment, records: list[dict]) -> dict:
-    """Mean ± std over seeds of each variant's held-out accuracy at the start and end and of its gain."""
+    """Per variant: mean ± std over seeds of the held-out accuracy at the start and the end, of the gain and of each
+    :func:`mechanisms` number; and the gain minus the first variant's, paired by seed."""
     rows = {}
     for variant in spec.variants:
         mine = sorted((r for r in records if r["variant"] == variant), key=lambda r: r["seed"])
