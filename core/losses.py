@@ -135,8 +135,8 @@ def policy_loss(
         ``(loss, stats)`` with stats ``pg_loss``, ``clip_frac`` (valid tokens where ``pg2 > pg1``),
         ``dual_clip_frac`` (valid tokens where the dual clip lowered ℓ), ``erc_kept_frac`` (1.0 when ERC is
         off), ``erc_grad_share_removed`` and ``erc_removed_frac_<first|middle|last>_third`` (what ERC removes:
-        ``asyppo.core.diagnostics``), ``approx_kl`` (the k3 estimator ``(r − 1) − log r`` of KL(π_old‖π_θ), mean over valid tokens)
-        and ``ratio_mean``.
+        ``asyppo.core.diagnostics``), ``approx_kl`` (the k3 estimator ``(r − 1) − log r`` of KL(π_old‖π_θ), mean
+        over valid tokens) and ``ratio_mean``.
     """
     _check_same_shape(
         "policy_loss", mask, logp=logp, old_logp=old_logp, advantages=advantages, adv_mask=adv_mask,
