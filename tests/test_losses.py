@@ -198,24 +198,23 @@ def test_erc_reports_where_in_the_response_it_removes_tokens():
     entropy = torch.ones(2, 6)
     entropy[0, 0] = entropy[0, 5] = entropy[1, 1] = 2.0
     entropy[1, 3:] = 2.0
-    zeros = torch.zeros(2, 6, dtype=DTYPE)
-    _, stats = policy_loss(torch.zeros(2, 6, dtype=DTYPE, requires_grad=True), zeros, torch.ones(2, 6, dtype=DTYPE),
-                           mask, clip_low=0.2, clip_high=0.2, entropy=entropy, old_entropy=old_entropy,
-                           erc_band=(0.95, 1.05))
+
+    def removed_by_third(**erc) -> tuple[dict, list[float]]:
+        zeros = torch.zeros(2, 6, dtype=DTYPE)
+        _, stats = policy_loss(torch.zeros(2, 6, dtype=DTYPE, requires_grad=True), zeros,
+                               torch.ones(2, 6, dtype=DTYPE), mask, clip_low=0.2, clip_high=0.2, **erc)
+        return stats, [stats[f"erc_removed_frac_{third}_third"] for third in ("first", "middle", "last")]
+
+    stats, removed = removed_by_third(entropy=entropy, old_entropy=old_entropy, erc_band=(0.95, 1.05))
     assert stats["erc_kept_frac"] == pytest.approx(6 / 9)
-    assert [stats[f"erc_removed_frac_{third}_third"] for third in ("first", "middle", "last")] == pytest.approx(
-        [1 / 3, 1 / 3, 1 / 3])
+    assert removed == pytest.approx([1 / 3, 1 / 3, 1 / 3])
     # Move the second response's dropped token to its end: the middle third keeps everything, the last loses 2 of 3.
     entropy[1, 1], entropy[1, 2] = 1.0, 2.0
-    _, stats = policy_loss(torch.zeros(2, 6, dtype=DTYPE, requires_grad=True), zeros, torch.ones(2, 6, dtype=DTYPE),
-                           mask, clip_low=0.2, clip_high=0.2, entropy=entropy, old_entropy=old_entropy,
-                           erc_band=(0.95, 1.05))
-    assert [stats[f"erc_removed_frac_{third}_third"] for third in ("first", "middle", "last")] == pytest.approx(
-        [1 / 3, 0.0, 2 / 3])
+    _, removed = removed_by_third(entropy=entropy, old_entropy=old_entropy, erc_band=(0.95, 1.05))
+    assert removed == pytest.approx([1 / 3, 0.0, 2 / 3])
     # ERC off: nothing removed anywhere.
-    _, stats = policy_loss(torch.zeros(2, 6, dtype=DTYPE, requires_grad=True), zeros, torch.ones(2, 6, dtype=DTYPE),
-                           mask, clip_low=0.2, clip_high=0.2)
-    assert [stats[f"erc_removed_frac_{third}_third"] for third in ("first", "middle", "last")] == [0.0, 0.0, 0.0]
+    _, removed = removed_by_third()
+    assert removed == [0.0, 0.0, 0.0]
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
