@@ -147,13 +147,12 @@ EXPERIMENTS = {
                  "where ERC's seed-to-seed spread hides their effect; here they are removed from asyppo-only "
                  "(docs/algorithms.md §6: the ensemble and the masks, no ERC, symmetric clip).",
         variants={
-            "asyppo-only": ["preset=asyppo-only"],
-            "no-adv-mask": ["preset=asyppo-only", "algorithm.adv_mask_fraction=0"],
-            "no-entropy-filter": ["preset=asyppo-only", "algorithm.entropy_filter_fraction=0"],
-            "no-masks": ["preset=asyppo-only", "algorithm.adv_mask_fraction=0",
-                         "algorithm.entropy_filter_fraction=0"],
+            "asyppo-only": [],
+            "no-adv-mask": ["algorithm.adv_mask_fraction=0"],
+            "no-entropy-filter": ["algorithm.entropy_filter_fraction=0"],
+            "no-masks": ["algorithm.adv_mask_fraction=0", "algorithm.entropy_filter_fraction=0"],
         },
-        common=[*CHAIN, "trainer.steps=100"],
+        common=[*CHAIN, "trainer.steps=100", "preset=asyppo-only"],
     ),
 }
 
