@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from asyppo.cluster.deepspeed_engine import master_weights
+from asyppo.common.deepspeed_engine import master_weights
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,7 +95,7 @@ def matmul_tflops(size: int = 8192, repeats: int = 10) -> float:
 
 def job_config(task: str, *overrides: str):
     """The job whose sections the classes take: the chain task as benchmarks/learning.py runs it, or the default."""
-    from asyppo.cluster.config import build_config
+    from asyppo.common.config import build_config
 
     task_overrides = {"chain": ["data.task=chain", "data.train=builtin:chain", "data.eval=builtin:chain",
                                 "rollout.max_new_tokens=48"], "arithmetic": []}[task]
@@ -103,8 +103,8 @@ def job_config(task: str, *overrides: str):
 
 
 def make_learner(cfg, policy_dir: str, dtype: str, resume_state_dir: str | None = None):
-    from asyppo.cluster.deepspeed_engine import free_port
-    from asyppo.learner.actor import Learner
+    from asyppo.common.deepspeed_engine import free_port
+    from asyppo.learner.learner import Learner
 
     return Learner(policy_dir, cfg.algorithm, cfg.learner, temperature=cfg.rollout.temperature, dtype=dtype,
                    seed=cfg.trainer.seed, timeout_s=300, total_steps=cfg.trainer.steps, master_port=free_port(),
@@ -112,7 +112,7 @@ def make_learner(cfg, policy_dir: str, dtype: str, resume_state_dir: str | None 
 
 
 def make_critic(cfg, critic_dir: str, index: int, dtype: str):
-    from asyppo.critics.actor import MiniCritic
+    from asyppo.critics.mini_critic import MiniCritic
 
     return MiniCritic(critic_dir, index, cfg.critics, cfg.algorithm, dtype=dtype, seed=cfg.trainer.seed,
                       timeout_s=300, total_steps=cfg.trainer.steps)
@@ -164,13 +164,13 @@ def one_step(cfg, models, batch, dtype: str, shards: list[list[int]]) -> dict:
     """One learner step and one step of two critics in ``dtype``: what part 1 compares."""
     learner = make_learner(cfg, str(models.policy_dir), dtype)
     critics = [make_critic(cfg, str(models.critic_dir), m, dtype) for m in range(len(shards))]
-    learner.compute_old(batch)
+    learner.compute_old_logprobs(batch)
     values = [critic.values(batch) for critic in critics]
-    returns, _ = learner.prepare(0, *values)
+    returns, _ = learner.compute_advantages(0, *values)
     before = master_weights(learner.engine)
     update = learner.update(0)
     after = master_weights(learner.engine)
-    critic_stats = [critic.train(returns, rows, 0) for critic, rows in zip(critics, shards)]
+    critic_stats = [critic.update(returns, rows, 0) for critic, rows in zip(critics, shards)]
     # The value head starts at zero (V ≡ 0 in any dtype): compare the values after one step of training.
     trained_values = [critic.values(batch) for critic in critics]
     result = {"logp": learner._old_logp.clone(), "values": torch.stack(trained_values), "delta": after - before,
@@ -293,9 +293,9 @@ def learner_costs(cfg, policy: str, directory: Path, batch, peak: float) -> dict
     tokens = int(batch.attention_mask.sum())
     for step in (0, 1):  # step 0 warms up
         free_memory_stats()
-        seconds, _ = timed(functools.partial(learner.compute_old, batch))
+        seconds, _ = timed(functools.partial(learner.compute_old_logprobs, batch))
         costs["learner_old_logprobs"] = phase(seconds, tokens, 2 * n_policy, peak)
-        learner.prepare(step, torch.zeros_like(batch.response_mask))
+        learner.compute_advantages(step, torch.zeros_like(batch.response_mask))
         free_memory_stats()
         seconds, stats = timed(functools.partial(learner.update, step))
         costs["learner_update"] = {**phase(seconds, tokens, 6 * n_policy, peak),

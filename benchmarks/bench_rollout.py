@@ -74,7 +74,7 @@ def main() -> None:
 
     import ray
 
-    from asyppo.actors.rollout import RolloutWorker, prompt_seeds
+    from asyppo.actors.rollout_worker import RolloutWorker, prompt_seeds
     from asyppo.tasks.registry import TASKS
     from asyppo.tasks.rewards import RewardFunction
 

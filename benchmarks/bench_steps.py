@@ -99,7 +99,7 @@ def matmul_peak_flops(size: int = 1024, repeats: int = 20) -> float:
 
 def projection(record: dict, cfg_overrides: list[str], peak_here: float) -> dict:
     """Each role's seconds per step at the TARGET scale, from the efficiency it reached in ``record``."""
-    from asyppo.cluster.config import build_config
+    from asyppo.common.config import build_config
     from asyppo.cluster.driver import resolve_models
 
     from transformers import AutoModelForCausalLM
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nprojection (not measured): Qwen3-4B policy, 2 x Qwen3-0.6B critics, {TARGET['responses']} responses of "
           f"{TARGET['prompt_tokens']}+{TARGET['response_tokens']} tokens per step, GPUs rollout/learner/critics "
           f"{TARGET['gpus']['rollout']}/{TARGET['gpus']['learner']}/{TARGET['gpus']['critics']}, {TARGET['gpu']}")
-    from asyppo.cluster.config import build_config
+    from asyppo.common.config import build_config
 
     gpu_file = REPO_ROOT / "benchmarks" / "results" / "gpu.json"
     cfg = build_config(overrides=records["sync"]["overrides"])

@@ -126,7 +126,7 @@ def raw_broadcast_setup(bucket_mb: float):
     import ray
     import torch
 
-    from asyppo.cluster.deepspeed_engine import free_port
+    from asyppo.common.deepspeed_engine import free_port
 
     receiver = ray.remote(RawReceiver).options(num_cpus=1, name="raw-broadcast-receiver").remote()
     address, port = "127.0.0.1", free_port()
@@ -161,7 +161,7 @@ def bench_size(size: str, args, tokenizer, workdir: Path, raw_receiver) -> dict:
     import ray
     import torch
 
-    from asyppo.actors.rollout import RolloutWorker
+    from asyppo.actors.rollout_worker import RolloutWorker
     from asyppo.weight_sync.sender import WeightBroadcaster
 
     model_dir = workdir / size

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from asyppo.cluster.config import PRESETS
+from asyppo.common.config import PRESETS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "learning"
@@ -160,7 +160,7 @@ EXPERIMENTS = {
 def run_one(experiment: str, spec: Experiment, variant: str, seed: int, steps: int | None, extra: list[str],
             scratch: Path) -> dict:
     """One whole training job; returns its result record."""
-    from asyppo.cluster.config import build_config
+    from asyppo.common.config import build_config
     from asyppo.cluster.driver import train
     from asyppo.cluster.metrics import read_metrics
 

@@ -17,7 +17,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from asyppo.cluster.config import JobConfig
+from asyppo.common.config import JobConfig
 from asyppo.cluster.logs import with_output_to
 
 

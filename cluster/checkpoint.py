@@ -31,6 +31,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from asyppo.common.files import atomic_write_text, fsync_path, fsync_tree
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -38,45 +40,6 @@ STAGING_GLOB = ".step-*.tmp"
 
 # A log line lists this many problems of a rejected checkpoint; a checkpoint with its policy missing has hundreds.
 _PROBLEMS_PER_LINE = 3
-
-
-# --------------------------------------------------------------------------------------------- durability helpers
-
-
-def _fsync_path(path: Path) -> None:
-    """Flush one file or directory to disk (a directory's fsync makes the names of its entries durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(path: str | os.PathLike) -> None:
-    """Flush every file and directory under ``path`` (and ``path`` itself) to disk; symlinks are not followed.
-
-    Actors call it on what they wrote before returning from ``save``: on shared storage only the node that wrote a
-    file can flush it. Children are flushed before their parents, so a durable directory lists durable entries.
-    """
-    root = Path(path)
-    for directory, _, file_names in os.walk(root, topdown=False):
-        for name in file_names:
-            file = Path(directory, name)
-            if not file.is_symlink():
-                _fsync_path(file)
-        _fsync_path(Path(directory))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so that a reader sees the old or the new content, never a mix, even after a
-    power loss (the temporary file is flushed before the rename, the directory after it)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
 
 
 def _remove(path: Path) -> None:
@@ -272,7 +235,7 @@ class CheckpointDir:
         final = self.root / f"step-{step}"
         _remove(final)  # a checkpoint of the same step from an earlier attempt of this run
         os.replace(staging, final)
-        _fsync_path(self.root)
+        fsync_path(self.root)
         atomic_write_text(self.root / "latest", final.name)
         self._prune()
         return final

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from asyppo.cluster.config import RELATIVE_RUN_DIR, ConfigError, JobConfig, load_config
+from asyppo.common.config import RELATIVE_RUN_DIR, ConfigError, JobConfig, load_config
 from asyppo.cluster.logs import setup_console
 from asyppo.cluster.metrics import describe_evaluation
 
@@ -143,7 +143,7 @@ def durable_run_dir(cfg: JobConfig, address: str) -> list[str]:
 FORWARDED_ENV_VARS = ("WANDB_API_KEY", "WANDB_ENTITY", "WANDB_BASE_URL", "WANDB_MODE")
 
 # The packages under `asyppo` (pyproject.toml's package-dir; tests/test_packaging.py checks that they agree).
-SUBPACKAGES = ("actors", "cluster", "core", "critics", "learner", "tasks", "weight_sync")
+SUBPACKAGES = ("actors", "cluster", "common", "core", "critics", "learner", "tasks", "weight_sync")
 
 
 def stage_package(target: Path) -> Path:

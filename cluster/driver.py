@@ -31,7 +31,7 @@ import torch
 
 from asyppo.cluster.actor_group import ActorGroup, fit_to_cluster, role_resources, total_cpus
 from asyppo.cluster.checkpoint import CheckpointDir, read_trainer_state
-from asyppo.cluster.config import (
+from asyppo.common.config import (
     BUILTIN_CRITIC, BUILTIN_POLICY, CRITIC_IS_POLICY, RELATIVE_RUN_DIR, ConfigError, JobConfig, load_config,
     resume_changes,
 )
@@ -260,8 +260,8 @@ class Trainer:
     # ---- actors -------------------------------------------------------------------------------------------------
 
     def _spawn(self, policy_dir: str, resume_dir: str | None) -> None:
-        from asyppo.critics.actor import MiniCritic
-        from asyppo.learner.actor import Learner
+        from asyppo.critics.mini_critic import MiniCritic
+        from asyppo.learner.learner import Learner
 
         cfg = self.cfg
         resources = role_resources(cfg)
@@ -639,13 +639,13 @@ class Trainer:
         straight to the learner, which turns them into advantages and critic targets (``prepare``).
 
         Returns rank 0's old-log-prob stats, each rank's ``prepare`` refs (targets, stats) and the
-        ``compute_old`` refs."""
+        ``compute_old_logprobs`` refs."""
         phase = time.perf_counter()
-        old_refs = self.learners.call("compute_old", batch_ref)
+        old_refs = self.learners.call("compute_old_logprobs", batch_ref)
         if self.critics:  # a critic Ray restarted while idle would score with its initial weights
             self._restore_critics(f"step {step}: critic values")
         value_refs = self.critics.call("values", batch_ref) if self.critics else []
-        prepared = [learner.prepare.options(num_returns=2).remote(step, *value_refs) for learner in self.learners]
+        prepared = [learner.compute_advantages.options(num_returns=2).remote(step, *value_refs) for learner in self.learners]
         old_stats = self._get(old_refs[0], f"step {step}: old log-probs")
         timings["time_old_logprobs"] = time.perf_counter() - phase
         if self.critics:
@@ -657,7 +657,7 @@ class Trainer:
                 # The learner's prepare never ran (one of its inputs failed): score again, then prepare again.
                 values = self._critic_calls(f"step {step}: critic values",
                                             lambda m: self.critics[m].values.remote(batch_ref))
-                prepared = [learner.prepare.options(num_returns=2).remote(step, *values) for learner in self.learners]
+                prepared = [learner.compute_advantages.options(num_returns=2).remote(step, *values) for learner in self.learners]
         timings["time_values"] = time.perf_counter() - phase
         return old_stats, prepared, old_refs
 
@@ -674,7 +674,7 @@ class Trainer:
         if self.critics:
             shards = assign_shards(batch.prompt_ids, batch.group_size, len(self.critics),
                                    self.cfg.algorithm.critic_split, seed=self.cfg.trainer.seed + step)
-            critic_refs = [critic.train.remote(returns_ref, rows, step) for critic, rows in zip(self.critics, shards)]
+            critic_refs = [critic.update.remote(returns_ref, rows, step) for critic, rows in zip(self.critics, shards)]
         update_refs = self.learners.call("update", step)
         update_stats = self._get(update_refs, f"step {step}: learner update")[0]
         timings["time_update"] = time.perf_counter() - phase
@@ -682,7 +682,7 @@ class Trainer:
         if self.critics:
             def score_then_train(m):
                 self.critics[m].values.remote(batch_ref)  # an actor runs its calls in order: values, then train
-                return self.critics[m].train.remote(returns_ref, shards[m], step)
+                return self.critics[m].update.remote(returns_ref, shards[m], step)
 
             critic_stats = self._critic_calls(f"step {step}: critic training", critic_refs.__getitem__,
                                               relaunch=score_then_train)
@@ -841,7 +841,7 @@ def spawn_rollout_workers(cfg: JobConfig, policy_dir: str, reward_fn, *, max_res
                           log_dir: Path | None = None) -> ActorGroup:
     """``rollout-0`` … : one vLLM engine per actor, tensor-parallel over its bundle's GPUs; their output goes to
     ``log_dir`` when given (asyppo.cluster.logs)."""
-    from asyppo.actors.rollout import RolloutWorker
+    from asyppo.actors.rollout_worker import RolloutWorker
 
     roll = cfg.rollout
     group = ActorGroup("rollout", role_resources(cfg)["rollout"])
@@ -926,7 +926,7 @@ def reward_function(cfg: JobConfig):
 
 @ray.remote(num_cpus=0)
 def _learner_address() -> tuple[str, int]:
-    from asyppo.cluster.deepspeed_engine import free_port
+    from asyppo.common.deepspeed_engine import free_port
 
     return ray.util.get_node_ip_address(), free_port()
 

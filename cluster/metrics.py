@@ -16,8 +16,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from asyppo.cluster.checkpoint import atomic_write_text
-from asyppo.cluster.config import JobConfig
+from asyppo.common.files import atomic_write_text
+from asyppo.common.config import JobConfig
 
 log = logging.getLogger("asyppo")
 

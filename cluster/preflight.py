@@ -1,5 +1,5 @@
 """Checks that need the data, the tokenizers or the environment, run by the driver before any actor starts
-(docs/reliability.md, "Checked before any actor starts"). The config's own rules are in ``asyppo.cluster.config``.
+(docs/reliability.md, "Checked before any actor starts"). The config's own rules are in ``asyppo.common.config``.
 
 Each check returns ``(field path, reason)`` problems, so that all of them are reported at once.
 """
@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from asyppo.cluster.config import JobConfig
+from asyppo.common.config import JobConfig
 from asyppo.tasks.problems import Problem
 from asyppo.tasks.registry import TASKS
 

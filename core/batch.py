@@ -1,4 +1,4 @@
-"""One rollout batch as the learner and the critics see it, and the advantage computation on it.
+"""One rollout batch as the learner and the critics see it: collating workers' outputs, joining and selecting groups.
 
 Pure PyTorch, no Ray: the actors are thin shells that call these functions.
 
@@ -13,11 +13,6 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from asyppo.core.advantages import ensemble_values, gae, grpo_advantages, place_outcome_rewards, whiten
-from asyppo.core.diagnostics import explained_variance, position_thirds, rank_correlation
-from asyppo.core.disagreement import (
-    agreement_mask, carries_information, critic_std, divergence_mask, std_quantiles,
-)
 
 
 @dataclass
@@ -145,73 +140,3 @@ def select_groups(batch: RolloutBatch, groups: list[int]) -> RolloutBatch:
     picked = batch.rows(rows)
     picked.prompt_ids = [batch.prompt_ids[group] for group in groups]
     return picked
-
-
-@dataclass
-class AdvantageResult:
-    advantages: torch.Tensor  # [N, T], whitened where the estimator whitens
-    returns: torch.Tensor  # [N, T] critic targets (zeros for grpo)
-    adv_mask: torch.Tensor | None  # I^A [N, T] or None when off
-    entropy_filter: torch.Tensor | None  # I^H [N, T] or None when off
-    stats: dict[str, float]
-    sigma: torch.Tensor | None = None  # σ [N, T], the critics' disagreement (M ≥ 2), else None
-
-
-def compute_advantages(
-    batch: RolloutBatch,
-    values: torch.Tensor | None,
-    *,
-    estimator: str,
-    gamma: float,
-    lam: float,
-    ensemble: str = "mean",
-    adv_mask_fraction: float = 0.0,
-    entropy_filter_fraction: float = 0.0,
-    tie_seed: int | None = None,
-) -> AdvantageResult:
-    """Advantages, returns and the AsyPPO masks for one rollout batch (docs/algorithms.md §3, §4).
-
-    ``values`` is ``[M, N, T]`` (every critic on every token, computed before this step's critic update) or None
-    for ``grpo``. Masks need M ≥ 2 and are None when their fraction is 0, and both step aside (None,
-    ``masks_skipped = 1``) while σ is the same on every token. ``tie_seed`` orders tokens of equal σ.
-    """
-    mask = batch.response_mask
-    stats: dict[str, float] = {}
-    adv_mask = entropy_filter = std = None
-    if estimator == "grpo":
-        per_response = grpo_advantages(batch.scores, batch.group_size)
-        advantages = per_response[:, None] * mask
-        returns = torch.zeros_like(mask)
-    elif estimator in ("asyppo", "gae"):
-        if values is None or values.ndim != 3 or values.shape[1:] != mask.shape:
-            raise ValueError(f"{estimator} needs values [M, N, T] matching mask {tuple(mask.shape)}")
-        rewards = place_outcome_rewards(batch.scores, mask)
-        mean_values = ensemble_values(values, ensemble)
-        raw_advantages, returns = gae(rewards, mean_values, mask, gamma=gamma, lam=lam)
-        advantages = whiten(raw_advantages, mask)
-        stats["value_mean"] = float((mean_values * mask).sum() / mask.sum().clamp(min=1))
-        stats["value_explained_var"] = explained_variance(mean_values, returns, mask)
-        if values.shape[0] >= 2:
-            std = critic_std(values)
-            stats.update({f"sigma_{key}": value for key, value in std_quantiles(std, mask).items()})
-            informative = carries_information(std, mask)
-            stats["masks_skipped"] = 0.0 if informative else 1.0
-            # Does σ point at the tokens where the ensemble is wrong? (docs/algorithms.md §7, diagnostics)
-            stats["sigma_error_spearman"] = rank_correlation(std, (mean_values - returns).abs(), mask)
-            if adv_mask_fraction > 0 and informative:
-                adv_mask = agreement_mask(std, mask, adv_mask_fraction, tie_seed)
-            if entropy_filter_fraction > 0 and informative:
-                entropy_filter = divergence_mask(std, mask, entropy_filter_fraction, tie_seed)
-    else:
-        raise ValueError(f"unknown estimator {estimator!r}")
-
-    valid = mask.sum().clamp(min=1)
-    stats["adv_mask_frac"] = float(((1 - adv_mask) * mask).sum() / valid) if adv_mask is not None else 0.0
-    stats["entropy_filter_frac"] = (
-        float(((1 - entropy_filter) * mask).sum() / valid) if entropy_filter is not None else 0.0
-    )
-    stats["advantage_abs_mean"] = float((advantages.abs() * mask).sum() / valid)
-    for name, keep in (("adv_mask", adv_mask), ("entropy_filter", entropy_filter)):
-        for third, share in zip(("first", "middle", "last"), position_thirds(keep, mask)):
-            stats[f"{name}_frac_{third}_third"] = share
-    return AdvantageResult(advantages, returns, adv_mask, entropy_filter, stats, std)

@@ -129,7 +129,7 @@ def policy_loss(
 
     ``old_logp``, ``advantages``, ``adv_mask``, ``behaviour_weight`` and the entropies are constants of the objective and are
     detached. ``erc_band=None`` turns ERC off; with it on, ``entropy`` and ``old_entropy`` are required. The
-    ranges of ε, c and the band are the config's to guarantee (``asyppo.cluster.config.AlgorithmConfig``).
+    ranges of ε, c and the band are the config's to guarantee (``asyppo.common.config.AlgorithmConfig``).
 
     Returns:
         ``(loss, stats)`` with stats ``pg_loss``, ``clip_frac`` (valid tokens where ``pg2 > pg1``),

@@ -37,7 +37,7 @@ def tiny_critic_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory):
     """The small job of ``tests/reference_run.py`` run once without faults: (summary, run directory)."""
-    from asyppo.cluster.config import build_config
+    from asyppo.common.config import build_config
     from asyppo.cluster.driver import train
     from tests.reference_run import JOB
 

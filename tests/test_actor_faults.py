@@ -12,11 +12,11 @@ import signal
 import psutil
 import pytest
 
-import asyppo.actors.rollout
-import asyppo.critics.actor
-import asyppo.learner.actor
+import asyppo.actors.rollout_worker
+import asyppo.critics.mini_critic
+import asyppo.learner.learner
 from asyppo.cluster.checkpoint import verify
-from asyppo.cluster.config import build_config
+from asyppo.common.config import build_config
 from asyppo.cluster.driver import JobFailed, train
 from asyppo.cluster.metrics import read_metrics
 from tests.faults import fails_once
@@ -35,12 +35,12 @@ def test_killed_rollout_worker_and_critic_are_restarted_and_the_run_is_unchanged
     # reaches it (its second receive_weights: the first restart got v1 through the object store); critic-1 dies as
     # it starts training in step 2, after the checkpoint of step 1 (checkpoint_every=2), which holds exactly the
     # state it had.
-    dies_generating = fails_once(asyppo.actors.rollout.RolloutWorker, "generate",
+    dies_generating = fails_once(asyppo.actors.rollout_worker.RolloutWorker, "generate",
                                  lambda calls, self, problems, **kw: kw["seed"] == 1, tmp_path / "rollout-died")
-    monkeypatch.setattr(asyppo.actors.rollout, "RolloutWorker", fails_once(
+    monkeypatch.setattr(asyppo.actors.rollout_worker, "RolloutWorker", fails_once(
         dies_generating, "receive_weights", lambda calls, self, *args: calls == 2, tmp_path / "rollout-died-again"))
-    monkeypatch.setattr(asyppo.critics.actor, "MiniCritic", fails_once(
-        asyppo.critics.actor.MiniCritic, "train", lambda calls, self, *args: self.index == 1 and calls == 3,
+    monkeypatch.setattr(asyppo.critics.mini_critic, "MiniCritic", fails_once(
+        asyppo.critics.mini_critic.MiniCritic, "update", lambda calls, self, *args: self.index == 1 and calls == 3,
         tmp_path / "critic-died", instance=lambda self: self.index))
     caplog.set_level(logging.WARNING, logger="asyppo")
 
@@ -69,8 +69,8 @@ def test_dead_learner_stops_the_job_with_the_resume_command_and_resume_finishes_
     reference, reference_dir = reference_run
     overrides = [*JOB, f"trainer.run_dir={tmp_path}", "trainer.name=learner-lost"]
     run_path = tmp_path / "learner-lost"
-    monkeypatch.setattr(asyppo.learner.actor, "Learner", fails_once(
-        asyppo.learner.actor.Learner, "update", lambda calls, self, step: step == 2, tmp_path / "learner-died"))
+    monkeypatch.setattr(asyppo.learner.learner, "Learner", fails_once(
+        asyppo.learner.learner.Learner, "update", lambda calls, self, step: step == 2, tmp_path / "learner-died"))
 
     with pytest.raises(JobFailed) as failure:
         train(build_config(overrides=overrides))
@@ -91,8 +91,8 @@ def test_stopped_rollout_worker_ends_in_a_timeout_naming_it_and_the_phase(tmp_pa
     overrides = [*JOB, f"trainer.run_dir={tmp_path}", "trainer.name=hung", "trainer.call_timeout_s=60"]
     run_path = tmp_path / "hung"
     marker = tmp_path / "rollout-stopped"
-    monkeypatch.setattr(asyppo.actors.rollout, "RolloutWorker", fails_once(
-        asyppo.actors.rollout.RolloutWorker, "generate", lambda calls, self, problems, **kw: kw["seed"] == 2,
+    monkeypatch.setattr(asyppo.actors.rollout_worker, "RolloutWorker", fails_once(
+        asyppo.actors.rollout_worker.RolloutWorker, "generate", lambda calls, self, problems, **kw: kw["seed"] == 2,
         marker, sig=signal.SIGSTOP))
 
     with pytest.raises(JobFailed) as failure:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from asyppo.cluster.config import build_config
+from asyppo.common.config import build_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))

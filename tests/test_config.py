@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from asyppo.cluster.config import RENAMED, PRESETS, ConfigError, JobConfig, build_config, load_config, parse_overrides
+from asyppo.common.config import RENAMED, PRESETS, ConfigError, JobConfig, build_config, load_config, parse_overrides
 from asyppo.tasks.registry import TASKS
 
 
@@ -29,7 +29,7 @@ def test_default_is_the_asyppo_preset_of_the_spec_table():
     assert alg.value_clip == 0.5 and alg.critic_split == "prompt"
 
 
-# The §6 table, typed in here independently of asyppo.cluster.config.PRESETS.
+# The §6 table, typed in here independently of asyppo.common.config.PRESETS.
 SPEC_TABLE = {
     "asyppo": ("asyppo", 2, "ppo", 0.2, 0.28, 3.0, (0.95, 1.05), 1e-3, 0.2, 0.2),
     "asyppo-only": ("asyppo", 2, "ppo", 0.2, 0.2, None, None, 1e-3, 0.2, 0.2),

@@ -1,4 +1,4 @@
-"""The DeepSpeed engine the learner and the critics share (cluster/deepspeed_engine.py), on the CPU accelerator."""
+"""The DeepSpeed engine the learner and the critics share (common/deepspeed_engine.py), on the CPU accelerator."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from asyppo.cluster.deepspeed_engine import (
+from asyppo.common.deepspeed_engine import (
     free_port, init_process_group, make_engine, master_weights, optimizer_step,
 )
 

@@ -415,7 +415,7 @@ def test_the_grafana_dashboard_is_current_and_shows_only_logged_metrics():
     logs each step (required_metric_keys for a job with σ and every optional key the code can add)."""
     import importlib.util
 
-    from asyppo.cluster.config import build_config
+    from asyppo.common.config import build_config
     from asyppo.cluster.metrics import required_metric_keys
 
     spec = importlib.util.spec_from_file_location("make_dashboard", DEPLOY / "grafana" / "make_dashboard.py")

@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asyppo.core.batch import collate_rollouts, compute_advantages
+from asyppo.core.advantages import compute_advantages
+from asyppo.core.batch import collate_rollouts
 from asyppo.core.disagreement import (
     agreement_mask, carries_information, critic_std, divergence_mask, std_quantiles,
 )

@@ -12,7 +12,7 @@ import time
 import pytest
 import ray
 
-from asyppo.cluster.config import build_config
+from asyppo.common.config import build_config
 from asyppo.cluster import cli
 from asyppo.cluster.driver import JobFailed, Trainer, train
 from asyppo.cluster.metrics import read_metrics, required_metric_keys

@@ -8,10 +8,10 @@ import pytest
 import ray
 import torch
 
-from asyppo.cluster.config import build_config
-from asyppo.cluster.deepspeed_engine import free_port
+from asyppo.common.config import build_config
+from asyppo.common.deepspeed_engine import free_port
 from asyppo.cluster.driver import learner_arguments
-from asyppo.learner.actor import Learner
+from asyppo.learner.learner import Learner
 from tests.test_learner_step import make_batch
 
 pytestmark = pytest.mark.cluster
@@ -41,8 +41,8 @@ def test_two_ranks_split_the_work_and_agree_with_one_rank(local_ray, tiny_policy
     pair = [spawn(rank=r, world_size=2, master_port=port) for r in range(2)]
     single = spawn(master_port=free_port())
     everyone = [*pair, single]
-    ray.get([a.compute_old.remote(batch) for a in everyone])
-    ray.get([a.prepare.remote(0, *values) for a in everyone])
+    ray.get([a.compute_old_logprobs.remote(batch) for a in everyone])
+    ray.get([a.compute_advantages.remote(0, *values) for a in everyone])
 
     # Each rank backpropagates its half of the micro-batches; together they make the one-rank gradient.
     mini = torch.arange(8)
@@ -89,8 +89,8 @@ def test_a_bad_step_on_one_rank_is_skipped_by_every_rank(local_ray, tiny_policy_
     for rank in range(2):
         args, kwargs = learner_arguments(cfg, tiny_policy_dir, rank=rank, world_size=2, master_port=port)
         pair.append(actor.remote(*args, **kwargs))
-    ray.get([a.compute_old.remote(batch) for a in pair], timeout=300)
-    ray.get([a.prepare.remote(0, *values) for a in pair], timeout=60)
+    ray.get([a.compute_old_logprobs.remote(batch) for a in pair], timeout=300)
+    ray.get([a.compute_advantages.remote(0, *values) for a in pair], timeout=60)
     # Every rank takes part (ZeRO-3 gathers the parameters with a collective).
     before = ray.get([a.parameters_snapshot.remote() for a in pair], timeout=60)[0]
     ray.get(getattr(pair[1], poison).remote(), timeout=60)  # rank 1 only

@@ -11,11 +11,12 @@ import math
 import pytest
 import torch
 
-from asyppo.cluster.config import build_config
+from asyppo.common.config import build_config
 from asyppo.cluster.driver import critic_arguments, learner_arguments
-from asyppo.critics.actor import MiniCritic
-from asyppo.learner.actor import Learner
-from asyppo.core.batch import collate_rollouts, compute_advantages
+from asyppo.critics.mini_critic import MiniCritic
+from asyppo.learner.learner import Learner
+from asyppo.core.advantages import compute_advantages
+from asyppo.core.batch import collate_rollouts
 
 N_PROMPTS, GROUP, T = 4, 4, 5
 
@@ -67,10 +68,10 @@ def test_learner_update_changes_weights_and_reports_finite_stats(cfg, tiny_polic
     learner = make_learner(cfg, tiny_policy_dir)
     batch = make_batch()
     before = params(learner.engine.module)
-    old = learner.compute_old(batch)
+    old = learner.compute_old_logprobs(batch)
     assert old["entropy_mean"] > 0
     values = [torch.randn(batch.response_mask.shape) * batch.response_mask for _ in range(2)]
-    returns, adv_stats = learner.prepare(0, *values)
+    returns, adv_stats = learner.compute_advantages(0, *values)
     assert returns.shape == batch.response_mask.shape
     valid = int(batch.response_mask.sum())
     # §4: the advantage mask zeroes exactly floor(k · valid) tokens.
@@ -87,7 +88,7 @@ def test_learner_update_changes_weights_and_reports_finite_stats(cfg, tiny_polic
 def test_learner_skips_a_bad_step_and_leaves_weights_untouched(cfg, tiny_policy_dir, poison):
     learner = make_learner(cfg, tiny_policy_dir)
     batch = make_batch(seed=1)
-    learner.compute_old(batch)
+    learner.compute_old_logprobs(batch)
     values = [torch.randn(batch.response_mask.shape) for _ in range(2)]
     if poison == "old_logprobs":
         learner._old_logp[:, 0] = float("nan")  # as a broken forward pass would produce
@@ -95,7 +96,7 @@ def test_learner_skips_a_bad_step_and_leaves_weights_untouched(cfg, tiny_policy_
         values[1] = torch.full(batch.response_mask.shape, float("nan"))
     else:  # finite but absurd, as critics.lr=1e30 makes them: whitening overflows and every advantage becomes 0
         values[1] = torch.full(batch.response_mask.shape, 1e31)
-    returns, prepared = learner.prepare(0, *values)
+    returns, prepared = learner.compute_advantages(0, *values)
     if poison != "old_logprobs":
         assert prepared["diverged_critic_1"] == 1.0 and prepared["diverged_critic_0"] == 0.0
     before = params(learner.engine.module)
@@ -120,9 +121,9 @@ def test_micro_batch_accumulation_equals_one_big_batch(tiny_policy_dir, agg):
         learner = make_learner(cfg, tiny_policy_dir)
         batch = make_batch().rows(list(range(8)))
         batch.prompt_ids = batch.prompt_ids[:2]
-        learner.compute_old(batch)
+        learner.compute_old_logprobs(batch)
         learner._old_logp += 0.05 * torch.randn(learner._old_logp.shape, generator=torch.Generator().manual_seed(3))
-        learner.prepare(0, *[torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(m))
+        learner.compute_advantages(0, *[torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(m))
                           for m in range(2)])
         learner.engine.zero_grad()
         finite, stats, tokens = learner.accumulate_gradients(torch.arange(8))
@@ -144,8 +145,8 @@ def eight_row_learner(policy_dir, *overrides):
 
 
 def one_update(learner, batch):
-    learner.compute_old(batch)
-    learner.prepare(0, *[torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(m))
+    learner.compute_old_logprobs(batch)
+    learner.compute_advantages(0, *[torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(m))
                       for m in range(2)])
     return learner.update(step=0)
 
@@ -188,14 +189,14 @@ def test_critic_scores_every_token_and_trains_only_on_its_rows(cfg, tiny_critic_
     assert torch.all(values[batch.response_mask == 0] == 0)
     returns = batch.scores[:, None] * batch.response_mask
     rows = [0, 1, 2, 3]
-    stats = critic.train(returns, rows)
+    stats = critic.update(returns, rows)
     assert stats["num_rows"] == 4 and math.isfinite(stats["value_loss"]) and stats["skipped_steps"] == 0
     # Returns of rows it does not own must not matter: poison them and train a fresh critic on the same rows.
     poisoned = returns.clone()
     poisoned[4:] = float("nan")
     twin = make_critic(cfg, tiny_critic_dir, index=0)
     twin.values(batch)
-    twin_stats = twin.train(poisoned, rows)
+    twin_stats = twin.update(poisoned, rows)
     assert twin_stats["value_loss"] == pytest.approx(stats["value_loss"])
     for (name, p), (_, q) in zip(critic.engine.module.named_parameters(), twin.engine.module.named_parameters()):
         torch.testing.assert_close(p, q, msg=name)
@@ -206,7 +207,7 @@ def test_critic_skips_nan_returns(cfg, tiny_critic_dir):
     batch = make_batch()
     critic.values(batch)
     before = params(critic.engine.module)
-    stats = critic.train(torch.full(batch.response_mask.shape, float("nan")), [0, 1])
+    stats = critic.update(torch.full(batch.response_mask.shape, float("nan")), [0, 1])
     assert stats["skipped_steps"] == 1
     assert all(torch.equal(before[k], v) for k, v in params(critic.engine.module).items())
 
@@ -229,16 +230,16 @@ def one_step_cfg(*extra):
 
 
 def update_once(learner, batch, step=0):
-    learner.compute_old(batch)
+    learner.compute_old_logprobs(batch)
     values = [torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(step + m))
               * batch.response_mask for m in range(2)]
-    learner.prepare(step, *values)
+    learner.compute_advantages(step, *values)
     return learner.update(step=step)
 
 
 def master_weights(engine) -> dict[str, torch.Tensor]:
     """Whole float32 parameters under any ZeRO stage (ZeRO-3 keeps them partitioned)."""
-    from asyppo.cluster.deepspeed_engine import full_parameters
+    from asyppo.common.deepspeed_engine import full_parameters
 
     with full_parameters(engine) as module:
         return params(module)
@@ -248,7 +249,7 @@ def master_weights(engine) -> dict[str, torch.Tensor]:
 def test_every_zero_stage_takes_the_update_of_zero_0(tiny_policy_dir, tiny_critic_dir, zero_stage):
     """The learner and a critic, 4 micro-batches per optimizer step: ZeRO 1-3 move the weights as ZeRO-0 does. The
     module's parts are called directly (never engine.forward()), so ZeRO-3 used to keep the last micro-batch's
-    gradient alone (begin_micro_batch in cluster/deepspeed_engine.py)."""
+    gradient alone (begin_micro_batch in common/deepspeed_engine.py)."""
     batch = make_batch(seed=2)
     returns = batch.scores[:, None] * batch.response_mask
     moved = {}
@@ -259,7 +260,7 @@ def test_every_zero_stage_takes_the_update_of_zero_0(tiny_policy_dir, tiny_criti
         stats = update_once(learner, batch)
         assert stats["optimizer_steps"] == 1
         critic.values(batch)
-        assert critic.train(returns, list(range(batch.num_sequences)))["skipped_steps"] == 0
+        assert critic.update(returns, list(range(batch.num_sequences)))["skipped_steps"] == 0
         moved[stage] = ({k: v - learner_before[k] for k, v in master_weights(learner.engine).items()},
                         {k: v - critic_before[k] for k, v in master_weights(critic.engine).items()},
                         stats["grad_norm"])

@@ -117,7 +117,7 @@ def test_a_batch_two_versions_stale_is_weighted_exactly_where_its_policy_differs
     get w = 1 exactly. ERC's H_old is the proximal entropy (the learner's own recompute)."""
     from dataclasses import replace
 
-    from asyppo.cluster.config import build_config
+    from asyppo.common.config import build_config
     from tests.test_learner_step import make_batch, make_learner
 
     cfg = build_config(overrides=[
@@ -130,19 +130,19 @@ def test_a_batch_two_versions_stale_is_weighted_exactly_where_its_policy_differs
     values = [torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(m)) for m in range(2)]
 
     def sampled_by_current_policy(batch):
-        learner.compute_old(batch)
+        learner.compute_old_logprobs(batch)
         return replace(batch, rollout_logprobs=learner._old_logp.clone())
 
     stale = sampled_by_current_policy(batch)  # μ = v0
     for step in range(2):
-        learner.compute_old(sampled_by_current_policy(batch))
-        learner.prepare(0, *values)
+        learner.compute_old_logprobs(sampled_by_current_policy(batch))
+        learner.compute_advantages(0, *values)
         learner.update(step)
     assert learner.version == 2
     fresh = sampled_by_current_policy(batch)  # μ = v2
     mixed = replace(batch, rollout_logprobs=torch.cat([stale.rollout_logprobs[:8], fresh.rollout_logprobs[8:]]))
 
-    stats = learner.compute_old(mixed)
+    stats = learner.compute_old_logprobs(mixed)
     weights, prox = learner._behaviour_weight, learner._old_logp
     differs = (mixed.rollout_logprobs != prox) & valid
     assert bool(differs[:8][valid[:8]].all()) and not bool(differs[8:].any())
@@ -151,6 +151,6 @@ def test_a_batch_two_versions_stale_is_weighted_exactly_where_its_policy_differs
     torch.testing.assert_close(weights[valid], expected[valid])
     assert stats["offpolicy_logp_abs_diff"] > 0 and stats["offpolicy_kl"] > 0
     # The update runs on π_θ/π_prox with these weights: its first mini-batch starts at ratio 1.
-    learner.prepare(0, *values)
+    learner.compute_advantages(0, *values)
     update = learner.update(2)
     assert update["optimizer_steps"] == 2 and math.isfinite(update["policy_loss"])

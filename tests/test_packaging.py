@@ -157,7 +157,7 @@ def test_adding_a_task_as_docs_tasks_md_shows(tmp_path):
     (staged / "tasks" / "registry.py").write_text(registry)
     result = subprocess.run([sys.executable, "-c", textwrap.dedent("""
         import json
-        from asyppo.cluster.config import build_config
+        from asyppo.common.config import build_config
         from asyppo.tasks.rewards import RewardFunction
         cfg = build_config(overrides=["data.task=choice", "data.train=/data/choice/train.jsonl",
                                       "data.eval=/data/choice/test.jsonl"])

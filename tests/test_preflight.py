@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import ray
 
-from asyppo.cluster.config import ConfigError, build_config
+from asyppo.common.config import ConfigError, build_config
 from asyppo.cluster.driver import Trainer, resolve_models
 from asyppo.cluster.preflight import answer_problems, chat_template_problems, tokenizer_problems, wandb_problems
 from asyppo.tasks.problems import Problem

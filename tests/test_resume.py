@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from asyppo.cluster.config import ConfigError, build_config, resume_changes
+from asyppo.common.config import ConfigError, build_config, resume_changes
 from asyppo.cluster.driver import Trainer, train
 from asyppo.cluster.metrics import MetricsSink, keep_steps_before, read_metrics
 from tests.reference_run import JOB, assert_same_run

@@ -311,7 +311,7 @@ def test_a_reward_function_returning_something_else_is_an_error(user_rewards, na
 
 
 def test_preflight_runs_the_reward_function_on_a_row_before_any_actor(user_rewards) -> None:
-    from asyppo.cluster.config import build_config
+    from asyppo.common.config import build_config
     from asyppo.cluster.preflight import reward_function_problems
     from asyppo.tasks.problems import Problem
 
@@ -341,7 +341,7 @@ def test_reward_function_rejects_bad_configuration(kwargs: dict, message: str) -
 
 
 def test_each_response_is_verified_once_and_scored_with_its_correctness(monkeypatch) -> None:
-    from asyppo.actors.rollout import _Sample, score_samples
+    from asyppo.actors.rollout_worker import _Sample, score_samples
     from asyppo.tasks.registry import TASKS, Task
 
     verified = []
@@ -371,7 +371,7 @@ def test_the_example_reward_function_gives_partial_credit(monkeypatch) -> None:
     """examples/rewards/partial_credit.py as its config names it, from the repository's root."""
     from pathlib import Path
 
-    from asyppo.cluster.config import load_config
+    from asyppo.common.config import load_config
     from asyppo.cluster.driver import reward_function
 
     root = Path(__file__).resolve().parents[1]

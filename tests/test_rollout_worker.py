@@ -16,7 +16,7 @@ import torch
 ray = pytest.importorskip("ray")
 pytest.importorskip("vllm")
 
-from asyppo.actors.rollout import RolloutWorker
+from asyppo.actors.rollout_worker import RolloutWorker
 from asyppo.weight_sync.protocol import (
     WeightPlanRejected,
     WeightSyncError,

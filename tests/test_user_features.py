@@ -11,7 +11,7 @@ import shutil
 import pytest
 import ray
 
-from asyppo.cluster.config import build_config
+from asyppo.common.config import build_config
 from asyppo.cluster.driver import Trainer, resolve_models
 from asyppo.cluster.metrics import read_metrics
 from asyppo.tasks.arithmetic import arithmetic_problems

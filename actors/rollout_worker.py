@@ -29,9 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
+from asyppo.core.seeds import derive_seed
 from asyppo.tasks.prompts import PromptFormat, encode_prompts
 from asyppo.weight_sync.receiver import EXTENSION, EngineWeights
 
@@ -39,8 +39,7 @@ from asyppo.weight_sync.receiver import EXTENSION, EngineWeights
 def prompt_seeds(seed: int, worker_index: int, num_prompts: int) -> list[int]:
     """Independent 62-bit seeds for each prompt of a ``generate`` call (vLLM adds the sample index to each, so
     the spacing between prompts' seeds must be much larger than n)."""
-    state = np.random.SeedSequence([seed, worker_index]).generate_state(num_prompts, dtype=np.uint64)
-    return [int(value >> np.uint64(2)) for value in state]
+    return [derive_seed(seed, "sample", worker_index, i, bits=62) for i in range(num_prompts)]
 
 
 @dataclass

@@ -17,15 +17,16 @@ from pathlib import Path
 
 import torch
 
-from asyppo.cluster.checkpoint import fsync_tree
-from asyppo.cluster.config import AlgorithmConfig, CriticsConfig
-from asyppo.cluster.deepspeed_engine import (
+from asyppo.common.config import AlgorithmConfig, CriticsConfig
+from asyppo.common.deepspeed_engine import (
     accelerator_device, begin_micro_batch, free_port, init_process_group, make_engine, optimizer_step,
     set_learning_rate,
 )
+from asyppo.common.files import fsync_tree
 from asyppo.core.batch import RolloutBatch
 from asyppo.core.losses import value_loss
 from asyppo.core.schedules import lr_factor
+from asyppo.core.seeds import derive_seed
 from asyppo.critics.value_model import ValueModel
 
 
@@ -47,7 +48,7 @@ class MiniCritic:
         self.index = index
         self.total_steps = total_steps
         # All critics start from the same checkpoint (§2); only the data they see differs.
-        torch.manual_seed(seed)
+        torch.manual_seed(derive_seed(seed, "critic-init"))
         init_process_group(0, 1, "127.0.0.1", free_port(), timeout_s)
         self.device = accelerator_device()
         model = ValueModel.from_pretrained(critic_path)
@@ -76,11 +77,11 @@ class MiniCritic:
             batch.input_ids.to(self.device), batch.attention_mask.to(self.device), batch.response_length
         )
 
-    def train(self, returns: torch.Tensor, rows: list[int], step: int = 0) -> dict[str, float]:
+    def update(self, returns: torch.Tensor, rows: list[int], step: int = 0) -> dict[str, float]:
         """Value-clipped regression to the returns on this critic's own rows (§2), at training step ``step``'s
         learning rate (§5b)."""
         if self._batch is None or self._old_values is None:
-            raise RuntimeError(f"critic-{self.index}: train() before values()")
+            raise RuntimeError(f"critic-{self.index}: update() before values()")
         start = time.perf_counter()
         if not rows:  # with the prompt split a small batch can leave a critic's shard empty this step
             return {"value_loss": 0.0, "value_clip_frac": 0.0, "tokens_per_s": 0.0, "skipped_steps": 0.0,
@@ -90,7 +91,7 @@ class MiniCritic:
                                  schedule=crit.lr_schedule, min_ratio=crit.lr_min_ratio)
         set_learning_rate(self.engine, lr)
         batch, rows_t = self._batch, torch.as_tensor(rows, dtype=torch.long)
-        generator = torch.Generator().manual_seed(self.seed + 7919 * self.index)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "critic-shuffle", step, self.index))
         losses, clip_fracs, tokens, skipped = [], [], 0, 0
         self.engine.module.train()
         for _ in range(crit.epochs):

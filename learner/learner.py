@@ -15,17 +15,19 @@ from pathlib import Path
 
 import torch
 
-from asyppo.cluster.checkpoint import fsync_tree
-from asyppo.cluster.config import AlgorithmConfig, LearnerConfig, WeightSyncConfig
-from asyppo.cluster.deepspeed_engine import (
+from asyppo.common.config import AlgorithmConfig, LearnerConfig, WeightSyncConfig
+from asyppo.common.deepspeed_engine import (
     accelerator_device, all_ranks_sum, begin_micro_batch, full_parameters, init_process_group, make_engine,
     optimizer_step, set_learning_rate,
 )
-from asyppo.core.batch import AdvantageResult, RolloutBatch, compute_advantages
+from asyppo.common.files import fsync_tree
+from asyppo.core.advantages import AdvantageResult, compute_advantages
+from asyppo.core.batch import RolloutBatch
 from asyppo.core.diagnostics import gradient_weight, removed_share
 from asyppo.core.logprobs import response_logprobs
 from asyppo.core.losses import entropy_bonus, kl_penalty, nll_loss, policy_loss
 from asyppo.core.schedules import lr_factor
+from asyppo.core.seeds import derive_seed
 from asyppo.core.offpolicy import behaviour_weights
 
 log = logging.getLogger(__name__)
@@ -102,7 +104,7 @@ class Learner:
         self.world_size = world_size
         self.policy_path = policy_path
         self.total_steps = total_steps
-        torch.manual_seed(seed)
+        torch.manual_seed(derive_seed(seed, "learner-init"))
         init_process_group(rank, world_size, master_addr, master_port, timeout_s)
         self.device = accelerator_device()
         bf16 = self.device.type == "cuda" and dtype == "bfloat16"
@@ -140,7 +142,7 @@ class Learner:
             entropy_requires_grad=entropy_requires_grad,
         )
 
-    def compute_old(self, batch: RolloutBatch) -> dict[str, float]:
+    def compute_old_logprobs(self, batch: RolloutBatch) -> dict[str, float]:
         """logπ_prox and H_old for every response token, no graph, in micro-batches (docs/algorithms.md §5), and
         the behaviour-policy weights that correct the engine's sampling policy μ to π_prox (§5a)."""
         start = time.perf_counter()
@@ -168,7 +170,7 @@ class Learner:
             "time_old_logprobs": time.perf_counter() - start,
         }
 
-    def prepare(self, step: int, *values: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute_advantages(self, step: int, *values: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Ensemble values → σ, masks, advantages and returns; returns (critic targets, stats) (§3, §4).
 
         A diverged critic (values not finite, or beyond ``VALUE_LIMIT`` times the largest |reward|) leaves this step
@@ -177,7 +179,7 @@ class Learner:
         it.
         """
         if self._batch is None:
-            raise RuntimeError("prepare() before compute_old(): the learner has no rollout batch")
+            raise RuntimeError("compute_advantages() before compute_old_logprobs(): the learner has no rollout batch")
         self._skip_update = False
         stacked = torch.stack([v.float() for v in values]) if values else None
         alg, batch = self.algorithm, self._batch
@@ -197,7 +199,7 @@ class Learner:
         self._advantages = compute_advantages(
             batch, stacked, estimator=alg.estimator, gamma=alg.gamma, lam=alg.lam, ensemble=alg.ensemble,
             adv_mask_fraction=alg.adv_mask_fraction, entropy_filter_fraction=alg.entropy_filter_fraction,
-            tie_seed=self.seed * 1_000_003 + step,
+            tie_seed=derive_seed(self.seed, "mask-ties", step),
         )
         self._advantages.stats.update(stats)
         weight = gradient_weight(self._advantages.advantages, self._old_logp)
@@ -220,7 +222,7 @@ class Learner:
         mini-batch loss), averaged over the applied optimizer steps; fractions are token-weighted means.
         """
         if self._advantages is None or self._batch is None:
-            raise RuntimeError("update() before prepare(): nothing to train on")
+            raise RuntimeError("update() before compute_advantages(): nothing to train on")
         start = time.perf_counter()
         lrn = self.config
         warming_up = step < self.algorithm.critic_warmup_steps  # the critics train alone (§4, critic warm-up)
@@ -232,7 +234,7 @@ class Learner:
         lr = lrn.lr * lr_factor(step, total_steps=self.total_steps, warmup_steps=lrn.lr_warmup_steps,
                                 schedule=lrn.lr_schedule, min_ratio=lrn.lr_min_ratio)
         set_learning_rate(self.engine, lr)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "mini-batches", step))
         self.engine.module.train()
         totals = StepTotals()
         grad_norms: list[float] = []
