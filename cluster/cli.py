@@ -142,7 +142,7 @@ def durable_run_dir(cfg: JobConfig, address: str) -> list[str]:
 # What a submitted job takes from the submitting shell, by both submit paths (deploy/submit.sh keeps the same list).
 FORWARDED_ENV_VARS = ("WANDB_API_KEY", "WANDB_ENTITY", "WANDB_BASE_URL", "WANDB_MODE")
 
-# The packages under `asyppo` (pyproject.toml's package-dir; tests/test_packaging.py checks that they agree).
+# The packages under `asyppo` (pyproject.toml's package-dir; tests/unit/test_packaging.py checks that they agree).
 SUBPACKAGES = ("actors", "cluster", "common", "core", "critics", "learner", "tasks", "weight_sync")
 
 

@@ -88,7 +88,7 @@ def begin_micro_batch(engine) -> None:
     head), never ``engine.forward()``. But ZeRO counts micro-batches there: ZeRO-3 copies the first backward's
     gradients into its partitions and adds the later ones, so without this call every micro-batch overwrote the last
     and a mini-batch trained on its final micro-batch alone (found by benchmarks/bench_gpu.py;
-    tests/test_learner_step.py checks every stage against ZeRO-0). Call it before each micro-batch's forward.
+    tests/unit/test_learner_step.py checks every stage against ZeRO-0). Call it before each micro-batch's forward.
     """
     clear = getattr(engine.optimizer, "clear_backward_seen_flag", None)  # only DeepSpeed's ZeRO optimizers have it
     if clear is not None:

@@ -87,7 +87,7 @@ except ImportError:
 else:
     runtime_env["py_modules"] = [str(stage_package(Path(staging)))]
 env_vars = runtime_env.setdefault("env_vars", {})
-# The same list as asyppo.cluster.cli.FORWARDED_ENV_VARS (tests/test_deploy.py checks it).
+# The same list as asyppo.cluster.cli.FORWARDED_ENV_VARS (tests/unit/test_deploy.py checks it).
 for name in ("WANDB_API_KEY", "WANDB_ENTITY", "WANDB_BASE_URL", "WANDB_MODE"):
     if os.environ.get(name):
         env_vars[name] = os.environ[name]

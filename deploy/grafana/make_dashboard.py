@@ -2,7 +2,7 @@
 
     python deploy/grafana/make_dashboard.py
 
-The panels name metrics.jsonl keys; tests/test_deploy.py checks that every one is a key the driver logs, so the
+The panels name metrics.jsonl keys; tests/unit/test_deploy.py checks that every one is a key the driver logs, so the
 dashboard cannot drift from the code. Import the JSON in Grafana (Dashboards → New → Import) and pick the Prometheus
 data source that scrapes the Ray cluster; the ``run`` variable selects a run (trainer.name).
 """

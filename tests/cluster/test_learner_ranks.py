@@ -12,7 +12,7 @@ from asyppo.common.config import build_config
 from asyppo.common.deepspeed_engine import free_port
 from asyppo.cluster.driver import learner_arguments
 from asyppo.learner.learner import Learner
-from tests.test_learner_step import make_batch
+from tests.unit.test_learner_step import make_batch
 
 pytestmark = pytest.mark.cluster
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 KUBERAY = DEPLOY / "kuberay"
 DOCKERFILES = (DEPLOY / "Dockerfile", DEPLOY / "Dockerfile.cpu")
 RAY_NODE_LABELS = {"ray.io/is-ray-node": "yes"}  # added by KubeRay to every head and worker pod

@@ -15,7 +15,7 @@ from asyppo.tasks.registry import load_problems
 
 ARITHMETIC_SOURCE = "builtin:arithmetic"
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def _evaluate(prompt: str) -> int:

@@ -374,7 +374,7 @@ def test_the_example_reward_function_gives_partial_credit(monkeypatch) -> None:
     from asyppo.common.config import load_config
     from asyppo.cluster.driver import reward_function
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     monkeypatch.chdir(root)
     reward = reward_function(load_config(root / "examples" / "rewards" / "partial-credit.yaml"))
 

@@ -21,7 +21,7 @@ import pytest
 
 from asyppo.cluster.cli import SUBPACKAGES, stage_package
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run(python, code: str, cwd: Path) -> dict:

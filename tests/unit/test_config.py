@@ -185,7 +185,7 @@ def test_old_and_new_name_together_is_an_error(tmp_path):
     assert cfg.algorithm.clip_low == 0.3 and cfg.algorithm.critic_split == "response"
 
 
-@pytest.mark.parametrize("example", sorted((Path(__file__).resolve().parents[1] / "examples").glob("**/*.yaml")),
+@pytest.mark.parametrize("example", sorted((Path(__file__).resolve().parents[2] / "examples").glob("**/*.yaml")),
                          ids=lambda path: path.name)
 def test_every_example_config_is_valid(example):
     load_config(example)  # raises ConfigError naming the field

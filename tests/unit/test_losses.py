@@ -336,7 +336,7 @@ def test_value_loss_with_clipping():
 
 
 def test_policy_loss_rejects_bad_input():
-    # The ranges of ε, c and the ERC band are the config's to check (tests/test_config.py); what only a caller
+    # The ranges of ε, c and the ERC band are the config's to check (tests/unit/test_config.py); what only a caller
     # can get wrong is checked here.
     logp, old_logp, advantages, mask = make_batch(17)
     kwargs = dict(clip_low=0.2, clip_high=0.2)
