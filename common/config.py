@@ -38,30 +38,22 @@ CRITIC_IS_POLICY = "policy"
 PresetName = Literal["asyppo", "asyppo-only", "ppo", "ppo-policy-critic", "grpo", "dapo-erc", "gppo-erc"]
 
 # docs/algorithms.md §6. Each preset sets only the algorithm switches (and the critics they need: their number, and for
-# ppo-policy-critic their model); every one stays independently overridable.
+# ppo-policy-critic their model), written as what it changes from the defaults, which are AsyPPO's; every one stays
+# independently overridable.
 PRESETS: dict[str, dict[str, Any]] = {
-    "asyppo": {
-        "critics": {"num_critics": 2},
-        "algorithm": {
-            "estimator": "asyppo", "clip_mode": "ppo", "clip_low": 0.2, "clip_high": 0.28, "dual_clip": 3.0,
-            "erc_band": [0.95, 1.05], "entropy_coef": 1e-3, "adv_mask_fraction": 0.2,
-            "entropy_filter_fraction": 0.2,
-        },
-    },
+    # AsyPPO: 2 mini-critics, agreement mask and entropy filter, clip-higher, dual clip and ERC (the defaults).
+    "asyppo": {},
     # AsyPPO's critics and masks alone: PPO's symmetric clip, no ERC, no dual clip, so that its effect is not
     # confounded with ERC's and clip-higher's.
     "asyppo-only": {
-        "critics": {"num_critics": 2},
-        "algorithm": {
-            "estimator": "asyppo", "clip_mode": "ppo", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": None,
-            "erc_band": None, "entropy_coef": 1e-3, "adv_mask_fraction": 0.2, "entropy_filter_fraction": 0.2,
-        },
+        "algorithm": {"clip_high": 0.2, "dual_clip": None, "erc_band": None},
     },
+    # Classic PPO: one critic, GAE, symmetric clip, no masks and no ERC.
     "ppo": {
         "critics": {"num_critics": 1},
         "algorithm": {
-            "estimator": "gae", "clip_mode": "ppo", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": 3.0,
-            "erc_band": None, "entropy_coef": 1e-3, "adv_mask_fraction": 0.0, "entropy_filter_fraction": 0.0,
+            "estimator": "gae", "clip_high": 0.2, "erc_band": None, "adv_mask_fraction": 0.0,
+            "entropy_filter_fraction": 0.0,
         },
     },
     # The papers' PPO baseline: one critic as large as the policy (its backbone is the policy's model).
@@ -69,32 +61,33 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {"critic": CRITIC_IS_POLICY},
         "critics": {"num_critics": 1},
         "algorithm": {
-            "estimator": "gae", "clip_mode": "ppo", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": 3.0,
-            "erc_band": None, "entropy_coef": 1e-3, "adv_mask_fraction": 0.0, "entropy_filter_fraction": 0.0,
+            "estimator": "gae", "clip_high": 0.2, "erc_band": None, "adv_mask_fraction": 0.0,
+            "entropy_filter_fraction": 0.0,
         },
     },
+    # GRPO: no critics, group-normalised rewards, symmetric clip, no entropy bonus, no masks and no ERC.
     "grpo": {
         "critics": {"num_critics": 0},
         "algorithm": {
-            "estimator": "grpo", "clip_mode": "ppo", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": 3.0,
-            "erc_band": None, "entropy_coef": 0.0, "adv_mask_fraction": 0.0, "entropy_filter_fraction": 0.0,
+            "estimator": "grpo", "clip_high": 0.2, "erc_band": None, "entropy_coef": 0.0, "adv_mask_fraction": 0.0,
+            "entropy_filter_fraction": 0.0,
         },
     },
+    # DAPO with ERC: GRPO's advantages with dynamic sampling, clip-higher and a dual clip of 10.
     "dapo-erc": {
         "critics": {"num_critics": 0},
         "rollout": {"dynamic_sampling": True},
         "algorithm": {
-            "estimator": "grpo", "clip_mode": "ppo", "clip_low": 0.2, "clip_high": 0.28, "dual_clip": 10.0,
-            "erc_band": [0.95, 1.05], "entropy_coef": 0.0, "adv_mask_fraction": 0.0,
+            "estimator": "grpo", "dual_clip": 10.0, "entropy_coef": 0.0, "adv_mask_fraction": 0.0,
             "entropy_filter_fraction": 0.0,
         },
     },
+    # GPPO with ERC: GRPO's advantages with the gradient-preserving clip and a dual clip of 10.
     "gppo-erc": {
         "critics": {"num_critics": 0},
         "algorithm": {
-            "estimator": "grpo", "clip_mode": "gppo", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": 10.0,
-            "erc_band": [0.95, 1.05], "entropy_coef": 0.0, "adv_mask_fraction": 0.0,
-            "entropy_filter_fraction": 0.0,
+            "estimator": "grpo", "clip_mode": "gppo", "clip_high": 0.2, "dual_clip": 10.0, "entropy_coef": 0.0,
+            "adv_mask_fraction": 0.0, "entropy_filter_fraction": 0.0,
         },
     },
 }
@@ -199,19 +192,25 @@ class RolloutConfig(_Section):
     dynamic_sampling_rounds: int = Field(3, ge=1, description="extra generation rounds per step at most")
 
 
-class CriticsConfig(_Section):
-    num_critics: int = Field(2, ge=0)
-    gpus_per_critic: float = Field(0.0, ge=0)
-    cpus_per_critic: float = Field(0.5, gt=0)
-    lr: float = Field(1e-3, gt=0)
+class OptimizationConfig(_Section):
+    """How a role trains its model (the learner and the critics share the shape; each sets its own values)."""
+
+    lr: float = Field(2e-4, gt=0)
     epochs: int = Field(1, ge=1)
-    micro_batch_size: int = Field(64, ge=1)
+    micro_batch_size: int = Field(64, ge=1, description="responses per forward/backward")
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage; bf16 runs at 1 or above (docs/deploy.md)")
     grad_clip: float = Field(1.0, gt=0)
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="after the warm-up (§5b)")
     lr_warmup_steps: int = Field(0, ge=0, description="steps of linear learning-rate warm-up (§5b)")
     lr_min_ratio: float = Field(0.0, ge=0, le=1, description="cosine: the last step's lr as a fraction of lr")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, more time")
+
+
+class CriticsConfig(OptimizationConfig):
+    num_critics: int = Field(2, ge=0)
+    gpus_per_critic: float = Field(0.0, ge=0)
+    cpus_per_critic: float = Field(0.5, gt=0)
+    lr: float = Field(1e-3, gt=0)
 
 
 class AlgorithmConfig(_Section):
@@ -246,21 +245,12 @@ class AlgorithmConfig(_Section):
     kl_estimator: Literal["k1", "k3"] = Field("k3", description="per-token estimator of KL(π_θ ‖ π_ref) (§5)")
 
 
-class LearnerConfig(_Section):
+class LearnerConfig(OptimizationConfig):
     num_gpus: int = Field(0, ge=0, description="DeepSpeed data-parallel ranks on GPU; 0 = one CPU rank")
     cpus: float = Field(1.0, gt=0)
-    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage; bf16 runs at 1 or above (docs/deploy.md)")
-    lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    epochs: int = Field(1, ge=1)
     mini_batch_size: int = Field(64, ge=1, description="responses per optimizer step")
-    micro_batch_size: int = Field(64, ge=1, description="responses per forward/backward")
     logprob_chunk: int = Field(256, ge=1, description="sequence positions per chunk of the vocab projection")
-    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="after the warm-up (§5b)")
-    lr_warmup_steps: int = Field(0, ge=0, description="steps of linear learning-rate warm-up (§5b)")
-    lr_min_ratio: float = Field(0.0, ge=0, le=1, description="cosine: the last step's lr as a fraction of lr")
-    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, more time")
 
 
 class WeightSyncConfig(_Section):
@@ -370,12 +360,10 @@ class JobConfig(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def cross_field_problems(cfg: JobConfig) -> list[tuple[str, str]]:
-    """Rules that involve more than one field; each problem names the field a user should change."""
-    problems: list[tuple[str, str]] = []
-    alg, lrn, crit, roll = cfg.algorithm, cfg.learner, cfg.critics, cfg.rollout
-    m = crit.num_critics
-
+def _critics_problems(cfg: JobConfig) -> list[tuple[str, str]]:
+    """The critics the estimator, the masks, the critic warm-up and the critic split need."""
+    alg, m, n = cfg.algorithm, cfg.critics.num_critics, cfg.rollout.samples_per_prompt
+    problems = []
     if alg.estimator == "grpo" and m > 0:
         problems.append(("critics.num_critics", f"estimator grpo uses no critics, got {m}"))
     if alg.estimator == "gae" and m != 1:
@@ -388,15 +376,35 @@ def cross_field_problems(cfg: JobConfig) -> list[tuple[str, str]]:
         problems.append(("critics.num_critics", f"entropy filter h>0 needs at least 2 critics, got {m}"))
     if alg.critic_warmup_steps > 0 and m < 1:
         problems.append(("algorithm.critic_warmup_steps", f"{alg.critic_warmup_steps} warms up critics, but there are none"))
-    if alg.critic_warmup_steps >= cfg.trainer.steps:
+    if alg.critic_split == "response" and m > 0 and n % m:
         problems.append((
-            "algorithm.critic_warmup_steps",
-            f"{alg.critic_warmup_steps} >= trainer.steps ({cfg.trainer.steps}): the policy would never be updated",
+            "algorithm.critic_split",
+            f"response split needs samples_per_prompt ({n}) divisible by num_critics ({m})",
         ))
-    if not cfg.data.chat_template:
-        for name in ("system_prompt", "chat_template_kwargs"):
-            if getattr(cfg.data, name):
-                problems.append((f"data.{name}", "is used by the chat template only: set data.chat_template=true"))
+    return problems
+
+
+def _loss_problems(cfg: JobConfig) -> list[tuple[str, str]]:
+    """The ERC band's bounds, and sampling that the off-policy weight cannot correct."""
+    alg, roll = cfg.algorithm, cfg.rollout
+    problems = []
+    if alg.erc_band is not None:
+        low, high = alg.erc_band
+        if not (0 <= low < 1 < high):
+            problems.append(("algorithm.erc_band", f"needs 0 <= low < 1 < high, got [{low}, {high}]"))
+    if alg.off_policy_correction != "none" and roll.top_p < 1:
+        problems.append((
+            "rollout.top_p",
+            f"{roll.top_p} < 1: the engine's log-probs are then renormalised over the nucleus, not the full "
+            "vocabulary the learner computes, so the off-policy weight would be wrong; use top_p=1 or set "
+            "algorithm.off_policy_correction=none",
+        ))
+    return problems
+
+
+def _sampling_problems(cfg: JobConfig) -> list[tuple[str, str]]:
+    """Samples per prompt, dynamic sampling and the overlong shaping against the rollout's length."""
+    roll, problems = cfg.rollout, []
     if roll.dynamic_sampling and cfg.trainer.max_staleness > 0:
         problems.append((
             "rollout.dynamic_sampling",
@@ -405,56 +413,55 @@ def cross_field_problems(cfg: JobConfig) -> list[tuple[str, str]]:
         ))
     if roll.dynamic_sampling and roll.samples_per_prompt < 2:
         problems.append(("rollout.dynamic_sampling", "needs at least 2 samples per prompt to tell groups apart"))
-    if alg.estimator == "grpo" and roll.samples_per_prompt < 2:
+    if cfg.algorithm.estimator == "grpo" and roll.samples_per_prompt < 2:
         problems.append(("rollout.samples_per_prompt", "grpo needs at least 2 samples per prompt for a group std"))
-    if alg.critic_split == "response" and m > 0 and roll.samples_per_prompt % m:
-        problems.append((
-            "algorithm.critic_split",
-            f"response split needs samples_per_prompt ({roll.samples_per_prompt}) divisible by num_critics ({m})",
-        ))
+    if cfg.reward.overlong_buffer is not None and cfg.reward.overlong_buffer >= roll.max_new_tokens:
+        problems.append(("reward.overlong_buffer", "must be smaller than rollout.max_new_tokens"))
+    return problems
 
+
+def _data_problems(cfg: JobConfig) -> list[tuple[str, str]]:
+    """The chat template's companions, and the training, held-out and evaluation sets against data.task."""
+    data, problems = cfg.data, []
+    if not data.chat_template:
+        for name in ("system_prompt", "chat_template_kwargs"):
+            if getattr(data, name):
+                problems.append((f"data.{name}", "is used by the chat template only: set data.chat_template=true"))
     for name in cfg.evaluation.sets:
         if re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name) is None:
             problems.append((f"evaluation.sets.{name}", "a set's name must be letters, digits and '_' (it names "
                                                         "metrics: eval_<name>_accuracy)"))
-    if cfg.evaluation.sets and not cfg.data.eval:
+    if cfg.evaluation.sets and not data.eval:
         problems.append(("evaluation.sets", "needs data.eval, the main held-out set, as well"))
-    sources = {f"data.{field}": getattr(cfg.data, field) for field in ("train", "eval")}
+    sources = {f"data.{field}": getattr(data, field) for field in ("train", "eval")}
     sources.update({f"evaluation.sets.{name}": source for name, source in cfg.evaluation.sets.items()})
+    own = BUILTIN_PREFIX + data.task
     for field, source in sources.items():
-        if source and source.startswith(BUILTIN_PREFIX) and source != BUILTIN_PREFIX + cfg.data.task:
-            own = BUILTIN_PREFIX + cfg.data.task if TASKS[cfg.data.task].builtin_problems else None
-            problems.append((
-                field,
-                f"{source} is another task's dataset than data.task={cfg.data.task} (use "
-                + (f"{own} or a file)" if own else "a dataset file: the task has no built-in data)"),
-            ))
+        if source and source.startswith(BUILTIN_PREFIX) and source != own:
+            instead = f"{own} or a file)" if TASKS[data.task].builtin_problems else \
+                "a dataset file: the task has no built-in data)"
+            problems.append((field, f"{source} is another task's dataset than data.task={data.task} (use {instead}"))
+    return problems
 
-    if alg.off_policy_correction != "none" and roll.top_p < 1:
+
+def _schedule_problems(cfg: JobConfig) -> list[tuple[str, str]]:
+    """Warm-ups (the critics' head start, each role's learning rate) that must end before trainer.steps."""
+    steps, warmup, problems = cfg.trainer.steps, cfg.algorithm.critic_warmup_steps, []
+    if warmup >= steps:
         problems.append((
-            "rollout.top_p",
-            f"{roll.top_p} < 1: the engine's log-probs are then renormalised over the nucleus, not the full "
-            "vocabulary the learner computes, so the off-policy weight would be wrong; use top_p=1 or set "
-            "algorithm.off_policy_correction=none",
+            "algorithm.critic_warmup_steps", f"{warmup} >= trainer.steps ({steps}): the policy would never be updated",
         ))
-
-    if alg.erc_band is not None:
-        low, high = alg.erc_band
-        if not (0 <= low < 1 < high):
-            problems.append(("algorithm.erc_band", f"needs 0 <= low < 1 < high, got [{low}, {high}]"))
-
     for section in ("learner", "critics"):
         warmup = getattr(cfg, section).lr_warmup_steps
-        if warmup >= cfg.trainer.steps:
-            problems.append((f"{section}.lr_warmup_steps", f"{warmup} >= trainer.steps ({cfg.trainer.steps}): the "
+        if warmup >= steps:
+            problems.append((f"{section}.lr_warmup_steps", f"{warmup} >= trainer.steps ({steps}): the "
                                                            "learning rate would never reach its value"))
+    return problems
 
-    if PLAIN_NAME.fullmatch(cfg.trainer.name) is None:
-        problems.append(("trainer.name", f"{cfg.trainer.name!r} must be a plain name (letters, digits, '.', '_', "
-                                         "'-'), not a path; trainer.run_dir says where runs go"))
 
-    n = cfg.batch_size
-    ranks = cfg.learner_ranks
+def _batch_problems(cfg: JobConfig) -> list[tuple[str, str]]:
+    """The learner's mini-batches against the rollout batch, and its micro-batches over its ranks."""
+    lrn, n, ranks, problems = cfg.learner, cfg.batch_size, cfg.learner_ranks, []
     if lrn.mini_batch_size > n:
         problems.append(("learner.mini_batch_size", f"{lrn.mini_batch_size} exceeds the rollout batch of {n}"))
     elif n % lrn.mini_batch_size:
@@ -466,16 +473,39 @@ def cross_field_problems(cfg: JobConfig) -> list[tuple[str, str]]:
             f"micro_batch_size × learner ranks ({lrn.micro_batch_size}×{ranks}) must divide mini_batch_size "
             f"({lrn.mini_batch_size})",
         ))
+    return problems
 
-    if crit.gpus_per_critic > 1 and not float(crit.gpus_per_critic).is_integer():
+
+def _resource_problems(cfg: JobConfig) -> list[tuple[str, str]]:
+    """GPU counts, the broadcast backend and the dtype against where each role runs."""
+    roll, problems = cfg.rollout, []
+    gpus_per_critic = cfg.critics.gpus_per_critic
+    if gpus_per_critic > 1 and not float(gpus_per_critic).is_integer():
         problems.append(("critics.gpus_per_critic", "above 1 it must be a whole number of GPUs"))
-    if cfg.weight_sync.backend == "nccl" and (roll.gpus_per_worker == 0 or lrn.num_gpus == 0):
+    if cfg.weight_sync.backend == "nccl" and (roll.gpus_per_worker == 0 or cfg.learner.num_gpus == 0):
         problems.append(("weight_sync.backend", "nccl needs GPUs on both the learner and the rollout workers"))
     if cfg.model.dtype != "float32" and roll.gpus_per_worker == 0:
         problems.append(("model.dtype", "the CPU vLLM engine in this project runs float32 only"))
-    if cfg.reward.overlong_buffer is not None and cfg.reward.overlong_buffer >= roll.max_new_tokens:
-        problems.append(("reward.overlong_buffer", "must be smaller than rollout.max_new_tokens"))
     return problems
+
+
+def _name_problems(cfg: JobConfig) -> list[tuple[str, str]]:
+    """The run's name: one directory under trainer.run_dir."""
+    if PLAIN_NAME.fullmatch(cfg.trainer.name) is None:
+        return [("trainer.name", f"{cfg.trainer.name!r} must be a plain name (letters, digits, '.', '_', '-'), not a "
+                                 "path; trainer.run_dir says where runs go")]
+    return []
+
+
+_CROSS_FIELD_CHECKS = (
+    _critics_problems, _loss_problems, _sampling_problems, _data_problems, _schedule_problems, _batch_problems,
+    _resource_problems, _name_problems,
+)
+
+
+def cross_field_problems(cfg: JobConfig) -> list[tuple[str, str]]:
+    """Rules that involve more than one field; each problem names the field a user should change."""
+    return [problem for check in _CROSS_FIELD_CHECKS for problem in check(cfg)]
 
 
 # What a resumed run may change (docs/reliability.md): how long it runs and how often it evaluates and saves, what

@@ -1,5 +1,6 @@
 """Job configuration: presets (docs/algorithms.md §6), YAML + dotted overrides, and errors that name the field."""
 
+import json
 import logging
 from pathlib import Path
 
@@ -53,6 +54,33 @@ def test_presets_match_the_spec_table(name):
     assert cfg.rollout.dynamic_sampling == (name == "dapo-erc")
     # Only the papers' PPO baseline changes the critics' model: to the policy's own.
     assert cfg.model.critic == ("policy" if name == "ppo-policy-critic" else "builtin:tiny-critic")
+
+
+# What a preset may set: the algorithm switches and the critics they need (docs/algorithms.md §6).
+PRESET_SWITCHES = {
+    *(f"algorithm.{name}" for name in ("estimator", "clip_mode", "clip_low", "clip_high", "dual_clip", "erc_band",
+                                       "entropy_coef", "adv_mask_fraction", "entropy_filter_fraction")),
+    "critics.num_critics", "model.critic", "rollout.dynamic_sampling",
+}
+
+
+def flat(tree, prefix=""):
+    return {path: value for key, sub in tree.items()
+            for path, value in (flat(sub, f"{prefix}{key}.").items() if isinstance(sub, dict)
+                                else [(f"{prefix}{key}", sub)])}
+
+
+@pytest.mark.parametrize("name", sorted(SPEC_TABLE))
+def test_presets_are_written_as_differences_from_the_defaults(name):
+    """Each preset lists only what it changes from the defaults (AsyPPO's), and its config differs from the default
+    config in exactly those fields: with test_presets_match_the_spec_table this pins every preset's whole config."""
+    defaults = flat(JobConfig().model_dump(mode="json"))
+    written = flat(json.loads(json.dumps(PRESETS[name])))  # tuples and lists alike, as in the JSON dump
+    assert set(written) <= PRESET_SWITCHES
+    redundant = [path for path, value in written.items() if defaults[path] == value]
+    assert not redundant, f"preset {name} repeats the defaults of {redundant}"
+    built = flat(build_config(overrides=[f"preset={name}"]).model_dump(mode="json"))
+    assert {path for path in defaults if built[path] != defaults[path]} - {"preset"} == set(written)
 
 
 def test_every_switch_stays_independently_configurable():
