@@ -100,7 +100,7 @@ def matmul_peak_flops(size: int = 1024, repeats: int = 20) -> float:
 def projection(record: dict, cfg_overrides: list[str], peak_here: float) -> dict:
     """Each role's seconds per step at the TARGET scale, from the efficiency it reached in ``record``."""
     from asyppo.common.config import build_config
-    from asyppo.cluster.driver import resolve_models
+    from asyppo.cluster.job_inputs import resolve_models
 
     from transformers import AutoModelForCausalLM
 

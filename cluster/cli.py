@@ -89,7 +89,7 @@ def _submit(args) -> int:
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from asyppo.cluster.driver import JobFailed
+    from asyppo.cluster.errors import JobFailed
 
     cfg = _load(args)  # fail here, not on the cluster, if the config is wrong
     overrides = [*args.overrides, *durable_run_dir(cfg, args.address)]
@@ -167,7 +167,8 @@ def _eval(args) -> int:
     """``asyppo eval RUN_DIR``: the run's own config and its latest checkpoint; or ``--config``/overrides with
     ``--checkpoint``."""
     from asyppo.cluster.checkpoint import CheckpointDir
-    from asyppo.cluster.driver import JobFailed, evaluate_policy
+    from asyppo.cluster.errors import JobFailed
+    from asyppo.cluster.evaluation import evaluate_policy
 
     overrides = list(args.overrides)
     run_dir = Path(overrides.pop(0)) if overrides and "=" not in overrides[0] else None
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:  # noqa: BLE001 - the CLI's job is to turn known failures into one clear line
         from asyppo.cluster.actor_group import PlacementError
-        from asyppo.cluster.driver import JobFailed
+        from asyppo.cluster.errors import JobFailed
         from asyppo.tasks.problems import DatasetError
 
         if isinstance(exc, (DatasetError, JobFailed, PlacementError)):

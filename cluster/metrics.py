@@ -12,12 +12,19 @@ import logging
 import math
 import os
 import re
+import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from asyppo.common.files import atomic_write_text
+import numpy as np
+
 from asyppo.common.config import JobConfig
+from asyppo.common.files import atomic_write_text
+from asyppo.core.batch import RolloutBatch, uniform_groups
 
 log = logging.getLogger("asyppo")
 
@@ -39,6 +46,64 @@ def required_metric_keys(cfg: JobConfig) -> list[str]:
     if num_critics >= 2:
         keys += ["sigma_p10", "sigma_p50", "sigma_p90"]
     return keys
+
+
+class PhaseTimes(dict):
+    """``time_<phase>`` → seconds, for the step's metrics."""
+
+    @contextmanager
+    def phase(self, key: str, since: float | None = None) -> Iterator[float]:
+        """Times the block as ``key``, from ``since`` when given (a phase that began before the block); yields its
+        start."""
+        start = time.perf_counter() if since is None else since
+        yield start
+        self[key] = time.perf_counter() - start
+
+
+@dataclass
+class StepRecord:
+    """What one step's phases returned, and how long each took: the input of :func:`step_metrics`."""
+
+    batch: RolloutBatch
+    outputs: list[dict]  # every rollout worker's output, refills included
+    old_logprobs: dict[str, float]  # learner rank 0's compute_old_logprobs stats
+    advantages: dict[str, float]  # learner rank 0's compute_advantages stats
+    update: dict[str, float]  # learner rank 0's update stats
+    critics: list[dict[str, float]]  # each critic's update stats
+    weight_sync: dict[str, float] = field(default_factory=dict)  # empty when no new weights were sent
+    logp_diff: float = 0.0  # the post-broadcast weight check
+    sampling: dict[str, float] = field(default_factory=dict)  # dynamic sampling's stats
+    times: dict[str, float] = field(default_factory=dict)  # time_<phase> in seconds
+
+
+def step_metrics(record: StepRecord) -> dict[str, float]:
+    """Every number of one step (docs/algorithms.md §7), from the phases' own stats and the driver's timings."""
+    batch, outputs, times = record.batch, record.outputs, record.times
+    mask = batch.response_mask
+    generated = sum(out["num_generated_tokens"] for out in outputs)
+    metrics = {
+        "reward_mean": float(batch.scores.mean()),
+        "accuracy": float(batch.correct.float().mean()),
+        # Prompts whose responses all scored alike: no GRPO gradient (what dynamic sampling drops).
+        "uniform_groups_frac": float(uniform_groups(batch.scores, batch.group_size).float().mean()),
+        "response_length": float(mask.sum(1).mean()),
+        "truncated_frac": float(np.mean([float(t) for out in outputs for t in out["truncated"]])),
+        "rollout_responses": float(sum(len(out["truncated"]) for out in outputs)),  # refills included
+        "rollout_tokens_per_s": generated / max(times["time_rollout"], 1e-9),
+        "rollout_weight_version": float(batch.weight_version),
+        **record.old_logprobs, **record.advantages, **record.update, **record.weight_sync, **record.sampling,
+        "weight_sync_seconds": record.weight_sync.get("weight_sync_seconds", times["time_weight_sync"]),
+        "weight_sync_logp_diff": record.logp_diff,
+        **{f"time_{phase}": times[f"time_{phase}"] for phase in PHASES},
+    }
+    for m, stats in enumerate(record.critics):
+        metrics[f"value_loss_critic_{m}"] = stats["value_loss"]
+        metrics[f"value_clip_frac_critic_{m}"] = stats["value_clip_frac"]
+        metrics[f"time_train_critic_{m}"] = stats["time_train"]  # its own training time, beside the policy update
+        metrics["skipped_steps"] += stats["skipped_steps"]
+    if record.critics:
+        metrics["critic_tokens_per_s"] = sum(s["tokens_per_s"] for s in record.critics)
+    return metrics
 
 
 def _wandb_mode(requested: str) -> str:

@@ -20,10 +20,10 @@ ROWS_SHOWN = 3
 
 
 def preflight_problems(cfg: JobConfig, train: list[Problem], held_out: dict[str, list[Problem]], tokenizer,
-                       models) -> list[tuple[str, str]]:
+                       models, reward) -> list[tuple[str, str]]:
     """Every problem the checks below find, in one list; ``held_out`` maps a set's name to its problems (``""`` for
-    data.eval, as ``asyppo.cluster.driver.load_datasets`` returns them), ``tokenizer`` is the policy's, ``models``
-    the resolved ``Models`` (policy and critic directories)."""
+    data.eval, as ``asyppo.cluster.job_inputs.load_datasets`` returns them), ``tokenizer`` is the policy's, ``models``
+    the resolved ``Models`` (policy and critic directories), ``reward`` the job's reward function."""
     from transformers import AutoConfig, AutoTokenizer
 
     max_model_len = cfg.rollout.max_model_len or AutoConfig.from_pretrained(models.policy).max_position_embeddings
@@ -34,7 +34,7 @@ def preflight_problems(cfg: JobConfig, train: list[Problem], held_out: dict[str,
         *batch_size_problems(cfg, train),
         *template,
         *([] if template else prompt_length_problems(cfg, splits, tokenizer, max_model_len)),  # needs the template
-        *(answer_problems(cfg, splits) if cfg.reward.function is None else reward_function_problems(cfg, splits)),
+        *(answer_problems(cfg, splits) if cfg.reward.function is None else reward_function_problems(cfg, reward, splits)),
         *wandb_problems(cfg),
     ]
     if cfg.critics.num_critics:
@@ -94,13 +94,10 @@ def answer_problems(cfg: JobConfig, splits: dict[str, list[Problem]]) -> list[tu
     return problems
 
 
-def reward_function_problems(cfg: JobConfig, splits: dict[str, list[Problem]]) -> list[tuple[str, str]]:
+def reward_function_problems(cfg: JobConfig, reward, splits: dict[str, list[Problem]]) -> list[tuple[str, str]]:
     """``reward.function`` imports, and on the first row of each split, given the reference answer as the response,
-    returns something it may return (a verdict, a finite score, or both): the rollout workers would fail otherwise,
-    after minutes of starting engines."""
-    from asyppo.cluster.driver import reward_function
-
-    reward = reward_function(cfg)
+    ``reward`` (the job's ``RewardFunction``) returns something it may return (a verdict, a finite score, or both):
+    the rollout workers would fail otherwise, after minutes of starting engines."""
     try:
         reward.scorer
     except ValueError as exc:

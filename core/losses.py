@@ -96,6 +96,44 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
 
 
+def _clipped_surrogate(
+    ratio: torch.Tensor, advantages: torch.Tensor, *, clip_low: float, clip_high: float, dual_clip: float | None,
+    clip_mode: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per token ``ℓ = max(−A·r, −A·clip(r))`` with PPO's or GPPO's clip, then the dual clip ``ℓ = min(ℓ, −A·c)``
+    where ``A < 0`` (:func:`policy_loss`). Returns (ℓ, where the clip was active, where the dual clip lowered ℓ)."""
+    pg_unclipped = -advantages * ratio
+    if clip_mode == "ppo":
+        clipped_ratio = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    elif clip_mode == "gppo":
+        # ratio / sg(ratio) is exactly 1 in the forward pass, so the bounds equal PPO's, but their gradient
+        # with respect to logπ is (1 ± ε).
+        unit_with_grad = ratio / ratio.detach()
+        clipped_ratio = torch.clamp(ratio, (1.0 - clip_low) * unit_with_grad, (1.0 + clip_high) * unit_with_grad)
+    else:
+        raise ValueError(f"policy_loss: clip_mode must be one of {CLIP_MODES}, got {clip_mode!r}")
+    pg_clipped = -advantages * clipped_ratio
+    per_token = torch.maximum(pg_unclipped, pg_clipped)
+    clip_active = pg_clipped.detach() > pg_unclipped.detach()
+
+    dual_clip_active = torch.zeros_like(clip_active)
+    if dual_clip is not None:
+        dual_bound = -advantages * dual_clip
+        dual_clip_active = (advantages < 0) & (per_token.detach() > dual_bound)
+        per_token = torch.where(advantages < 0, torch.minimum(per_token, dual_bound), per_token)
+    return per_token, clip_active, dual_clip_active
+
+
+def _inside_entropy_ratio_band(entropy: torch.Tensor | None, old_entropy: torch.Tensor | None,
+                               band: tuple[float, float]) -> torch.Tensor:
+    """ERC's keep mask: ``low < ρ < high`` with ``ρ = (H + 1e-8)/(H_old + 1e-8)`` (:func:`policy_loss`)."""
+    if entropy is None or old_entropy is None:
+        raise ValueError("policy_loss: ERC needs both entropy and old_entropy")
+    low, high = band
+    entropy_ratio = (entropy.detach().float() + ENTROPY_RATIO_EPS) / (old_entropy.detach().float() + ENTROPY_RATIO_EPS)
+    return (entropy_ratio > low) & (entropy_ratio < high)
+
+
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -147,27 +185,9 @@ def policy_loss(
     advantages = advantages.detach().to(logp.dtype)
     log_ratio = torch.clamp(logp - old_logp.detach(), -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     ratio = torch.exp(log_ratio)
-
-    pg_unclipped = -advantages * ratio
-    if clip_mode == "ppo":
-        clipped_ratio = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    elif clip_mode == "gppo":
-        # ratio / sg(ratio) is exactly 1 in the forward pass, so the bounds equal PPO's, but their gradient
-        # with respect to logπ is (1 ± ε).
-        unit_with_grad = ratio / ratio.detach()
-        clipped_ratio = torch.clamp(ratio, (1.0 - clip_low) * unit_with_grad, (1.0 + clip_high) * unit_with_grad)
-    else:
-        raise ValueError(f"policy_loss: clip_mode must be one of {CLIP_MODES}, got {clip_mode!r}")
-    pg_clipped = -advantages * clipped_ratio
-    per_token = torch.maximum(pg_unclipped, pg_clipped)
-    clip_active = pg_clipped.detach() > pg_unclipped.detach()
-
-    dual_clip_active = torch.zeros_like(clip_active)
-    if dual_clip is not None:
-        dual_bound = -advantages * dual_clip
-        dual_clip_active = (advantages < 0) & (per_token.detach() > dual_bound)
-        per_token = torch.where(advantages < 0, torch.minimum(per_token, dual_bound), per_token)
-
+    per_token, clip_active, dual_clip_active = _clipped_surrogate(
+        ratio, advantages, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, clip_mode=clip_mode,
+    )
     if behaviour_weight is not None:
         per_token = per_token * behaviour_weight.detach().to(per_token.dtype)
     if adv_mask is not None:
@@ -175,13 +195,7 @@ def policy_loss(
 
     erc_keep = torch.ones_like(clip_active)
     if erc_band is not None:
-        if entropy is None or old_entropy is None:
-            raise ValueError("policy_loss: ERC needs both entropy and old_entropy")
-        low, high = erc_band
-        entropy_ratio = (entropy.detach().float() + ENTROPY_RATIO_EPS) / (
-            old_entropy.detach().float() + ENTROPY_RATIO_EPS
-        )
-        erc_keep = (entropy_ratio > low) & (entropy_ratio < high)
+        erc_keep = _inside_entropy_ratio_band(entropy, old_entropy, erc_band)
         per_token = torch.where(erc_keep, per_token, per_token.detach())
 
     loss = aggregate(per_token, mask, agg, denominator)

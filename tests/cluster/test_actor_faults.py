@@ -17,7 +17,8 @@ import asyppo.critics.mini_critic
 import asyppo.learner.learner
 from asyppo.cluster.checkpoint import verify
 from asyppo.common.config import build_config
-from asyppo.cluster.driver import JobFailed, train
+from asyppo.cluster.driver import train
+from asyppo.cluster.errors import JobFailed
 from asyppo.cluster.metrics import read_metrics
 from tests.faults import fails_once
 from tests.reference_run import JOB, assert_same_run

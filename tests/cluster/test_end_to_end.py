@@ -14,7 +14,8 @@ import ray
 
 from asyppo.common.config import build_config
 from asyppo.cluster import cli
-from asyppo.cluster.driver import JobFailed, Trainer, train
+from asyppo.cluster.driver import Trainer, train
+from asyppo.cluster.errors import JobFailed
 from asyppo.cluster.metrics import read_metrics, required_metric_keys
 
 pytestmark = pytest.mark.cluster
@@ -55,13 +56,12 @@ def test_one_worker_two_critics_sync(tmp_path):
     trainer = Trainer(cfg)
     try:
         assert {"rollout-0", "critic-0", "critic-1", "learner"} <= alive_actor_names()
-        worker, learner = trainer.rollout_workers[0], trainer.learners[0]
+        worker, learner = trainer.actors.rollout_workers[0], trainer.actors.learners[0]
         probe = [trainer.tokenizer.encode(text) for text in ("12+34=46", "70-15=55", "3+4=7")]
         before = ray.get(worker.prompt_logprobs.remote(probe))
 
         for step in range(2):
-            metrics = trainer.train_step(step, trainer._launch_rollout(step))
-            trainer.sink.log(step, metrics)
+            trainer.step(step)
 
         after = ray.get(worker.prompt_logprobs.remote(probe))
         on_learner = ray.get(learner.probe_logprobs.remote(probe))
@@ -87,10 +87,10 @@ def test_one_worker_two_critics_sync(tmp_path):
         assert any(line["value_loss_critic_0"] != line["value_loss_critic_1"] for line in lines)
 
         # A dead critic is a clear failure, not a hang.
-        ray.kill(trainer.critics.actors[1], no_restart=True)
+        ray.kill(trainer.actors.critics.actors[1], no_restart=True)
         started = time.monotonic()
         with pytest.raises(JobFailed, match="died"):
-            trainer.train_step(2, trainer._launch_rollout(2))
+            trainer.step(2)
         assert time.monotonic() - started < 120
     finally:
         trainer.close()
@@ -171,14 +171,12 @@ def test_critic_warmup_trains_the_critics_alone(tmp_path):
     cfg = small_job(tmp_path, "algorithm.critic_warmup_steps=2", "trainer.max_skipped_steps=1")
     trainer = Trainer(cfg)
     try:
-        learner = trainer.learners[0]
+        learner = trainer.actors.learners[0]
         probe = [trainer.tokenizer.encode(text) for text in ("12+34=46", "70-15=55")]
         before = ray.get(learner.probe_logprobs.remote(probe))
         probes = []
         for step in range(3):
-            metrics = trainer.train_step(step, trainer._launch_rollout(step))
-            trainer.sink.log(step, metrics)
-            trainer._check_progress(step, metrics)
+            trainer.step(step)  # logs the step and counts steps without an update
             probes.append(ray.get(learner.probe_logprobs.remote(probe)))
     finally:
         trainer.close()

@@ -12,7 +12,8 @@ import pytest
 import ray
 
 from asyppo.common.config import build_config
-from asyppo.cluster.driver import Trainer, resolve_models
+from asyppo.cluster.driver import Trainer
+from asyppo.cluster.job_inputs import resolve_models
 from asyppo.cluster.metrics import read_metrics
 from asyppo.tasks.arithmetic import arithmetic_problems
 
@@ -74,12 +75,9 @@ def test_own_reward_chat_template_samples_and_log_files(user_job, tmp_path, monk
     try:
         # The driver ran the function once per split on a sample row before any actor started.
         assert calls.read_text().split() == [str(os.getpid())] * 2
-        rollouts = []
-        for step in range(2):
-            rollouts.append(trainer._launch_rollout(step))
-            trainer.sink.log(step, trainer.train_step(step, rollouts[-1]))
-        outputs = [output for rollout in rollouts for output in ray.get(list(rollout.refs.values()))]
-        worker_pid = ray.get(trainer.rollout_workers[0].pid.remote())
+        rollouts = [trainer.step(step).rollout for step in range(2)]
+        outputs = [output for rollout in rollouts for output in rollout.outputs]
+        worker_pid = ray.get(trainer.actors.rollout_workers[0].pid.remote())
     finally:
         trainer.close()
 

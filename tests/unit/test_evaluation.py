@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from asyppo.cluster.driver import evaluate_sets, evaluation_metrics
+from asyppo.cluster.evaluation import evaluate_sets, evaluation_metrics
 from asyppo.cluster.metrics import describe_evaluation
 
 

@@ -6,7 +6,8 @@ import pytest
 import ray
 
 from asyppo.common.config import ConfigError, build_config
-from asyppo.cluster.driver import Trainer, resolve_models
+from asyppo.cluster.driver import Trainer
+from asyppo.cluster.job_inputs import resolve_models
 from asyppo.cluster.preflight import answer_problems, chat_template_problems, tokenizer_problems, wandb_problems
 from asyppo.tasks.problems import Problem
 

@@ -311,17 +311,20 @@ def test_a_reward_function_returning_something_else_is_an_error(user_rewards, na
 
 
 def test_preflight_runs_the_reward_function_on_a_row_before_any_actor(user_rewards) -> None:
-    from asyppo.common.config import build_config
+    from asyppo.cluster.job_inputs import reward_function
     from asyppo.cluster.preflight import reward_function_problems
+    from asyppo.common.config import build_config
     from asyppo.tasks.problems import Problem
 
+    def problems(function: str) -> list[tuple[str, str]]:
+        cfg = build_config(overrides=[f"reward.function=my_rewards.py:{function}"])
+        return reward_function_problems(cfg, reward_function(cfg), rows)
+
     rows = {"data.train": [Problem("a", "1+1=", "2", row={"weight": 1.0})], "data.eval": []}
-    assert reward_function_problems(build_config(overrides=["reward.function=my_rewards.py:score"]), rows) == []
-    [(field, reason)] = reward_function_problems(build_config(overrides=["reward.function=my_rewards.py:broken"]),
-                                                 rows)
+    assert problems("score") == []
+    [(field, reason)] = problems("broken")
     assert field == "reward.function" and "first row of data.train ('a'" in reason and "KeyError" in reason
-    [(field, reason)] = reward_function_problems(build_config(overrides=["reward.function=my_rewards.py:nope"]),
-                                                 rows)
+    [(field, reason)] = problems("nope")
     assert field == "reward.function" and "has no 'nope'" in reason
 
 
@@ -372,7 +375,7 @@ def test_the_example_reward_function_gives_partial_credit(monkeypatch) -> None:
     from pathlib import Path
 
     from asyppo.common.config import load_config
-    from asyppo.cluster.driver import reward_function
+    from asyppo.cluster.job_inputs import reward_function
 
     root = Path(__file__).resolve().parents[2]
     monkeypatch.chdir(root)

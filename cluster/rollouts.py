@@ -1,0 +1,91 @@
+"""Generations on the rollout workers: launching one over the workers' slices, collecting the answers (with workers
+that died brought back), and joining them into one batch (docs/architecture.md, "One training step", 1-2)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from asyppo.cluster.errors import ActorLost, JobFailed
+from asyppo.cluster.supervisor import Supervisor
+from asyppo.common.config import JobConfig
+from asyppo.core.batch import RolloutBatch, collate_rollouts, concat_batches
+
+
+@dataclass
+class Rollout:
+    """One ``generate`` over the rollout workers: its problems and seed, the learner's weight version when it was
+    launched, each worker's pending output (by worker index), its start time and, once collected, the outputs."""
+
+    problems: list
+    n: int
+    seed: int
+    version: int
+    refs: dict[int, Any]
+    started: float = field(default_factory=time.perf_counter)
+    greedy: bool = False
+    outputs: list[dict] | None = None
+
+
+def generate(workers, cfg: JobConfig, problems, *, n: int, seed: int, only: list[int] | None = None,
+             greedy: bool = False) -> dict[int, Any]:
+    """Contiguous slices of whole prompts to each worker (a prompt's n samples stay together); every worker gets
+    the generation's ``seed`` and derives its prompts' seeds from it and its index (``RolloutWorker.generate``).
+    Returns {worker index: ObjectRef}; ``only`` launches just those workers' slices again. ``greedy`` decodes at
+    temperature 0 (evaluation only)."""
+    roll = cfg.rollout
+    slices = np.array_split(np.arange(len(problems)), len(workers))
+    return {
+        index: workers[index].generate.remote(
+            [problems[i].to_dict() for i in part], n=n, max_new_tokens=roll.max_new_tokens,
+            temperature=0.0 if greedy else roll.temperature, top_p=roll.top_p, seed=seed,
+        )
+        for index, part in enumerate(slices)
+        if len(part) and (only is None or index in only)
+    }
+
+
+def collect(actors: Supervisor, cfg: JobConfig, rollout: Rollout, what: str, *, version: int) -> list[dict]:
+    """Every worker's output, in worker order (also kept in ``rollout.outputs``); ``version`` is the learner's.
+
+    A worker whose call failed because its process died, or whose output comes from a process that Ray restarted
+    before the learner's weights reached it, is brought back (``Supervisor.restore_rollout_workers``) and
+    generates its slice again with the same seeds: in sync mode the same samples as if it had never died.
+    """
+    outputs: dict[int, dict] = {}
+    attempts = 1 + cfg.trainer.actor_restarts * len(actors.rollout_workers)
+    for _ in range(attempts):
+        for index, ref in rollout.refs.items():
+            if index in outputs:
+                continue
+            try:
+                output = actors.get(ref, what)
+            except ActorLost:
+                continue
+            if output["weight_version"] >= rollout.version:  # else made by a restarted engine's base weights
+                outputs[index] = output
+        missing = [index for index in rollout.refs if index not in outputs]
+        if not missing:
+            rollout.outputs = [outputs[index] for index in sorted(outputs)]
+            return rollout.outputs
+        actors.restore_rollout_workers(what, version)
+        rollout.refs.update(generate(actors.rollout_workers, cfg, rollout.problems, n=rollout.n, seed=rollout.seed,
+                                     only=missing, greedy=rollout.greedy))
+    raise JobFailed(f"{what}: rollout workers kept failing after {attempts} attempts{actors.resume_hint()}")
+
+
+def collate(problems: list, outputs: list[dict], samples_per_prompt: int, pad_id: int) -> RolloutBatch:
+    """The workers' outputs (in worker order, each for its slice of ``problems``) as one padded batch."""
+    batches, start = [], 0
+    for out in outputs:
+        count = len(out["prompt_ids"])
+        batches.append(collate_rollouts(
+            out["prompt_ids"], out["response_ids"], out["response_mask"], out["rollout_logprobs"],
+            out["scores"], out["correct"], [p.id for p in problems[start:start + count]],
+            samples_per_prompt, pad_id, out["weight_version"],
+        ))
+        start += count
+    return concat_batches(batches, pad_id)

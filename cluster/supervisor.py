@@ -1,0 +1,334 @@
+"""The job's actors and what happens when one fails (docs/reliability.md).
+
+:class:`Supervisor` starts the three actor groups (rollout workers, learner ranks, critics), waits on every call
+with the job's timeout, and turns each failure into one line that names the actor and the phase and says how to
+resume. When Ray restarts a dead actor (``trainer.actor_restarts``), the supervisor brings it back to the job's
+state: a rollout worker gets the learner's current weights and rejoins the weight-sync group, a critic is restored
+from the run's latest checkpoint. It also owns the connection to Ray and the stop signals.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from asyppo.actors.rollout_worker import RolloutWorker
+from asyppo.cluster.actor_group import ActorGroup, role_resources, total_cpus
+from asyppo.cluster.checkpoint import CheckpointDir
+from asyppo.cluster.errors import ActorLost, JobFailed
+from asyppo.cluster.logs import route_library_loggers
+from asyppo.common.config import JobConfig
+from asyppo.common.deepspeed_engine import free_port
+from asyppo.core.seeds import derive_seed
+from asyppo.critics.mini_critic import MiniCritic
+from asyppo.learner.learner import Learner
+
+log = logging.getLogger("asyppo")
+
+
+class Supervisor:
+    """The actor groups of one job, their calls, and their restarts."""
+
+    def __init__(self, cfg: JobConfig, run_path: Path, checkpoints: CheckpointDir, last_checkpoint: Path | None):
+        self.cfg = cfg
+        self.run_path = run_path
+        self.checkpoints = checkpoints
+        self.last_checkpoint = last_checkpoint  # what a restarted critic is restored from
+        self.restarts: dict[str, int] = {}  # actor name → times Ray restarted it
+        self.rollout_workers: ActorGroup | None = None
+        self.learners: ActorGroup | None = None
+        self.critics: ActorGroup | None = None
+
+    # ---- starting ------------------------------------------------------------------------------------------------
+
+    def spawn(self, models, reward_fn, *, policy_dir: str, resume_dir: str | None, version: int) -> None:
+        """Every actor of the job, ready for step one: rollout engines and critics start from the base models, so
+        that Ray can restart them at any time (their constructors run again) even after the checkpoint a run
+        resumed from has been rotated away; the resumed state reaches them here (the weight broadcast,
+        ``MiniCritic.restore``)."""
+        cfg = self.cfg
+        restarts = cfg.trainer.actor_restarts
+        log_dir = None if cfg.logging.verbose else self.run_path / "logs"
+        self.rollout_workers = spawn_rollout_workers(cfg, models.policy, reward_fn, max_restarts=restarts,
+                                                     log_dir=log_dir)
+        self.learners = ActorGroup("learner", role_resources(cfg)["learner"], pack=True)
+        address, port = self.get(_learner_address.options(**self.learners.bundle_options(0)).remote(),
+                                 "placing the learner")
+        state_dir = str(Path(resume_dir) / "policy_state") if resume_dir else None
+        self.learners.spawn(
+            Learner,
+            lambda rank: learner_arguments(cfg, policy_dir, rank=rank, world_size=cfg.learner_ranks,
+                                           master_addr=address, master_port=port, resume_state_dir=state_dir,
+                                           reference_path=models.policy),
+            name=lambda rank: "learner" if rank == 0 else f"learner-rank{rank}", log_dir=log_dir,
+        )
+        if cfg.critics.num_critics:
+            self.critics = ActorGroup("critics", role_resources(cfg)["critics"])
+            self.critics.spawn(MiniCritic, lambda m: critic_arguments(cfg, models.critic, m),
+                               name=lambda m: f"critic-{m}", max_restarts=restarts, log_dir=log_dir)
+        self._wait_until_ready(resume_dir, version)
+
+    def _wait_until_ready(self, resume_dir: str | None, version: int) -> None:
+        self.get(self.learners.call("ping"), "starting the learner")
+        if self.critics:
+            self.critics.note_pids(self.get(self.critics.call("pid"), "starting the critics"))
+            if resume_dir:
+                self.get(self.critics.call("restore", resume_dir), "restoring the critics")
+        healths = self.get(self.rollout_workers.call("health"), "starting the rollout engines")
+        self.rollout_workers.note_pids([health["pid"] for health in healths])
+        self.get(self.learners.call("set_version", version), "setting the version")
+        self.form_weight_sync_group("creating the learner → rollout weight-sync group")
+        if version:
+            # Resumed: the rollout engines hold the base model; send them the checkpoint's policy and version.
+            self.get(self.learners.call("broadcast_weights"), "initial weight broadcast")
+
+    def form_weight_sync_group(self, what: str) -> None:
+        roll = self.cfg.rollout
+        self.get(self.learners[0].setup_weight_sync.remote(
+            list(self.rollout_workers), max(1, roll.gpus_per_worker), self.cfg.weight_sync, roll.gpus_per_worker > 0,
+        ), what)
+
+    # ---- waiting -------------------------------------------------------------------------------------------------
+
+    def get(self, refs, what: str):
+        """ray.get with the job's timeout. Every failure becomes one line naming the actor and the phase (``what``)
+        and saying how to resume: a hung actor (no answer in trainer.call_timeout_s), a dead one (:class:`ActorLost`,
+        which the phases that can bring a restarted actor back catch), an exception raised inside an actor (its
+        remote traceback goes to ``<run>/error.log``)."""
+        try:
+            return ray.get(refs, timeout=self.cfg.trainer.call_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            waiting = ", ".join(self._unanswered(refs)) or "a task"
+            raise JobFailed(
+                f"{what}: no answer from {waiting} within trainer.call_timeout_s="
+                f"{self.cfg.trainer.call_timeout_s:.0f}s (the process is alive but not answering: stopped, deadlocked "
+                f"or far slower than expected; `ray stack` on its node shows where it waits){self.resume_hint()}"
+            ) from None
+        except ray.exceptions.RayActorError as exc:  # before RayTaskError: a task that depended on a dead actor is both
+            name = self._actor_name(getattr(exc, "actor_id", None))
+            raise ActorLost(f"{what}: {name} died (its process exited: killed, out of memory or crashed; its log is "
+                            f"in the Ray dashboard){self.resume_hint()}", name,
+                            unavailable=isinstance(exc, ray.exceptions.ActorUnavailableError)) from None
+        except ray.exceptions.RayTaskError as exc:
+            details = self.run_path / "error.log"
+            with details.open("a") as file:
+                file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {what}\n{exc}\n")
+            cause = exc.cause
+            raise JobFailed(f"{what}: {self._failed_actor(refs)} raised {type(cause).__name__}: {cause} "
+                            f"(traceback in {details}){self.resume_hint()}") from None
+
+    def resume_hint(self) -> str:
+        """How to continue this run from its latest checkpoint (appended to every fatal error)."""
+        if self.checkpoints.latest() is None:
+            return ""
+        return f"; resume with: asyppo train --config {self.run_path / 'config.yaml'} --resume"
+
+    def _groups(self) -> list[ActorGroup]:
+        return [group for group in (self.rollout_workers, self.learners, self.critics) if group is not None]
+
+    def _actor_name(self, actor_id: str | None) -> str:
+        for group in self._groups():
+            if actor_id in group.actor_names():
+                return group.actor_names()[actor_id]
+        return "an actor"
+
+    def _failed_actor(self, refs) -> str:
+        """The name of the actor whose call among ``refs`` (all answered) raised first."""
+        for ref in refs if isinstance(refs, list) else [refs]:
+            try:
+                ray.get(ref, timeout=0)
+            except ray.exceptions.GetTimeoutError:
+                continue
+            except Exception:  # noqa: BLE001 - any other error marks the call that failed
+                return self._actor_name(ref.task_id().actor_id().hex())
+        return "an actor"
+
+    def _unanswered(self, refs) -> list[str]:
+        """Names of the actors whose calls among ``refs`` have not answered yet (each once, in call order)."""
+        refs = refs if isinstance(refs, list) else [refs]
+        _, waiting = ray.wait(refs, num_returns=len(refs), timeout=0)
+        names = [self._actor_name(ref.task_id().actor_id().hex()) for ref in waiting]
+        return list(dict.fromkeys(names))
+
+    def answers(self, group: ActorGroup, method: str, what: str) -> list:
+        """Every actor's answer to ``method``, waiting (up to trainer.call_timeout_s) while Ray restarts one: right
+        after a death Ray reports the actor unavailable, then queues calls until its constructor has run again."""
+        deadline = time.monotonic() + self.cfg.trainer.call_timeout_s
+        while True:
+            try:
+                return self.get(group.call(method), f"{what}: waiting for the {group.role}")
+            except ActorLost as lost:
+                if lost.unavailable and time.monotonic() < deadline:
+                    time.sleep(1.0)
+                    continue
+                if lost.unavailable:
+                    raise
+                raise ActorLost(f"{what}: {lost.actor} died and Ray could not bring it back (trainer.actor_restarts="
+                                f"{self.cfg.trainer.actor_restarts}){self.resume_hint()}", lost.actor) from None
+
+    # ---- restarted actors ----------------------------------------------------------------------------------------
+
+    def restore_rollout_workers(self, what: str, version: int) -> list[int]:
+        """Bring every rollout worker to the learner's weights ``version`` after some were restarted by Ray or left
+        a transfer half-done: wait for them to answer, load the weights through the object store where they are
+        missing, and re-form the weight-sync group when a member is new or gone.
+
+        Returns the indices of the workers Ray restarted since the last look (each logged). A worker whose restarts
+        are used up (trainer.actor_restarts) ends the job with :class:`ActorLost`.
+        """
+        workers = self.rollout_workers
+        healths = self.answers(workers, "health", what)
+        restarted = workers.note_pids([health["pid"] for health in healths])
+        behind = [i for i, health in enumerate(healths)
+                  if health["weight_version"] != version or not health["weights_valid"]]
+        if behind:
+            weights = self.learners.call("weights_for_rollout")  # every rank joins the gather; rank 0 answers
+            loads = [workers[i].receive_weights_from_object_store.remote(weights[0], version) for i in behind]
+            self.get(loads + weights[1:], f"{what}: sending weights v{version} to restarted rollout workers")
+        if restarted or not all(health["in_sync_group"] for health in healths):
+            self.form_weight_sync_group(f"{what}: re-forming the weight-sync group")
+        self._note_restarts(workers, restarted, f"holds the learner's weights v{version} and rejoined the weight-sync "
+                                                f"group")
+        return restarted
+
+    def restore_critics(self, what: str) -> list[int]:
+        """Critics that Ray restarted since the last look (their constructor ran again: the initial critic) get
+        their state from the run's latest checkpoint. Returns their indices."""
+        restarted = self.critics.note_pids(self.answers(self.critics, "pid", what))
+        if restarted and self.last_checkpoint is not None:
+            self.get([self.critics[m].restore.remote(str(self.last_checkpoint)) for m in restarted],
+                     f"{what}: restoring restarted critics from {self.last_checkpoint}")
+        source = (f"was restored from the checkpoint {self.last_checkpoint.name}; its training since then is lost"
+                  if self.last_checkpoint is not None else
+                  "starts again from the initial critic (no checkpoint yet): its training so far is lost")
+        self._note_restarts(self.critics, restarted, source)
+        return restarted
+
+    def critic_calls(self, what: str, launch, relaunch=None) -> list:
+        """``launch(m)`` on every critic, then their results; a critic whose process died is restored
+        (:meth:`restore_critics`) and ``relaunch(m)`` (default ``launch``) runs on it."""
+        refs = [launch(m) for m in range(len(self.critics))]
+        for _ in range(self.cfg.trainer.actor_restarts * len(self.critics)):
+            try:
+                return self.get(refs, what)
+            except ActorLost as lost:
+                if lost.actor not in self.critics.names:
+                    raise
+                for m in self.restore_critics(what):
+                    refs[m] = (relaunch or launch)(m)
+        return self.get(refs, what)
+
+    def _note_restarts(self, group: ActorGroup, restarted: list[int], outcome: str) -> None:
+        for index in restarted:
+            name = group.names[index]
+            self.restarts[name] = self.restarts.get(name, 0) + 1
+            log.warning("%s died and Ray restarted it (restart %d of trainer.actor_restarts=%d); it %s",
+                        name, self.restarts[name], self.cfg.trainer.actor_restarts, outcome)
+
+    def close(self) -> None:
+        """Kill every actor and release its placement group; safe to call more than once."""
+        for group in self._groups():
+            group.close()
+        self.rollout_workers = self.learners = self.critics = None
+
+
+def learner_arguments(cfg: JobConfig, policy_dir: str, **rank: Any) -> tuple[tuple, dict]:
+    """``Learner(*args, **kwargs)`` for this job: the sections it uses, the few settings it needs from others, and
+    ``rank`` (rank, world_size, master_addr, master_port, resume_state_dir)."""
+    return (policy_dir, cfg.algorithm, cfg.learner), dict(
+        temperature=cfg.rollout.temperature, dtype=cfg.model.dtype, seed=cfg.trainer.seed,
+        timeout_s=cfg.trainer.call_timeout_s, total_steps=cfg.trainer.steps, **rank,
+    )
+
+
+def critic_arguments(cfg: JobConfig, critic_dir: str, index: int) -> tuple[tuple, dict]:
+    """``MiniCritic(*args, **kwargs)`` for critic ``index`` of this job."""
+    return (critic_dir, index, cfg.critics, cfg.algorithm), dict(
+        dtype=cfg.model.dtype, seed=cfg.trainer.seed, timeout_s=cfg.trainer.call_timeout_s,
+        total_steps=cfg.trainer.steps,
+    )
+
+
+def spawn_rollout_workers(cfg: JobConfig, policy_dir: str, reward_fn, *, max_restarts: int = 0,
+                          log_dir: Path | None = None) -> ActorGroup:
+    """``rollout-0`` … : one vLLM engine per actor, tensor-parallel over its bundle's GPUs; their output goes to
+    ``log_dir`` when given (asyppo.cluster.logs)."""
+    roll = cfg.rollout
+    group = ActorGroup("rollout", role_resources(cfg)["rollout"])
+    try:
+        group.spawn(RolloutWorker, lambda i: ((policy_dir,), dict(
+            reward_fn=reward_fn, worker_index=i, tensor_parallel_size=max(1, roll.gpus_per_worker),
+            dtype=cfg.model.dtype, seed=derive_seed(cfg.trainer.seed, "engine", i), max_model_len=roll.max_model_len,
+            gpu_memory_utilization=roll.gpu_memory_utilization, cpu_kv_cache_gib=roll.cpu_kv_cache_gib,
+            prompt_format=cfg.prompt_format,
+        )), max_restarts=max_restarts, log_dir=log_dir)
+    except BaseException:
+        group.close()
+        raise
+    return group
+
+
+@ray.remote(num_cpus=0)
+def _learner_address() -> tuple[str, int]:
+    return ray.util.get_node_ip_address(), free_port()
+
+
+def connect_ray(cfg: JobConfig) -> bool:
+    """Join ``RAY_ADDRESS`` if set, else start an embedded local cluster sized for the job. True if we started it.
+
+    Actors' output reaches the console only with ``logging.verbose``; otherwise it is in ``<run>/logs/``."""
+    if ray.is_initialized():
+        return False
+    verbose = cfg.logging.verbose
+    if not verbose:
+        route_library_loggers()
+    quiet = {"log_to_driver": verbose, "configure_logging": verbose}
+    if os.environ.get("RAY_ADDRESS"):
+        # No runtime_env here: inside `ray job submit` the job's own runtime env applies, and a second one that
+        # sets the same variables makes Ray refuse the job.
+        ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
+        return False
+    # Logical CPUs: fractional roles share this machine's cores (docs/architecture.md, "Scaling knobs").
+    needed = math.ceil(total_cpus(cfg)) + 1
+    context = ray.init(num_cpus=max(needed, os.cpu_count() or 1), num_gpus=torch.cuda.device_count(),
+                       object_store_memory=512 * 1024**2, **quiet)
+    if context.dashboard_url:
+        log.info("Ray dashboard: http://%s", context.dashboard_url)
+    return True
+
+
+class StopSignals:
+    """SIGTERM or SIGINT (a user stopping the run, a cluster preempting a node): the first one lets the current step
+    finish, then the driver saves a checkpoint and stops; a second one exits at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        # Signal handlers belong to the main thread; elsewhere (a notebook's worker thread) the defaults stay.
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            raise SystemExit(128 + signum)
+        self.received = signum
+        log.warning("%s received: finishing this step, then saving a checkpoint and stopping (send it again to "
+                    "stop at once, losing the steps since the last checkpoint)", signal.Signals(signum).name)
