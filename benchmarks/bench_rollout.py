@@ -26,12 +26,15 @@ Writes ``benchmarks/results/rollout_<task>.json`` (or ``--output``) and prints a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import time
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import print_table, write_json  # noqa: E402  (a sibling script, not a package)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,13 +156,11 @@ def main() -> None:
         "ratio_rollout_worker_to_plain": ratio, "goal": 0.95,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(output, result)
     print(f"\nrollout throughput, {args.task} task: {len(problems)} prompts x {args.samples} samples, "
           f"{generated} tokens generated per call, median of {args.repeats}")
-    print("| path | seconds per call | tokens/s |\n|---|---|---|")
-    for name, row in rows.items():
-        print(f"| {name} | {row['median_s']:.3f} | {row['tokens_per_s']:,.0f} |")
+    print_table(["path", "seconds per call", "tokens/s"],
+                [[name, f"{row['median_s']:.3f}", f"{row['tokens_per_s']:,.0f}"] for name, row in rows.items()])
     worker_row = rows["rollout_worker"]
     print(f"rollout_worker: engine call {worker_row['engine_median_s']:.3f} s + around it (Ray call, encoding, "
           f"scoring, padding) {worker_row['wrapper_median_s']:.3f} s")

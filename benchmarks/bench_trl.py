@@ -25,7 +25,6 @@ Writes ``benchmarks/results/trl_<task>.json`` (or ``--output``) and prints a tab
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -36,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from learning import Experiment, run_one  # noqa: E402  (a sibling script, not a package)
+from report import print_table, write_json  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPTS, SAMPLES, MINI_BATCH, LR = 32, 8, 64, 2e-4
@@ -134,13 +134,11 @@ def main() -> None:
               "trl_seconds_per_step_over_asyppo": speedup, "trl_optimizer_steps": theirs["optimizer_steps"],
               "asyppo_final_accuracy": ours["final_accuracy"],
               "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(output, result)
     print(f"\n{args.task} task, {args.steps} steps of {PROMPTS} prompts x {SAMPLES} samples, "
           f"{MAX_NEW_TOKENS[args.task]} new tokens at most")
-    print("| trainer | seconds per step | generated tokens/s |\n|---|---|---|")
-    for name, row in rows.items():
-        print(f"| {name} | {row['seconds_per_step']:.2f} | {row['tokens_per_s']:,.0f} |")
+    print_table(["trainer", "seconds per step", "generated tokens/s"],
+                [[name, f"{row['seconds_per_step']:.2f}", f"{row['tokens_per_s']:,.0f}"] for name, row in rows.items()])
     print(f"TRL takes {speedup:.2f}x the time per step of asyppo\nwrote {output}")
 
 

@@ -88,31 +88,25 @@ def carries_information(std: torch.Tensor, mask: torch.Tensor) -> bool:
     return bool(values.numel() > 0 and values.max() > values.min())
 
 
-@torch.no_grad()
 def agreement_mask(std: torch.Tensor, mask: torch.Tensor, k: float, tie_seed: int | None = None) -> torch.Tensor:
     """Advantage mask ``I^A`` (docs/algorithms.md §4): 0 on the ``floor(k · num_valid)`` valid tokens with the
-    lowest σ (the critics agree), 1 elsewhere, padding included. Ties: earlier tie key first.
+    lowest σ (the critics agree), 1 elsewhere, padding included; float32 ``[N, T]``. Ties: earlier tie key first."""
+    return _sigma_end_mask("agreement_mask", "k", std, mask, k, tie_seed, highest=False)
 
-    Returns:
-        float32 ``[N, T]``.
-    """
-    _check_fraction("k", k, "agreement_mask")
-    valid = _check_std_and_mask(std, mask, "agreement_mask")
-    return _zero_end_of_order(std, valid, k, tie_seed, highest=False)
+
+def divergence_mask(std: torch.Tensor, mask: torch.Tensor, h: float, tie_seed: int | None = None) -> torch.Tensor:
+    """Entropy filter ``I^H`` (docs/algorithms.md §4): 0 on the ``floor(h · num_valid)`` valid tokens with the
+    highest σ (the critics diverge), 1 elsewhere, padding included; float32 ``[N, T]``. Ties: later tie key first
+    (the reverse of :func:`agreement_mask`'s order, see the module docstring)."""
+    return _sigma_end_mask("divergence_mask", "h", std, mask, h, tie_seed, highest=True)
 
 
 @torch.no_grad()
-def divergence_mask(std: torch.Tensor, mask: torch.Tensor, h: float, tie_seed: int | None = None) -> torch.Tensor:
-    """Entropy filter ``I^H`` (docs/algorithms.md §4): 0 on the ``floor(h · num_valid)`` valid tokens with the
-    highest σ (the critics diverge), 1 elsewhere, padding included. Ties: later tie key first (the reverse of
-    :func:`agreement_mask`'s order, see the module docstring).
-
-    Returns:
-        float32 ``[N, T]``.
-    """
-    _check_fraction("h", h, "divergence_mask")
-    valid = _check_std_and_mask(std, mask, "divergence_mask")
-    return _zero_end_of_order(std, valid, h, tie_seed, highest=True)
+def _sigma_end_mask(caller: str, name: str, std: torch.Tensor, mask: torch.Tensor, fraction: float,
+                    tie_seed: int | None, *, highest: bool) -> torch.Tensor:
+    _check_fraction(name, fraction, caller)
+    valid = _check_std_and_mask(std, mask, caller)
+    return _zero_end_of_order(std, valid, fraction, tie_seed, highest=highest)
 
 
 @torch.no_grad()

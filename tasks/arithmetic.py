@@ -5,7 +5,6 @@
   one split, decided by a stable hash of its text, so the ``eval`` problems are held out from training for any
   seed and count.
 * ``verify_arithmetic`` accepts a response that states exactly the answer (docs/algorithms.md §1).
-* ``builtin_models`` bootstraps the task's tiny policy and critic (``asyppo.tasks.tiny_models``).
 
 Registered as the task ``arithmetic`` in ``asyppo.tasks.registry``. No Ray import here.
 """
@@ -14,21 +13,14 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from typing import Literal
 
 from asyppo.tasks.problems import Problem, is_heldout, problem_id
 
-__all__ = [
-    "ARITHMETIC_DIGITS",
-    "ARITHMETIC_OPERATORS",
-    "HELDOUT_FRACTION",
-    "arithmetic_problems",
-    "builtin_models",
-    "reward",
-    "verify_arithmetic",
-]
+__all__ = ["ARITHMETIC_DIGITS", "ARITHMETIC_OPERATORS", "HELDOUT_FRACTION", "arithmetic_problems", "reward",
+           "verify_arithmetic"]
+
 
 # The built-in task (what ``builtin:arithmetic`` and the built-in models use): two operands below 100, "+".
 # asyppo/tasks/tiny_models.py explains the choice.
@@ -141,14 +133,3 @@ def reward(prompt: str, response: str, answer: str, row: dict) -> bool:
     """The arithmetic task's reward function (``reward.function=asyppo.tasks.arithmetic:reward``, the default for
     ``data.task=arithmetic``): the verifier's verdict, scored ``reward.correct`` / ``reward.wrong``."""
     return verify_arithmetic(response, answer)
-
-
-
-def builtin_models(seed: int, log: Callable[[str], None]):
-    """The task's built-in policy and critic (``builtin:tiny``, ``builtin:tiny-critic``), trained once and cached.
-
-    Imported on demand: the bootstrap needs transformers and tokenizers, which the rest of this module does not.
-    """
-    from asyppo.tasks.tiny_models import ensure_builtin_models
-
-    return ensure_builtin_models(seed=seed, log=log)

@@ -11,7 +11,6 @@ assignment has something to act on (the ``arithmetic`` task's answers are ~3.5 t
   The two splits never share a problem.
 * ``chain_solution`` writes the canonical response of a problem (what the built-in policy is warmed up on).
 * ``verify_chain`` accepts a response that is a well-formed chain ending in the reference answer.
-* ``builtin_models`` bootstraps the task's tiny policy and critic (``asyppo.tasks.tiny_models``).
 
 Registered as the task ``chain`` in ``asyppo.tasks.registry``. No Ray import here.
 """
@@ -20,21 +19,12 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable
 from typing import Literal
 
 from asyppo.tasks.problems import Problem, is_heldout, problem_id
 
-__all__ = [
-    "CHAIN_DIGITS",
-    "CHAIN_OPERANDS",
-    "CHAIN_POOL",
-    "builtin_models",
-    "chain_problems",
-    "chain_solution",
-    "reward",
-    "verify_chain",
-]
+__all__ = ["CHAIN_DIGITS", "CHAIN_OPERANDS", "CHAIN_POOL", "chain_problems", "chain_solution", "reward", "verify_chain"]
+
 
 CHAIN_DIGITS = 2  # operands 0-99
 CHAIN_OPERANDS = (4, 5)  # operands per problem: 3 or 4 steps, 25-45 response tokens
@@ -124,11 +114,3 @@ def reward(prompt: str, response: str, answer: str, row: dict) -> bool:
     """The chain task's reward function (``reward.function=asyppo.tasks.chain:reward``, the default for
     ``data.task=chain``): the verifier's verdict, scored ``reward.correct`` / ``reward.wrong``."""
     return verify_chain(response, answer)
-
-
-
-def builtin_models(seed: int, log: Callable[[str], None]):
-    """The task's built-in policy and critic (``builtin:tiny``, ``builtin:tiny-critic``), trained once and cached."""
-    from asyppo.tasks.tiny_models import CHAIN_RECIPE, ensure_builtin_models
-
-    return ensure_builtin_models(seed=seed, log=log, recipe=CHAIN_RECIPE)

@@ -42,30 +42,40 @@ class Task:
     builtin_models: Callable[[int, Callable[[str], None]], Any] | None = None
 
 
+# The built-in models are bootstrapped by asyppo.tasks.tiny_models, imported on demand: it needs transformers and
+# tokenizers, which reading a config or a dataset does not.
+def _arithmetic_models(seed: int, log: Callable[[str], None]):
+    """The arithmetic task's ``builtin:tiny`` and ``builtin:tiny-critic``, trained once and cached."""
+    from asyppo.tasks.tiny_models import ensure_builtin_models
+
+    return ensure_builtin_models(seed=seed, log=log)
+
+
+def _chain_models(seed: int, log: Callable[[str], None]):
+    """The chain task's ``builtin:tiny`` and ``builtin:tiny-critic``, trained once and cached."""
+    from asyppo.tasks.tiny_models import CHAIN_RECIPE, ensure_builtin_models
+
+    return ensure_builtin_models(seed=seed, log=log, recipe=CHAIN_RECIPE)
+
+
 TASKS: dict[str, Task] = {
     task.name: task
     for task in (
         Task("arithmetic", arithmetic.verify_arithmetic, arithmetic.reward, arithmetic.arithmetic_problems,
-             arithmetic.builtin_models),
-        Task("chain", chain.verify_chain, chain.reward, chain.chain_problems, chain.builtin_models),
+             _arithmetic_models),
+        Task("chain", chain.verify_chain, chain.reward, chain.chain_problems, _chain_models),
         Task("math", math.verify_math, math.reward),
     )
 }
 
 
 def load_problems(
-    source: str,
-    *,
-    split: str = "train",
-    prompt_key: str = "question",
-    answer_key: str = "answer",
-    id_key: str | None = None,
-    prompt_template: str = "{question}",
-    limit: int | None = None,
-    seed: int = 0,
+    source: str, *, split: str = "train", prompt_template: str = "{question}", limit: int | None = None,
+    seed: int = 0, **columns: str | None,
 ) -> list[Problem]:
     """Problems from a task's built-in dataset (``builtin:<task>``) or a local ``.jsonl`` / ``.json`` /
-    ``.parquet`` file (``asyppo.tasks.problems.load_problem_file``, which validates every row).
+    ``.parquet`` file (``asyppo.tasks.problems.load_problem_file``, which validates every row; ``columns`` are its
+    ``prompt_key``, ``answer_key`` and ``id_key``).
 
     A built-in source has a ``train`` and an ``eval`` split (``limit=None`` gives the whole split); a file is one
     split and ``split`` is not used. ``prompt_template`` must contain ``{question}``, replaced by the question
@@ -76,8 +86,7 @@ def load_problems(
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"load_problems: limit must be a positive int or None, got {limit!r}")
     if not source.startswith(BUILTIN_PREFIX):
-        return load_problem_file(source, prompt_key=prompt_key, answer_key=answer_key, id_key=id_key,
-                                 prompt_template=prompt_template, limit=limit, seed=seed)
+        return load_problem_file(source, prompt_template=prompt_template, limit=limit, seed=seed, **columns)
     task = TASKS.get(source.removeprefix(BUILTIN_PREFIX))
     if task is None or task.builtin_problems is None:
         available = [BUILTIN_PREFIX + name for name, task in TASKS.items() if task.builtin_problems]

@@ -20,12 +20,19 @@ from asyppo.common.config import build_config
 from asyppo.cluster.driver import train
 from asyppo.cluster.errors import JobFailed
 from asyppo.cluster.metrics import read_metrics
+from asyppo.core.seeds import derive_seed
 from tests.faults import fails_once
 from tests.reference_run import JOB, assert_same_run
 
 pytestmark = pytest.mark.cluster
 
-STEP_SEED = 100_003  # the driver samples step s with seed trainer.seed · STEP_SEED + s (trainer.seed = 0 here)
+
+
+def generates_step(step: int):
+    """A fault condition on RolloutWorker.generate: true for the call that generates step ``step``'s rollout (the
+    driver's seed of it; trainer.seed = 0 here)."""
+    seed = derive_seed(0, "rollout", step, 0)
+    return lambda calls, self, problems, **kw: kw["seed"] == seed
 
 
 def test_killed_rollout_worker_and_critic_are_restarted_and_the_run_is_unchanged(
@@ -36,8 +43,8 @@ def test_killed_rollout_worker_and_critic_are_restarted_and_the_run_is_unchanged
     # reaches it (its second receive_weights: the first restart got v1 through the object store); critic-1 dies as
     # it starts training in step 2, after the checkpoint of step 1 (checkpoint_every=2), which holds exactly the
     # state it had.
-    dies_generating = fails_once(asyppo.actors.rollout_worker.RolloutWorker, "generate",
-                                 lambda calls, self, problems, **kw: kw["seed"] == 1, tmp_path / "rollout-died")
+    dies_generating = fails_once(asyppo.actors.rollout_worker.RolloutWorker, "generate", generates_step(1),
+                                 tmp_path / "rollout-died")
     monkeypatch.setattr(asyppo.actors.rollout_worker, "RolloutWorker", fails_once(
         dies_generating, "receive_weights", lambda calls, self, *args: calls == 2, tmp_path / "rollout-died-again"))
     monkeypatch.setattr(asyppo.critics.mini_critic, "MiniCritic", fails_once(
@@ -93,8 +100,7 @@ def test_stopped_rollout_worker_ends_in_a_timeout_naming_it_and_the_phase(tmp_pa
     run_path = tmp_path / "hung"
     marker = tmp_path / "rollout-stopped"
     monkeypatch.setattr(asyppo.actors.rollout_worker, "RolloutWorker", fails_once(
-        asyppo.actors.rollout_worker.RolloutWorker, "generate", lambda calls, self, problems, **kw: kw["seed"] == 2,
-        marker, sig=signal.SIGSTOP))
+        asyppo.actors.rollout_worker.RolloutWorker, "generate", generates_step(2), marker, sig=signal.SIGSTOP))
 
     with pytest.raises(JobFailed) as failure:
         train(build_config(overrides=overrides))
