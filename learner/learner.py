@@ -380,15 +380,6 @@ class Learner:
                 out.append(logp[0].float().cpu().tolist())
         return out
 
-    def gradients(self) -> dict[str, torch.Tensor]:
-        """This rank's accumulated (not yet all-reduced) gradients, for inspection."""
-        return {name: p.grad.detach().cpu().clone() for name, p in self.engine.module.named_parameters()
-                if p.grad is not None}
-
-    def parameters_snapshot(self) -> dict[str, torch.Tensor]:
-        with full_parameters(self.engine) as module:
-            return {name: p.detach().cpu().clone() for name, p in module.named_parameters()}
-
     # ---- checkpoints -------------------------------------------------------------------------------------------
 
     def save(self, checkpoint_dir: str) -> None:

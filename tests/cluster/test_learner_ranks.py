@@ -10,9 +10,14 @@ import torch
 
 from asyppo.common.config import build_config
 from asyppo.common.deepspeed_engine import free_port
-from asyppo.cluster.driver import learner_arguments
+from asyppo.cluster.supervisor import learner_arguments
 from asyppo.learner.learner import Learner
-from tests.unit.test_learner_step import make_batch
+from tests import helpers
+from tests.helpers import gradients, make_batch, parameters_snapshot
+
+# The probes run inside the actors (actor.__ray_call__.remote(fn) calls fn(learner) there); Ray's workers cannot
+# import the tests, so they travel by value.
+ray.cloudpickle.register_pickle_by_value(helpers)
 
 pytestmark = pytest.mark.cluster
 
@@ -48,14 +53,14 @@ def test_two_ranks_split_the_work_and_agree_with_one_rank(local_ray, tiny_policy
     mini = torch.arange(8)
     outcome = ray.get([a.accumulate_gradients.remote(mini) for a in everyone])
     assert [len(stats) for _, stats, _ in outcome] == [2, 2, 4]
-    grads = ray.get([a.gradients.remote() for a in everyone])
+    grads = ray.get([a.__ray_call__.remote(gradients) for a in everyone])
     for name, expected in grads[2].items():
         # Rank losses carry × world_size because DeepSpeed averages over ranks.
         torch.testing.assert_close((grads[0][name] + grads[1][name]) / 2, expected, rtol=1e-4, atol=1e-7)
 
     # A whole update keeps the two ranks' weights identical, and close to the single rank's.
     ray.get([learner.update.remote(1) for learner in everyone])
-    snapshots = ray.get([a.parameters_snapshot.remote() for a in everyone])
+    snapshots = ray.get([a.__ray_call__.remote(parameters_snapshot) for a in everyone])
     for name in snapshots[2]:
         torch.testing.assert_close(snapshots[0][name], snapshots[1][name], rtol=0, atol=0)
         torch.testing.assert_close(snapshots[0][name], snapshots[2][name], rtol=1e-3, atol=1e-4)
@@ -92,14 +97,14 @@ def test_a_bad_step_on_one_rank_is_skipped_by_every_rank(local_ray, tiny_policy_
     ray.get([a.compute_old_logprobs.remote(batch) for a in pair], timeout=300)
     ray.get([a.compute_advantages.remote(0, *values) for a in pair], timeout=60)
     # Every rank takes part (ZeRO-3 gathers the parameters with a collective).
-    before = ray.get([a.parameters_snapshot.remote() for a in pair], timeout=60)[0]
+    before = ray.get([a.__ray_call__.remote(parameters_snapshot) for a in pair], timeout=60)[0]
     ray.get(getattr(pair[1], poison).remote(), timeout=60)  # rank 1 only
 
     stats = ray.get([a.update.remote(0) for a in pair], timeout=120)  # no rank waits for the other forever
     for rank_stats in stats:
         assert rank_stats["optimizer_steps"] == 0 and rank_stats["skipped_steps"] == 2
         assert rank_stats["policy_version"] == 0
-    for snapshot in ray.get([a.parameters_snapshot.remote() for a in pair], timeout=60):
+    for snapshot in ray.get([a.__ray_call__.remote(parameters_snapshot) for a in pair], timeout=60):
         for name, tensor in before.items():
             assert torch.equal(snapshot[name], tensor), name
     for a in pair:

@@ -12,25 +12,10 @@ import pytest
 import torch
 
 from asyppo.common.config import build_config
-from asyppo.cluster.driver import critic_arguments, learner_arguments
+from asyppo.cluster.supervisor import critic_arguments
 from asyppo.critics.mini_critic import MiniCritic
-from asyppo.learner.learner import Learner
 from asyppo.core.advantages import compute_advantages
-from asyppo.core.batch import collate_rollouts
-
-N_PROMPTS, GROUP, T = 4, 4, 5
-
-
-def make_batch(vocab=24, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(3, vocab, (int(length),), generator=gen).tolist() for length in (3, 4, 2, 4)]
-    n = N_PROMPTS * GROUP
-    lengths = torch.randint(1, T + 1, (n,), generator=gen)
-    mask = (torch.arange(T)[None, :] < lengths[:, None]).float()
-    responses = torch.randint(3, vocab, (n, T), generator=gen) * mask.long()
-    scores = (torch.rand(n, generator=gen) > 0.5).float()
-    return collate_rollouts(prompts, responses, mask, torch.zeros(n, T), scores, scores.bool(),
-                            [f"p{i}" for i in range(N_PROMPTS)], GROUP, pad_id=0, weight_version=0)
+from tests.helpers import GROUP, T, make_batch, make_learner
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +25,6 @@ def cfg():
         "learner.micro_batch_size=4", "learner.lr=1e-2", "learner.epochs=2", "critics.micro_batch_size=4",
         "critics.lr=1e-2",
     ])
-
-
-def make_learner(cfg, policy_dir):
-    args, kwargs = learner_arguments(cfg, policy_dir)
-    return Learner(*args, **kwargs)
 
 
 def make_critic(cfg, critic_dir, index):

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from asyppo.core.losses import aggregate, entropy_bonus, entropy_from_logits, nll_loss, policy_loss, value_loss
-
-DTYPE = torch.float64
+from tests.helpers import DTYPE, grads_as_tensor, reference_policy_terms, reference_token_mean
 
 
 def make_batch(seed: int, num_rows: int = 6, length: int = 7, spread: float = 0.4):
@@ -20,50 +19,6 @@ def make_batch(seed: int, num_rows: int = 6, length: int = 7, spread: float = 0.
     lengths = torch.randint(1, length + 1, (num_rows,), generator=generator)
     mask = (torch.arange(length)[None, :] < lengths[:, None]).to(DTYPE)
     return logp, old_logp, advantages, mask
-
-
-def reference_policy_terms(logp, old_logp, advantages, *, clip_low, clip_high, clip_mode, dual_clip=None):
-    """Per-token loss value and d(loss)/d(logp), written case by case from docs/algorithms.md §5."""
-    values, grads, clipped, dual = {}, {}, {}, {}
-    num_rows, length = logp.shape
-    for n in range(num_rows):
-        for t in range(length):
-            a = advantages[n, t].item()
-            log_ratio = max(-20.0, min(20.0, logp[n, t].item() - old_logp[n, t].item()))
-            r = math.exp(log_ratio)
-            pg1 = -a * r
-            pg2 = -a * min(max(r, 1 - clip_low), 1 + clip_high)
-            value = max(pg1, pg2)
-            is_clipped = pg2 > pg1
-            if not is_clipped:
-                grad = -a * r
-            elif clip_mode == "ppo":
-                grad = 0.0
-            else:  # gppo: the clipped branch keeps (1 ± ε)·A·∇logπ
-                grad = -a * (1 - clip_low) if r < 1 - clip_low else -a * (1 + clip_high)
-            is_dual = False
-            if dual_clip is not None and a < 0 and value > -a * dual_clip:
-                value, grad, is_dual = -a * dual_clip, 0.0, True
-            values[n, t], grads[n, t], clipped[n, t], dual[n, t] = value, grad, is_clipped, is_dual
-    return values, grads, clipped, dual
-
-
-def reference_token_mean(per_token, mask, weights=None, denominator=None):
-    total, count = 0.0, 0.0
-    for (n, t), value in per_token.items():
-        if mask[n, t] > 0:
-            total += value * (1.0 if weights is None else weights[n, t].item())
-            count += 1
-    return total / (count if denominator is None else denominator)
-
-
-def grads_as_tensor(grads, mask, shape, weights=None, denominator=None):
-    denominator = float(mask.sum()) if denominator is None else denominator
-    out = torch.zeros(shape, dtype=DTYPE)
-    for (n, t), grad in grads.items():
-        weight = 1.0 if weights is None else weights[n, t].item()
-        out[n, t] = grad * mask[n, t].item() * weight / denominator
-    return out
 
 
 def run_policy_loss(logp, *args, **kwargs):

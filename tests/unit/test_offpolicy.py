@@ -11,7 +11,7 @@ import torch
 
 from asyppo.core.losses import policy_loss
 from asyppo.core.offpolicy import behaviour_weights
-from tests.unit.test_losses import DTYPE, grads_as_tensor, reference_policy_terms, reference_token_mean
+from tests.helpers import DTYPE, grads_as_tensor, reference_policy_terms, reference_token_mean
 
 CAP = 1.5
 
@@ -118,7 +118,7 @@ def test_a_batch_two_versions_stale_is_weighted_exactly_where_its_policy_differs
     from dataclasses import replace
 
     from asyppo.common.config import build_config
-    from tests.unit.test_learner_step import make_batch, make_learner
+    from tests.helpers import make_batch, make_learner
 
     cfg = build_config(overrides=[
         "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4", "learner.mini_batch_size=8",
