@@ -274,7 +274,7 @@ class TrainerConfig(_Section):
     run_dir: str = "runs"
     steps: int = Field(100, ge=1)
     max_staleness: int = Field(0, ge=0, le=4)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="every random draw derives from it (docs/architecture.md, Seeds)")
     eval_every: int = Field(25, ge=0, description="steps between held-out evaluations; 0 = only at start and end")
     checkpoint_every: int = Field(50, ge=0, description="0 = only at the end")
     keep_checkpoints: int = Field(2, ge=1)

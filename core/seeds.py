@@ -33,17 +33,19 @@ PURPOSES = (
 def derive_seed(seed: int, purpose: str, *keys: int, bits: int = 31) -> int:
     """The seed of one random draw: a ``bits``-bit integer hashed from ``(seed, purpose, *keys)``.
 
-    ``SeedSequence(entropy=[seed, p, k₁, …, kₙ])`` with ``p`` the position of ``purpose`` in :data:`PURPOSES`; its
-    first 64-bit word keeps its top ``bits`` bits. 31 bits suit every consumer (NumPy's global seed takes 32,
+    ``SeedSequence(entropy=[seed, p, n, k₁, …, kₙ])`` with ``p`` the position of ``purpose`` in :data:`PURPOSES` and
+    ``n`` the number of keys; its first 64-bit word keeps its top ``bits`` bits. Every input is one 32-bit word
+    (SeedSequence would split a larger one into several, and a padding zero would look like a key: the count
+    ``n`` and the bound keep every ``(seed, purpose, keys)`` its own entropy). 31 bits suit every consumer (NumPy's global seed takes 32,
     torch's 64); a prompt's seed takes 62, since vLLM adds the sample index to it and prompts' seeds must stay far
-    apart. ``seed`` and every key are non-negative integers.
+    apart. ``seed`` and every key are integers in [0, 2**32).
     """
     if purpose not in PURPOSES:
         raise ValueError(f"unknown seed purpose {purpose!r}; known: {', '.join(PURPOSES)}")
     if not 1 <= bits <= 64:
         raise ValueError(f"bits must be in [1, 64], got {bits}")
-    entropy = [seed, PURPOSES.index(purpose), *keys]
-    if any(not isinstance(value, (int, np.integer)) or value < 0 for value in entropy):
-        raise ValueError(f"seeds are derived from non-negative integers, got {entropy}")
+    entropy = [seed, PURPOSES.index(purpose), len(keys), *keys]
+    if any(not isinstance(value, (int, np.integer)) or not 0 <= value < 2**32 for value in entropy):
+        raise ValueError(f"seeds are derived from integers in [0, 2**32), got {entropy}")
     word = np.random.SeedSequence([int(value) for value in entropy]).generate_state(1, dtype=np.uint64)[0]
     return int(word) >> (64 - bits)

@@ -110,6 +110,8 @@ def test_override_values_are_parsed_as_yaml():
 @pytest.mark.parametrize("overrides, path, fragment", [
     (["critics.num_critics=1"], "critics.num_critics", "k>0 needs at least 2 critics"),
     (["rollout.num_workers=0"], "rollout.num_workers", "greater than or equal to 1"),
+    (["trainer.seed=-1"], "trainer.seed", "greater than or equal to 0"),
+    (["trainer.seed=4294967296"], "trainer.seed", "less than 4294967296"),
     (["algorithm.erc_band=[1.0, 1.05]"], "algorithm.erc_band", "low < 1 < high"),
     (["algorithm.erc_band=[0.9, 0.99]"], "algorithm.erc_band", "low < 1 < high"),
     (["algorithm.erc_band=[0.95]"], "algorithm.erc_band.1", "Field required"),
