@@ -121,11 +121,10 @@ class Trainer:
             for step in range(self.start_step, steps):
                 self.step(step)
                 last = step == steps - 1
-                if self.job.eval_sets and cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0 \
-                        and not last:
+                if self.job.eval_sets and ends_a_period(step, cfg.trainer.eval_every) and not last:
                     self.evaluate(step)
                 stopping = self.stop_signals.received
-                if last or stopping or (cfg.trainer.checkpoint_every and (step + 1) % cfg.trainer.checkpoint_every == 0):
+                if last or stopping or ends_a_period(step, cfg.trainer.checkpoint_every):
                     self.save_checkpoint(step)
                 if stopping and not last:
                     raise JobStopped(f"stopped by {signal.Signals(stopping).name} after step {step}; checkpoint "
@@ -382,6 +381,11 @@ class Trainer:
         run_log, self.run_log = getattr(self, "run_log", None), None
         if run_log is not None:
             run_log.close()
+
+
+def ends_a_period(step: int, period: int) -> bool:
+    """Step ``step`` (0-based) is the last of a period of ``period`` steps; a period of 0 never ends."""
+    return period > 0 and (step + 1) % period == 0
 
 
 def train(cfg: JobConfig, *, resume: bool = False) -> dict[str, Any]:
