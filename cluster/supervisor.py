@@ -283,7 +283,8 @@ def _learner_address() -> tuple[str, int]:
 
 
 def connect_ray(cfg: JobConfig) -> bool:
-    """Join ``RAY_ADDRESS`` if set, else start an embedded local cluster sized for the job. True if we started it.
+    """Join ``RAY_ADDRESS`` if set, else start an embedded local cluster sized for the job (never a cluster that
+    Ray's address file names: that one is joined only through ``RAY_ADDRESS``). True if we started it.
 
     Actors' output reaches the console only with ``logging.verbose``; otherwise it is in ``<run>/logs/``."""
     if ray.is_initialized():
@@ -299,7 +300,9 @@ def connect_ray(cfg: JobConfig) -> bool:
         return False
     # Logical CPUs: fractional roles share this machine's cores (docs/architecture.md, "Scaling knobs").
     needed = math.ceil(total_cpus(cfg)) + 1
-    context = ray.init(num_cpus=max(needed, os.cpu_count() or 1), num_gpus=torch.cuda.device_count(),
+    # address="local": a cluster of the job's own, even when Ray's address file (left by `ray start`, perhaps by a
+    # cluster that has since died) names another; without it ray.init would try to join that one.
+    context = ray.init(address="local", num_cpus=max(needed, os.cpu_count() or 1), num_gpus=torch.cuda.device_count(),
                        object_store_memory=512 * 1024**2, **quiet)
     if context.dashboard_url:
         log.info("Ray dashboard: http://%s", context.dashboard_url)
