@@ -11,9 +11,10 @@ import torch
 
 from asyppo.cluster.errors import JobFailed
 from asyppo.cluster.job_inputs import load_datasets, reward_function
+from asyppo.cluster.preflight import reward_function_problems
 from asyppo.cluster.rollouts import generate
 from asyppo.cluster.supervisor import connect_ray, spawn_rollout_workers
-from asyppo.common.config import JobConfig
+from asyppo.common.config import ConfigError, JobConfig
 from asyppo.core.seeds import derive_seed
 from asyppo.tasks.problems import Problem
 
@@ -56,10 +57,17 @@ def evaluate_policy(cfg: JobConfig, policy_dir: str) -> dict[str, float]:
     _, held_out = load_datasets(cfg)
     if not held_out:
         raise JobFailed("data.eval: no held-out data configured")
+    reward = reward_function(cfg)
+    # The check training runs before any actor starts: a reward.function that does not import, or fails on a
+    # row, is one line here rather than a traceback from inside the rollout workers.
+    problems = reward_function_problems(cfg, reward, {f"evaluation.sets.{name}" if name else "data.eval": rows
+                                                      for name, rows in held_out.items()})
+    if problems:
+        raise ConfigError(problems)
     owns_ray = connect_ray(cfg)
     workers = None
     try:
-        workers = spawn_rollout_workers(cfg, policy_dir, reward_function(cfg))
+        workers = spawn_rollout_workers(cfg, policy_dir, reward)
         return evaluate_sets(
             held_out, cfg.evaluation.k,
             lambda problems, n, greedy: generate(workers, cfg, problems, n=n, seed=evaluation_seed(cfg),

@@ -34,7 +34,8 @@ def preflight_problems(cfg: JobConfig, train: list[Problem], held_out: dict[str,
         *batch_size_problems(cfg, train),
         *template,
         *([] if template else prompt_length_problems(cfg, splits, tokenizer, max_model_len)),  # needs the template
-        *(answer_problems(cfg, splits) if cfg.reward.function is None else reward_function_problems(cfg, reward, splits)),
+        *(answer_problems(cfg, splits) if cfg.reward.function is None
+          else reward_function_problems(cfg, reward, splits)),
         *wandb_problems(cfg),
     ]
     if cfg.critics.num_critics:

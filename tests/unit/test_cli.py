@@ -39,3 +39,13 @@ def test_a_bad_dataset_row_is_reported_before_any_actor_starts(tmp_path):
     assert "Started a local Ray instance" not in result.stderr + result.stdout
     assert not (tmp_path / "runs").exists()
 
+
+
+def test_eval_with_a_reward_function_that_does_not_import_says_so_in_one_line(tmp_path):
+    """`asyppo eval` runs training's reward check before any actor starts (not a traceback from a rollout worker)."""
+    result = run("eval", "--checkpoint", str(tmp_path), "reward.function=no_such_module_here:score",
+                 "data.eval_size=4")
+    assert result.returncode == 2, result.stderr
+    [line] = [line for line in result.stderr.splitlines() if "reward.function" in line]
+    assert "no_such_module_here" in line
+    assert "Traceback" not in result.stderr and "Started a local Ray instance" not in result.stderr
