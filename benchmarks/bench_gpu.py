@@ -314,7 +314,7 @@ def critic_costs(cfg, critic: str, directory: Path, batch, peak: float) -> dict:
         seconds, values = timed(functools.partial(actor.values, batch))
         costs["critic_values"] = phase(seconds, tokens, 2 * n_critic, peak)
         free_memory_stats()
-        seconds, stats = timed(functools.partial(actor.train, values + 0.5 * batch.response_mask, rows, step))
+        seconds, stats = timed(functools.partial(actor.update, values + 0.5 * batch.response_mask, rows, step))
         costs["critic_train"] = {**phase(seconds, tokens, 6 * n_critic, peak), "skipped_steps": stats["skipped_steps"]}
     return costs
 
