@@ -27,7 +27,7 @@ class RolloutBatch:
     rollout_logprobs: torch.Tensor  # float [N, T], from the rollout engine (staleness diagnostics)
     prompt_ids: list[str]  # one per prompt (P entries)
     group_size: int  # n
-    weight_version: int  # policy version that generated the batch
+    weight_version: int  # the oldest policy version that generated any of its responses
 
     @property
     def prompt_length(self) -> int:
@@ -94,7 +94,8 @@ def collate_rollouts(
 
 
 def concat_batches(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
-    """Join batches from several rollout workers (each whole prompt groups) into one, re-padding both sides."""
+    """Join batches from several rollout workers (each whole prompt groups) into one, re-padding both sides; its
+    weight version is the oldest of theirs."""
     if len(batches) == 1:
         return batches[0]
     prompt_len = max(b.prompt_length for b in batches)
@@ -111,16 +112,15 @@ def concat_batches(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
         }
 
     padded = [pad(b) for b in batches]
-    versions = {b.weight_version for b in batches}
-    if len(versions) != 1:
-        raise ValueError(f"rollout workers answered with different weight versions {sorted(versions)}")
     return RolloutBatch(
         **{key: torch.cat([p[key] for p in padded]) for key in padded[0]},
         scores=torch.cat([b.scores for b in batches]),
         correct=torch.cat([b.correct for b in batches]),
         prompt_ids=[pid for b in batches for pid in b.prompt_ids],
         group_size=batches[0].group_size,
-        weight_version=versions.pop(),
+        # Workers may answer with different versions (a restarted worker regenerated its share after a broadcast):
+        # the batch is as stale as its oldest part, and each token's own rollout log-prob corrects it (§5a).
+        weight_version=min(b.weight_version for b in batches),
     )
 
 

@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 import asyppo.actors.rollout_worker
+import asyppo.cluster.supervisor
 import asyppo.critics.mini_critic
 import asyppo.learner.learner
 from asyppo.cluster.checkpoint import verify
@@ -45,9 +46,9 @@ def test_killed_rollout_worker_and_critic_are_restarted_and_the_run_is_unchanged
     # state it had.
     dies_generating = fails_once(asyppo.actors.rollout_worker.RolloutWorker, "generate", generates_step(1),
                                  tmp_path / "rollout-died")
-    monkeypatch.setattr(asyppo.actors.rollout_worker, "RolloutWorker", fails_once(
+    monkeypatch.setattr(asyppo.cluster.supervisor, "RolloutWorker", fails_once(
         dies_generating, "receive_weights", lambda calls, self, *args: calls == 2, tmp_path / "rollout-died-again"))
-    monkeypatch.setattr(asyppo.critics.mini_critic, "MiniCritic", fails_once(
+    monkeypatch.setattr(asyppo.cluster.supervisor, "MiniCritic", fails_once(
         asyppo.critics.mini_critic.MiniCritic, "update", lambda calls, self, *args: self.index == 1 and calls == 3,
         tmp_path / "critic-died", instance=lambda self: self.index))
     caplog.set_level(logging.WARNING, logger="asyppo")
@@ -77,7 +78,7 @@ def test_dead_learner_stops_the_job_with_the_resume_command_and_resume_finishes_
     reference, reference_dir = reference_run
     overrides = [*JOB, f"trainer.run_dir={tmp_path}", "trainer.name=learner-lost"]
     run_path = tmp_path / "learner-lost"
-    monkeypatch.setattr(asyppo.learner.learner, "Learner", fails_once(
+    monkeypatch.setattr(asyppo.cluster.supervisor, "Learner", fails_once(
         asyppo.learner.learner.Learner, "update", lambda calls, self, step: step == 2, tmp_path / "learner-died"))
 
     with pytest.raises(JobFailed) as failure:
@@ -99,7 +100,7 @@ def test_stopped_rollout_worker_ends_in_a_timeout_naming_it_and_the_phase(tmp_pa
     overrides = [*JOB, f"trainer.run_dir={tmp_path}", "trainer.name=hung", "trainer.call_timeout_s=60"]
     run_path = tmp_path / "hung"
     marker = tmp_path / "rollout-stopped"
-    monkeypatch.setattr(asyppo.actors.rollout_worker, "RolloutWorker", fails_once(
+    monkeypatch.setattr(asyppo.cluster.supervisor, "RolloutWorker", fails_once(
         asyppo.actors.rollout_worker.RolloutWorker, "generate", generates_step(2), marker, sig=signal.SIGSTOP))
 
     with pytest.raises(JobFailed) as failure:

@@ -198,3 +198,19 @@ def test_select_groups_keeps_whole_groups_with_their_prompt_ids():
     assert picked.scores.tolist() == [4.0, 5.0, 0.0, 1.0]
     assert torch.equal(picked.input_ids, batch.input_ids[[4, 5, 0, 1]])
     assert select_groups(batch, []).num_sequences == 0
+
+
+def test_workers_batches_of_different_weight_versions_join_at_the_oldest():
+    """A restarted rollout worker regenerates its share with newer weights than its peer's (async mode): the joined
+    batch keeps every row as sampled, its rollout log-probs included, and counts as old as its oldest part."""
+    from asyppo.core.batch import collate_rollouts, concat_batches
+
+    older = collate_rollouts([[5, 6]], torch.tensor([[1, 2]]), torch.ones(1, 2), torch.tensor([[-0.5, -0.25]]),
+                             torch.tensor([1.0]), torch.tensor([True]), ["a"], 1, 0, 4)
+    newer = collate_rollouts([[7]], torch.tensor([[3, 4, 9]]), torch.ones(1, 3), torch.tensor([[-1.0, -2.0, -3.0]]),
+                             torch.tensor([0.0]), torch.tensor([False]), ["b"], 1, 0, 5)
+    joined = concat_batches([older, newer], pad_id=0)
+    assert joined.weight_version == 4 and joined.prompt_ids == ["a", "b"]
+    assert joined.rollout_logprobs.tolist() == [[-0.5, -0.25, 0.0], [-1.0, -2.0, -3.0]]
+    assert joined.input_ids.tolist() == [[5, 6, 1, 2, 0], [0, 7, 3, 4, 9]]
+    assert concat_batches([newer, older], pad_id=0).weight_version == 4
