@@ -243,22 +243,49 @@ def kl_penalty(
     estimator: str = "k3",
     agg: str = "token-mean",
     denominator: float | torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``agg(k, mask)``, a per-token estimate of KL(π_θ ‖ π_ref) on tokens sampled from the rollout policy
-    (docs/algorithms.md §5, the optional β_KL term; the learner adds ``β_KL`` times this). With
-    ``d = log π_ref − log π_θ``:
+    *,
+    old_logp: torch.Tensor | None = None,
+    behaviour_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The β_KL term toward the frozen reference policy (docs/algorithms.md §5; the learner adds ``β_KL`` times
+    the loss). With ``d = log π_ref − log π_θ`` and ``r = exp(clamp(log π_θ − log π_old, −20, 20))``, per token:
 
-        k1 = −d                  (unbiased, can be negative per token)
-        k3 = exp(d) − d − 1      (unbiased, ≥ 0 per token, lower variance)
+        k1 = −d                  (can be negative per token)
+        k3 = exp(d) − d − 1      (≥ 0 per token, lower variance)
+        ℓ  = w · r · k
 
-    ``ref_logp`` comes from the frozen reference policy and carries no gradient.
+    ``E_{π_old}[r·k] = E_{π_θ}[k] = KL(π_θ ‖ π_ref)`` for every θ, for k1 and for k3, so the loss is an
+    importance-weighted estimate of the KL as a function of θ and its gradient is unbiased for
+    ``∇_θ KL(π_θ ‖ π_ref)``: at ``π_θ = π_old`` it is ``(log π_θ − log π_ref)·∇log π_θ`` per token (plus
+    ``∇log π_θ``, of mean 0, for k1). Using k itself as the loss (without ``r``) would not be: E[∇k1] = 0, and
+    ∇k3 follows ∇KL(π_ref ‖ π_θ).
+
+    ``old_logp`` is log π_old of the sampled tokens (the learner's π_prox; None = ``logp`` detached, the
+    on-policy case, r = 1 with gradient ∇log π_θ). ``behaviour_weight`` is the constant §5a weight ``w`` that
+    takes the samples from the engine's μ to π_old (None = 1). ``ref_logp``, ``old_logp`` and ``w`` carry no
+    gradient.
+
+    Returns:
+        ``(loss, stats)`` with ``kl_ref = agg(k3, mask, agg, denominator)``, the unweighted k3 estimate of
+        KL(π_θ ‖ π_ref) on these tokens (whatever ``estimator``; additive over micro-batches that share the
+        denominator).
     """
-    _check_same_shape("kl_penalty", mask, logp=logp, ref_logp=ref_logp)
+    _check_same_shape("kl_penalty", mask, logp=logp, ref_logp=ref_logp, old_logp=old_logp,
+                      behaviour_weight=behaviour_weight)
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_penalty: estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
-    d = (ref_logp.detach() - logp).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
-    per_token = -d if estimator == "k1" else torch.exp(d) - d - 1
-    return aggregate(per_token, mask, agg, denominator)
+    d = (ref_logp.detach().to(logp.dtype) - logp).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    k3 = torch.exp(d) - d - 1
+    k = -d if estimator == "k1" else k3
+    sampled_logp = logp.detach() if old_logp is None else old_logp.detach().to(logp.dtype)
+    ratio = torch.exp(torch.clamp(logp - sampled_logp, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
+    per_token = ratio * k
+    if behaviour_weight is not None:
+        per_token = per_token * behaviour_weight.detach().to(per_token.dtype)
+    loss = aggregate(per_token, mask, agg, denominator)
+    with torch.no_grad():
+        stats = {"kl_ref": float(aggregate(k3, mask, agg, denominator))}
+    return loss, stats
 
 
 def nll_loss(

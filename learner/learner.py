@@ -322,10 +322,11 @@ class Learner:
             loss = loss + alg.nll_coef * nll
             stats["nll_loss"] = float(nll.detach())
         if alg.kl_coef > 0:
-            kl = kl_penalty(logp, pick(self._ref_logp), mask, alg.kl_estimator, agg=alg.agg,
-                            denominator=denominators["policy"])
+            kl, kl_stats = kl_penalty(logp, pick(self._ref_logp), mask, alg.kl_estimator, agg=alg.agg,
+                                      denominator=denominators["policy"], old_logp=pick(self._old_logp),
+                                      behaviour_weight=pick(self._behaviour_weight))
             loss = loss + alg.kl_coef * kl
-            stats["kl_ref"] = float(kl.detach())
+            stats.update(kl_stats)
         stats["policy_loss"] = float(loss.detach())
         return loss, stats
 

@@ -314,14 +314,107 @@ def test_kl_penalty_estimators_against_numpy():
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float32)
     d = ref.numpy() - logp.numpy()
     m = mask.numpy().astype(bool)
-    assert float(kl_penalty(logp, ref, mask, "k1")) == pytest.approx(float(np.mean(-d[m])), rel=1e-6)
-    assert float(kl_penalty(logp, ref, mask, "k3")) == pytest.approx(float(np.mean(np.exp(d[m]) - d[m] - 1)), rel=1e-6)
-    # k3's gradient pulls log π_θ toward log π_ref: ∂k3/∂logp = 1 − exp(d), zero where the two agree.
+    k3_mean = float(np.mean(np.exp(d[m]) - d[m] - 1))
+    # On-policy (no old_logp) the importance ratio is 1 in the forward pass: the loss is agg(k).
+    k1_loss, k1_stats = kl_penalty(logp, ref, mask, "k1")
+    k3_loss, k3_stats = kl_penalty(logp, ref, mask, "k3")
+    assert float(k1_loss) == pytest.approx(float(np.mean(-d[m])), rel=1e-6)
+    assert float(k3_loss) == pytest.approx(k3_mean, rel=1e-6)
+    # kl_ref is the k3 estimate whatever the estimator.
+    assert k1_stats["kl_ref"] == pytest.approx(k3_mean, rel=1e-6) and k3_stats["kl_ref"] == k1_stats["kl_ref"]
+    # The gradient pulls log π_θ toward log π_ref: ∂ℓ/∂logp = (logp − ref) for k3 (k1 adds 1, of mean 0 on-policy).
     logp.requires_grad_(True)
-    kl_penalty(logp, ref, mask, "k3", denominator=1.0).backward()
-    expected = (1 - np.exp(d)) * mask.numpy()
-    assert np.allclose(logp.grad.numpy(), expected, atol=1e-6)
-    assert float(kl_penalty(ref, ref, mask, "k3")) == 0.0
+    kl_penalty(logp, ref, mask, "k3", denominator=1.0)[0].backward()
+    assert np.allclose(logp.grad.numpy(), -d * mask.numpy(), atol=1e-6)
+    assert float(kl_penalty(ref, ref, mask, "k3")[0]) == 0.0
+    # The §5a weight and a stale π_old reweight the loss, not the logged estimate.
+    old = logp.detach() + 0.3
+    weight = torch.full_like(mask, 0.5)
+    loss, stats = kl_penalty(logp, ref, mask, "k3", old_logp=old, behaviour_weight=weight)
+    assert float(loss.detach()) == pytest.approx(0.5 * math.exp(-0.3) * k3_mean, rel=1e-5)
+    assert stats["kl_ref"] == pytest.approx(k3_mean, rel=1e-6)
+    with pytest.raises(ValueError, match="old_logp"):
+        kl_penalty(logp, ref, mask, old_logp=old[:, :2])
+    with pytest.raises(ValueError, match="estimator"):
+        kl_penalty(logp, ref, mask, "k2")
+
+
+def _categorical_expected_gradient(theta, loss_of_action, sampling_probs):
+    """Σ_a q(a)·∇_θ ℓ(a): the exact expectation over the actions of a categorical of the per-action loss's
+    gradient, each by autograd, with q the (constant) sampling distribution."""
+    total = torch.zeros_like(theta)
+    for action, prob in enumerate(sampling_probs.detach()):
+        (grad,) = torch.autograd.grad(loss_of_action(action), theta)
+        total += prob * grad
+    return total
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+@pytest.mark.parametrize("sampling", ["on-policy", "stale", "behaviour"])
+def test_kl_penalty_expected_gradient_is_the_exact_kl_gradient(estimator, sampling):
+    """On a 6-way categorical π_θ = softmax(θ) with a fixed π_ref, the per-token loss's gradient, averaged exactly
+    over the sampled action, equals ∇_θ KL(π_θ ‖ π_ref) from the closed form. Samples come from π_θ itself
+    (on-policy), from a stale π_old ≠ π_θ (a later mini-batch), or from an engine's μ with the §5a weight π_old/μ."""
+    from asyppo.core.losses import kl_penalty
+
+    gen = torch.Generator().manual_seed(3)
+    theta = torch.randn(6, generator=gen, dtype=torch.float64).requires_grad_()
+    ref_logp = torch.log_softmax(torch.randn(6, generator=gen, dtype=torch.float64), dim=0)
+    old_logp = torch.log_softmax(theta.detach() + 0.5 * torch.randn(6, generator=gen, dtype=torch.float64), dim=0)
+    behaviour_logp = torch.log_softmax(torch.randn(6, generator=gen, dtype=torch.float64), dim=0)
+
+    logp = torch.log_softmax(theta, dim=0)
+    exact_kl = (logp.exp() * (logp - ref_logp)).sum()
+    (exact,) = torch.autograd.grad(exact_kl, theta)
+    assert float(exact.abs().max()) > 0.05  # π_θ is far from π_ref: a gradient worth matching
+
+    if sampling == "on-policy":
+        sampling_logp, old, weight = logp.detach(), None, None
+    elif sampling == "stale":
+        sampling_logp, old, weight = old_logp, old_logp, None
+    else:
+        sampling_logp, old, weight = behaviour_logp, old_logp, torch.exp(old_logp - behaviour_logp)
+
+    def as_token(tensor, action):
+        return None if tensor is None else tensor[action].reshape(1, 1)
+
+    def loss_of_action(action):
+        current = torch.log_softmax(theta, dim=0)
+        loss, _ = kl_penalty(as_token(current, action), as_token(ref_logp, action), torch.ones(1, 1, dtype=torch.float64),
+                             estimator, old_logp=as_token(old, action), behaviour_weight=as_token(weight, action))
+        return loss
+
+    expected = _categorical_expected_gradient(theta, loss_of_action, sampling_logp.exp())
+    assert torch.allclose(expected, exact, rtol=0, atol=1e-10)
+    # The loss value itself is an unbiased estimate of KL(π_θ ‖ π_ref) under the sampling distribution.
+    expected_value = sum(float(sampling_logp[a].exp()) * float(loss_of_action(a).detach()) for a in range(6))
+    assert expected_value == pytest.approx(float(exact_kl.detach()), abs=1e-10)
+
+
+def test_the_old_direct_kl_losses_had_the_wrong_expected_gradient():
+    """Why kl_penalty multiplies k by the importance ratio: used directly as a loss on on-policy samples, k1 =
+    logπ_θ − logπ_ref has expected gradient E_π[∇logπ] = 0, and k3 = r − 1 − log r (r = π_ref/π_θ) has expected
+    gradient ∇KL(π_ref ‖ π_θ), the reverse KL, not ∇KL(π_θ ‖ π_ref)."""
+    gen = torch.Generator().manual_seed(3)
+    theta = torch.randn(6, generator=gen, dtype=torch.float64).requires_grad_()
+    ref_logp = torch.log_softmax(torch.randn(6, generator=gen, dtype=torch.float64), dim=0)
+    logp = torch.log_softmax(theta, dim=0)
+    (forward_kl,) = torch.autograd.grad((logp.exp() * (logp - ref_logp)).sum(), theta, retain_graph=True)
+    (reverse_kl,) = torch.autograd.grad((ref_logp.exp() * (ref_logp - logp)).sum(), theta)
+
+    def old_k1(action):
+        return torch.log_softmax(theta, dim=0)[action] - ref_logp[action]
+
+    def old_k3(action):
+        d = ref_logp[action] - torch.log_softmax(theta, dim=0)[action]
+        return torch.exp(d) - d - 1
+
+    probs = logp.detach().exp()
+    assert torch.allclose(_categorical_expected_gradient(theta, old_k1, probs), torch.zeros(6, dtype=torch.float64),
+                          rtol=0, atol=1e-12)
+    old_k3_gradient = _categorical_expected_gradient(theta, old_k3, probs)
+    assert torch.allclose(old_k3_gradient, reverse_kl, rtol=0, atol=1e-10)
+    assert float((old_k3_gradient - forward_kl).abs().max()) > 0.01
 
 
 def test_lr_factor_warmup_constant_and_cosine():
