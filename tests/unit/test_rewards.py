@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asyppo.tasks.arithmetic import verify_arithmetic
-from asyppo.tasks.math import _call_with_deadline, _DeadlineExceeded, verify_math
+from asyppo.tasks.math import _call_with_deadline, _DeadlineExceeded, final_answer, verify_math
 from asyppo.tasks.rewards import RewardFunction, overlong_penalty
 
 # (response, answer, accepted) by the documented rule: the stripped response is exactly one plain number
@@ -74,6 +74,78 @@ MATH_CASES = [
 
 @pytest.mark.parametrize(("response", "answer", "accepted"), MATH_CASES)
 def test_verify_math_on_real_expressions(response: str, answer: str, accepted: bool) -> None:
+    assert verify_math(response, answer) is accepted
+
+
+# (response, the answer it gives) by final_answer's documented rules (docs/rewards.md, "The math verifier").
+FINAL_ANSWER_CASES = [
+    # 1. the last \boxed{} / \fbox{}, braces matched, wins over anything after it.
+    ("\\boxed{70}. Check: 48+24=72", "70"),
+    ("\\boxed{5} (not 6)", "5"),
+    ("x = 4, so the answer is \\boxed{4}", "4"),
+    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("\\boxed{\\{1, 2\\}} is the set", "\\{1, 2\\}"),
+    ("first \\boxed{1}, then \\fbox{2}", "2"),
+    ("\\boxed{5} and then a truncated \\boxed{", "5"),
+    # 2. the last explicit statement, from the rest of its line.
+    ("#### 72", "72"),
+    ("48/2 = 24 clips in May.\n#### 1,234", "1234"),
+    ("So the answer is 0.5.", "0.5"),
+    ("Answer: 3/4", "3/4"),
+    ("**Final Answer:** 72 clips", "72"),
+    ("The answer is $\\frac{1}{2}$.", "\\frac{1}{2}"),
+    ("The answer is therefore 14, not 3.", "14"),
+    ("The answer is (1, 2].", "(1, 2]"),
+    ("The answer is 2\\sqrt{2}", "2\\sqrt{2}"),
+    ("the answer is 3. Wait, recheck: the answer is 4.", "4"),
+    ("The answer is correct, since 48+24=72", "72"),  # no answer after the prose words: not a statement
+    # 3. the last number.
+    ("The answer to 9+5 is 12", "12"),
+    ("I think 3 or 14", "14"),
+    ("The total is 1,234 dollars.", "1234"),
+    ("-3", "-3"),
+    ("x = -3.", "-3"),
+    ("48-24", "24"),
+    ("It costs $18, or 50%.", "50"),
+    ("so it is .5", ".5"),
+    ("we get $\\frac{1}{3}$", "\\frac{1}{3}"),
+    ("so y = x^2", None),
+    # none at all
+    ("", None),
+    ("no numbers here", None),
+    ("\\boxed{}", None),
+]
+
+
+@pytest.mark.parametrize(("response", "given"), FINAL_ANSWER_CASES)
+def test_final_answer_takes_the_answer_the_response_gives(response: str, given: str | None) -> None:
+    assert final_answer(response) == given
+
+
+# The response restates the question, or checks its work after answering: the expression in the text is not its
+# answer (math-verify's own extraction found 9+5 = 14 and 48+24 = 72 here, and called both right).
+HONEST_CASES = [
+    ("The answer to 9+5 is 12", "14", False),
+    ("\\boxed{70}. Check: 48+24=72", "72", False),
+    ("I think 3 or 14", "14", True),  # the last number is 14: a hedge is judged by its last candidate
+    ("I think 14 or 3", "14", False),
+    ("#### 72", "72", True),
+    ("So the answer is 0.5.", "\\frac{1}{2}", True),
+    ("\\boxed{\\frac{1}{2}}", "0.5", True),
+    ("The total is 1,234 dollars.", "1234", True),
+    ("-3", "-3", True),
+    ("x = 4, so the answer is \\boxed{4}", "4", True),
+    ("Answer: 3/4", "\\frac{3}{4}", True),
+    ("\\boxed{5} (not 6)", "5", True),
+    ("\\boxed{5} (not 6)", "6", False),
+    ("The answer is (1, 2].", "(1, 2]", True),
+    ("\\boxed{[1, 2)}", "(1, 2]", False),
+    ("The answer is 3 or 14", "14", False),
+]
+
+
+@pytest.mark.parametrize(("response", "answer", "accepted"), HONEST_CASES)
+def test_verify_math_judges_the_given_answer_only(response: str, answer: str, accepted: bool) -> None:
     assert verify_math(response, answer) is accepted
 
 
