@@ -451,10 +451,12 @@ def _schedule_problems(cfg: JobConfig) -> list[tuple[str, str]]:
         problems.append((
             "algorithm.critic_warmup_steps", f"{warmup} >= trainer.steps ({steps}): the policy would never be updated",
         ))
-    for section in ("learner", "critics"):
-        warmup = getattr(cfg, section).lr_warmup_steps
-        if warmup >= steps:
-            problems.append((f"{section}.lr_warmup_steps", f"{warmup} >= trainer.steps ({steps}): the "
+    # The critics' schedule runs over every step, the policy's over the steps after the critics' warm-up.
+    for section, updates in (("learner", steps - warmup), ("critics", steps)):
+        lr_warmup = getattr(cfg, section).lr_warmup_steps
+        if lr_warmup >= updates:
+            problems.append((f"{section}.lr_warmup_steps", f"{lr_warmup} >= the {updates} steps it updates in "
+                                                           "(trainer.steps after algorithm.critic_warmup_steps): the "
                                                            "learning rate would never reach its value"))
     return problems
 

@@ -231,8 +231,10 @@ class Learner:
             return {"optimizer_steps": 0.0, "skipped_steps": float(minis), "critic_warmup": float(warming_up),
                     "grad_norm": float("nan"), "learner_tokens_per_s": 0.0,
                     "time_update": time.perf_counter() - start, "policy_version": float(self.version)}
-        lr = lrn.lr * lr_factor(step, total_steps=self.total_steps, warmup_steps=lrn.lr_warmup_steps,
-                                schedule=lrn.lr_schedule, min_ratio=lrn.lr_min_ratio)
+        # The policy's schedule starts with its first update, after the critics' warm-up (§4, §5b).
+        held_back = self.algorithm.critic_warmup_steps
+        lr = lrn.lr * lr_factor(step - held_back, total_steps=self.total_steps - held_back,
+                                warmup_steps=lrn.lr_warmup_steps, schedule=lrn.lr_schedule, min_ratio=lrn.lr_min_ratio)
         set_learning_rate(self.engine, lr)
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "mini-batches", step))
         self.engine.module.train()

@@ -138,6 +138,8 @@ def test_override_values_are_parsed_as_yaml():
     (["trainer.name=a/b"], "trainer.name", "not a path"),
     (["preset=grpo", "algorithm.critic_warmup_steps=3"], "algorithm.critic_warmup_steps", "there are none"),
     (["trainer.steps=5", "algorithm.critic_warmup_steps=5"], "algorithm.critic_warmup_steps", "never be updated"),
+    (["trainer.steps=10", "algorithm.critic_warmup_steps=5", "learner.lr_warmup_steps=5"], "learner.lr_warmup_steps",
+     "5 >= the 5 steps it updates in"),
     (["data.task=chain"], "data.train", "use builtin:chain or a file"),
     (["data.task=math", "data.train=/data/train.jsonl"], "data.eval", "the task has no built-in data"),
     (["preset=dapo-erc", "trainer.max_staleness=1"], "rollout.dynamic_sampling", "needs trainer.max_staleness=0"),

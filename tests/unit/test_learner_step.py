@@ -280,6 +280,17 @@ def test_the_learning_rate_follows_its_schedule_into_the_optimizer(tiny_policy_d
         assert moved == pytest.approx(expected, rel=1e-3)
 
 
+def test_the_policys_learning_rate_schedule_starts_with_its_first_update(tiny_policy_dir):
+    """With algorithm.critic_warmup_steps=W the policy first updates at step W: that update is the schedule's step 0
+    (warm-up (0 + 1)/4, not the step-W factor), and the cosine ends at the run's last step, T − W updates later."""
+    cfg = one_step_cfg("algorithm.critic_warmup_steps=3", "learner.lr_warmup_steps=4", "learner.lr_schedule=cosine",
+                       "learner.lr_min_ratio=0.1")
+    first_update, last_step = 3, 9  # trainer.steps=10: policy updates at steps 3 … 9, schedule steps 0 … 6
+    for step, expected in ((first_update, 1e-2 * 1 / 4), (last_step, 1e-2 * 0.1)):
+        stats = update_once(make_learner(cfg, tiny_policy_dir), make_batch(seed=3), step=step)
+        assert stats["lr"] == pytest.approx(expected, rel=1e-12)
+
+
 def test_the_kl_penalty_measures_the_distance_to_the_initial_policy(tiny_policy_dir):
     """After one update the policy has left the reference; the next update's kl_ref is the k3 estimate over the batch,
     from the frozen initial model (loaded independently here) and the policy's log-probs before that update."""
