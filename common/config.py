@@ -547,6 +547,14 @@ def resume_changes(previous: JobConfig, current: JobConfig) -> list[tuple[str, s
         changes.append(("trainer.steps", f"was {previous.trainer.steps} in the run being resumed, now "
                                          f"{current.trainer.steps}: {cosine[0]}.lr_schedule=cosine decays over "
                                          "trainer.steps, so this would be a different run"))
+    # At ZeRO ≥ 1 the learner's optimizer state is saved partitioned over its ranks, and DeepSpeed loads it only
+    # into as many ranks: refused here, before any actor starts, rather than in the learner's constructor.
+    if previous.learner_ranks != current.learner_ranks and current.learner.zero_stage >= 1:
+        changes.append(("learner.num_gpus", f"was {previous.learner.num_gpus} in the run being resumed, now "
+                                            f"{current.learner.num_gpus}: at learner.zero_stage="
+                                            f"{current.learner.zero_stage} the checkpoint's optimizer state is "
+                                            f"split over {previous.learner_ranks} learner rank(s) and loads only "
+                                            "into as many; set it back, or start a new run"))
     return changes
 
 
