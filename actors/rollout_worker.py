@@ -14,8 +14,9 @@ Decisions worth knowing:
   was actually sampled, i.e. after temperature. With ``top_p < 1`` they are renormalised over the nucleus, which
   is *not* what the learner recomputes from the full vocabulary (docs/algorithms.md §5); keep ``top_p = 1`` for
   training, as the presets do.
-* **Seeds.** ``generate(seed=s)`` gives prompt ``i`` its own seed drawn from ``(s, worker_index, i)``; vLLM gives
-  sample ``j`` of a prompt that seed ``+ j``. The same call returns the same samples; no two prompts share seeds.
+* **Seeds.** ``generate(seed=s, first_prompt=f)`` gives its prompt ``i`` its own seed drawn from ``(s, f + i)``, its
+  position in the whole generation; vLLM gives sample ``j`` of a prompt that seed ``+ j``. The same call returns the
+  same samples, however the generation is split over workers; no two prompts share seeds.
 * **Padding** uses the tokenizer's pad id, or 0 when it has none (the driver pads with the same id).
 * After new weights arrive the prefix cache is reset: cached KV blocks were computed by the old weights.
 """
@@ -36,10 +37,11 @@ from asyppo.tasks.prompts import PromptFormat, encode_prompts
 from asyppo.weight_sync.receiver import EXTENSION, EngineWeights
 
 
-def prompt_seeds(seed: int, worker_index: int, num_prompts: int) -> list[int]:
-    """Independent 62-bit seeds for each prompt of a ``generate`` call (vLLM adds the sample index to each, so
-    the spacing between prompts' seeds must be much larger than n)."""
-    return [derive_seed(seed, "sample", worker_index, i, bits=62) for i in range(num_prompts)]
+def prompt_seeds(seed: int, first_prompt: int, num_prompts: int) -> list[int]:
+    """Independent 62-bit seeds for prompts ``first_prompt`` … of a generation (vLLM adds the sample index to each,
+    so the spacing between prompts' seeds must be much larger than n). Keyed by the prompt's position in the whole
+    generation, not by which worker samples it: any number of workers draws the same samples."""
+    return [derive_seed(seed, "sample", first_prompt + i, bits=62) for i in range(num_prompts)]
 
 
 @dataclass
@@ -145,10 +147,12 @@ class RolloutWorker:
     # ---- sampling ----------------------------------------------------------------------------------------------
 
     def generate(
-        self, problems: list[dict], *, n: int, max_new_tokens: int, temperature: float, top_p: float, seed: int
+        self, problems: list[dict], *, n: int, max_new_tokens: int, temperature: float, top_p: float, seed: int,
+        first_prompt: int = 0,
     ) -> dict[str, Any]:
         """Sample ``n`` responses per problem and score them. Rows are prompt-major: prompt i has rows
-        i·n … i·n+n−1.
+        i·n … i·n+n−1. ``problems`` are the generation's prompts ``first_prompt`` … (their seeds:
+        ``prompt_seeds``).
 
         Returns ``prompt_ids`` (list of token lists), ``response_ids`` (long [P·n, T], right-padded with the pad
         id), ``response_mask`` and ``rollout_logprobs`` (float [P·n, T], 0 on padding), ``scores`` (float [P·n]),
@@ -171,7 +175,7 @@ class RolloutWorker:
         params = [
             SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, logprobs=0,
                            seed=prompt_seed)
-            for prompt_seed in prompt_seeds(seed, self.worker_index, len(problems))
+            for prompt_seed in prompt_seeds(seed, first_prompt, len(problems))
         ]
         started = time.perf_counter()
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)

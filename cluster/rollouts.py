@@ -33,7 +33,8 @@ class Rollout:
 def generate(workers, cfg: JobConfig, problems, *, n: int, seed: int, only: list[int] | None = None,
              greedy: bool = False) -> dict[int, Any]:
     """Contiguous slices of whole prompts to each worker (a prompt's n samples stay together); every worker gets
-    the generation's ``seed`` and derives its prompts' seeds from it and its index (``RolloutWorker.generate``).
+    the generation's ``seed`` and the position of its slice's first prompt, from which its prompts' seeds derive
+    (``RolloutWorker.generate``): the samples do not depend on the number of workers.
     Returns {worker index: ObjectRef}; ``only`` launches just those workers' slices again. ``greedy`` decodes at
     temperature 0 (evaluation only)."""
     roll = cfg.rollout
@@ -41,7 +42,7 @@ def generate(workers, cfg: JobConfig, problems, *, n: int, seed: int, only: list
     return {
         index: workers[index].generate.remote(
             [problems[i].to_dict() for i in part], n=n, max_new_tokens=roll.max_new_tokens,
-            temperature=0.0 if greedy else roll.temperature, top_p=roll.top_p, seed=seed,
+            temperature=0.0 if greedy else roll.temperature, top_p=roll.top_p, seed=seed, first_prompt=int(part[0]),
         )
         for index, part in enumerate(slices)
         if len(part) and (only is None or index in only)

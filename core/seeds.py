@@ -19,7 +19,7 @@ PURPOSES = (
     "prompt-order",  # the prompt sampler's epoch-wise shuffles (driver)
     "rollout",  # a step's generation: keys (step, refill round); round 0 is the step's own batch
     "evaluation",  # every held-out evaluation (no step: each evaluation samples with the same dice)
-    "sample",  # one prompt's samples inside a generation: keys (worker index, prompt position)
+    "sample",  # one prompt's samples inside a generation: key (its position in the generation)
     "engine",  # a rollout worker's vLLM engine: key (worker index)
     "critic-shards",  # which rows each critic trains on (response split): key (step)
     "critic-shuffle",  # a critic's pass order over its shard: keys (step, critic index)
