@@ -110,11 +110,13 @@ def test_own_reward_chat_template_samples_and_log_files(user_job, tmp_path, monk
     assert any(record["sigma_mean"] > 0 for record in samples[4:])
     # The same records as a W&B table in the offline run.
     (offline,) = (run / "wandb").glob("offline-run-*")
-    tables = sorted((offline / "files" / "media" / "table").glob("samples_*.table.json"))
+    # (W&B names both files samples_0_<content hash>: which is which is told by their rows, not their names.)
+    tables = [json.loads(path.read_text())
+              for path in (offline / "files" / "media" / "table").glob("samples_*.table.json")]
     assert len(tables) == 2
-    table = json.loads(tables[-1].read_text())
-    assert table["columns"][:4] == ["step", "id", "prompt", "response"]
-    assert [row[2] for row in table["data"]] == [record["prompt"] for record in samples[4:]]
+    assert all(table["columns"][:4] == ["step", "id", "prompt", "response"] for table in tables)
+    assert sorted([row[0], row[2]] for table in tables for row in table["data"]) == sorted(
+        [record["step"], record["prompt"]] for record in samples)
 
     # The actors' own output (vLLM, DeepSpeed, transformers) is in the run's log files, not on the console.
     logs = run / "logs"
