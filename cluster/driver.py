@@ -264,7 +264,9 @@ class Trainer:
         learner rank runs its PPO + ERC epochs. Returns rank 0's update stats and each critic's stats.
 
         A critic that dies meanwhile is restored and trains on its shard again, scoring the batch first (its value
-        clip is relative to its own values)."""
+        clip is relative to its own values). So does a critic that Ray restarted since it scored (it holds neither its
+        training nor its scores): found here before its update is sent, or by the update itself (``CriticStateLost``)
+        when it dies after this look."""
         critics = self.actors.critics
         with times.phase("time_critic_train") as start:
             shards = []
@@ -272,16 +274,19 @@ class Trainer:
                 shards = assign_shards(batch.prompt_ids, batch.group_size, len(critics),
                                        self.cfg.algorithm.critic_split,
                                        seed=derive_seed(self.cfg.trainer.seed, "critic-shards", step))
-                critic_refs = [critic.update.remote(returns_ref, rows, step) for critic, rows in zip(critics, shards)]
+
+                def score_then_update(m):
+                    critics[m].values.remote(batch_ref)  # an actor runs its calls in order: values, then update
+                    return critics[m].update.remote(returns_ref, shards[m], step)
+
+                restarted = self.actors.restore_critics(f"step {step}: critic training")
+                critic_refs = [score_then_update(m) if m in restarted else critic.update.remote(returns_ref, rows, step)
+                               for m, (critic, rows) in enumerate(zip(critics, shards))]
             with times.phase("time_update", since=start):
                 update_stats = self.actors.get(self.actors.learners.call("update", step),
                                                f"step {step}: learner update")[0]
             critic_stats = []
             if critics:
-                def score_then_update(m):
-                    critics[m].values.remote(batch_ref)  # an actor runs its calls in order: values, then update
-                    return critics[m].update.remote(returns_ref, shards[m], step)
-
                 critic_stats = self.actors.critic_calls(f"step {step}: critic training", critic_refs.__getitem__,
                                                         relaunch=score_then_update)
         return update_stats, critic_stats
@@ -350,12 +355,27 @@ class Trainer:
         return metrics["eval_accuracy"]
 
     def save_checkpoint(self, step: int) -> Path:
+        """Step ``step``'s checkpoint: every actor's state, then the trainer's, then the manifest.
+
+        A critic that Ray restarted since its training (an initial critic) must not be saved as the run's: it is
+        restored from the last checkpoint first (its training since then is lost, and the log says so), both when
+        it is found before the save and when its save came from a process newer than the driver last saw."""
         actors = self.actors
+        what = f"step {step}: checkpoint"
+        if actors.critics:
+            actors.restore_critics(what)
         staging = self.job.checkpoints.begin(step)
         refs = actors.learners.call("save", str(staging))
         if actors.critics:
-            actors.critic_calls(f"step {step}: checkpoint", lambda m: actors.critics[m].save.remote(str(staging)))
-        actors.get(refs, f"step {step}: checkpoint")
+            def save_critics():
+                return actors.critic_calls(what, lambda m: actors.critics[m].save.remote(str(staging)))
+
+            # Saved by a process restarted after the look above: restored now, saved again (each round is a restart,
+            # so trainer.actor_restarts bounds the rounds).
+            pids = save_critics()
+            while actors.restore_critics(what, pids):
+                pids = save_critics()
+        actors.get(refs, what)
         # No global RNG state is saved because none is used: every random draw takes its seed from
         # (trainer.seed, purpose, step, ...) (asyppo.core.seeds).
         state = {"step": step, "version": self.version, "sampler": self._sampler_after_launch[step],

@@ -4,7 +4,9 @@
 with the job's timeout, and turns each failure into one line that names the actor and the phase and says how to
 resume. When Ray restarts a dead actor (``trainer.actor_restarts``), the supervisor brings it back to the job's
 state: a rollout worker gets the learner's current weights and rejoins the weight-sync group, a critic is restored
-from the run's latest checkpoint. It also owns the connection to Ray and the stop signals.
+from the run's latest checkpoint (the driver looks for restarted critics before every scoring, training and checkpoint,
+and a critic whose process was replaced between scoring and training says so: :class:`CriticStateLost`). It also owns
+the connection to Ray and the stop signals.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from asyppo.cluster.logs import route_library_loggers
 from asyppo.common.config import JobConfig
 from asyppo.common.deepspeed_engine import free_port
 from asyppo.core.seeds import derive_seed
-from asyppo.critics.mini_critic import MiniCritic
+from asyppo.critics.mini_critic import CriticStateLost, MiniCritic
 from asyppo.learner.learner import Learner
 
 log = logging.getLogger("asyppo")
@@ -102,8 +104,9 @@ class Supervisor:
     def get(self, refs, what: str):
         """ray.get with the job's timeout. Every failure becomes one line naming the actor and the phase (``what``)
         and saying how to resume: a hung actor (no answer in trainer.call_timeout_s), a dead one (:class:`ActorLost`,
-        which the phases that can bring a restarted actor back catch), an exception raised inside an actor (its
-        remote traceback goes to ``<run>/error.log``)."""
+        which the phases that can bring a restarted actor back catch; also a critic that Ray restarted between its
+        scoring and its training, :class:`CriticStateLost`), an exception raised inside an actor (its remote
+        traceback goes to ``<run>/error.log``)."""
         try:
             return ray.get(refs, timeout=self.cfg.trainer.call_timeout_s)
         except ray.exceptions.GetTimeoutError:
@@ -119,6 +122,10 @@ class Supervisor:
                             f"in the Ray dashboard){self.resume_hint()}", name,
                             unavailable=isinstance(exc, ray.exceptions.ActorUnavailableError)) from None
         except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, CriticStateLost):  # its process died after scoring: like a critic lost in a call
+                name = self._failed_actor(refs)
+                raise ActorLost(f"{what}: {name} was restarted after it scored the batch and lost its scores "
+                                f"({exc.cause}){self.resume_hint()}", name) from None
             details = self.run_path / "error.log"
             with details.open("a") as file:
                 file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {what}\n{exc}\n")
@@ -200,10 +207,11 @@ class Supervisor:
                                                 f"group")
         return restarted
 
-    def restore_critics(self, what: str) -> list[int]:
+    def restore_critics(self, what: str, pids: list[int] | None = None) -> list[int]:
         """Critics that Ray restarted since the last look (their constructor ran again: the initial critic) get
-        their state from the run's latest checkpoint. Returns their indices."""
-        restarted = self.critics.note_pids(self.answers(self.critics, "pid", what))
+        their state from the run's latest checkpoint. Returns their indices. ``pids``: the critics' process ids as
+        some call just returned them (:meth:`MiniCritic.save`), instead of asking each critic."""
+        restarted = self.critics.note_pids(pids if pids is not None else self.answers(self.critics, "pid", what))
         if restarted and self.last_checkpoint is not None:
             self.get([self.critics[m].restore.remote(str(self.last_checkpoint)) for m in restarted],
                      f"{what}: restoring restarted critics from {self.last_checkpoint}")
@@ -214,8 +222,9 @@ class Supervisor:
         return restarted
 
     def critic_calls(self, what: str, launch, relaunch=None) -> list:
-        """``launch(m)`` on every critic, then their results; a critic whose process died is restored
-        (:meth:`restore_critics`) and ``relaunch(m)`` (default ``launch``) runs on it."""
+        """``launch(m)`` on every critic, then their results; a critic whose process died (during the call, or
+        before it and lost its scores: :class:`CriticStateLost`) is restored (:meth:`restore_critics`) and
+        ``relaunch(m)`` (default ``launch``) runs on it."""
         refs = [launch(m) for m in range(len(self.critics))]
         for _ in range(self.cfg.trainer.actor_restarts * len(self.critics)):
             try:
@@ -223,7 +232,8 @@ class Supervisor:
             except ActorLost as lost:
                 if lost.actor not in self.critics.names:
                     raise
-                for m in self.restore_critics(what):
+                # The critic whose call failed runs again even when its restart was noted before (and restored).
+                for m in sorted({*self.restore_critics(what), self.critics.names.index(lost.actor)}):
                     refs[m] = (relaunch or launch)(m)
         return self.get(refs, what)
 

@@ -7,6 +7,8 @@ driver calls).
 
 A critic starts from the critic checkpoint; :meth:`MiniCritic.restore` then loads a run's checkpoint. The driver calls
 it on a resume and after Ray restarts a dead critic (its constructor runs again), so both paths load the same state.
+A critic whose process was replaced between its ``values`` and ``update`` calls no longer holds the step's scores:
+``update`` then raises :class:`CriticStateLost`, which the driver treats like a lost actor (restore, score, train).
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ from asyppo.core.losses import value_loss
 from asyppo.core.schedules import lr_factor
 from asyppo.core.seeds import derive_seed
 from asyppo.critics.value_model import ValueModel
+
+
+class CriticStateLost(RuntimeError):
+    """``update`` reached a critic that holds no scores of the step: its process was replaced (Ray restarted it, or
+    the driver restored it) after ``values`` ran. The driver restores it and has it score the batch, then train."""
 
 
 class MiniCritic:
@@ -81,7 +88,8 @@ class MiniCritic:
         """Value-clipped regression to the returns on this critic's own rows (§2), at training step ``step``'s
         learning rate (§5b)."""
         if self._batch is None or self._old_values is None:
-            raise RuntimeError(f"critic-{self.index}: update() before values()")
+            raise CriticStateLost(f"critic-{self.index}: update() before values() (process {os.getpid()} holds no "
+                                  f"scores of step {step}: it was restarted or restored after scoring)")
         start = time.perf_counter()
         if not rows:  # with the prompt split a small batch can leave a critic's shard empty this step
             return {"value_loss": 0.0, "value_clip_frac": 0.0, "tokens_per_s": 0.0, "skipped_steps": 0.0,
@@ -126,13 +134,16 @@ class MiniCritic:
             "num_rows": float(len(rows)),
         }
 
-    def save(self, checkpoint_dir: str) -> None:
+    def save(self, checkpoint_dir: str) -> int:
+        """This critic's weights and optimizer state into ``checkpoint_dir``; returns the process id, so that the driver
+        can tell a save made by a process Ray restarted since it last looked (an initial critic)."""
         target = Path(checkpoint_dir)
         self.engine.save_checkpoint(str(target / f"critic-{self.index}-state"), tag="state")
         self.engine.module.save_pretrained(str(target / f"critic-{self.index}"))
         # On shared storage only the node that wrote a file can flush it; the driver's manifest comes after.
         fsync_tree(target / f"critic-{self.index}-state")
         fsync_tree(target / f"critic-{self.index}")
+        return os.getpid()
 
     def restore(self, checkpoint_dir: str) -> None:
         """This critic's weights and optimizer state as saved in ``checkpoint_dir`` (by :meth:`save`)."""

@@ -1,5 +1,5 @@
 """Faults caused for real inside Ray actors: a subclass of an actor class whose method kills (SIGKILL) or stops
-(SIGSTOP) its own process at a chosen call.
+(SIGSTOP) its own process at a chosen call; or an idle actor's process killed from the driver, between two calls.
 
 A marker file makes the fault happen once: Ray restarts a killed actor by running the same class again, and the
 restarted process must not die the same way. Calls are counted in a file for the same reason.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,3 +35,21 @@ def fails_once(base: type, method: str, when: Callable[..., bool], marker: Path,
         return getattr(base, method)(self, *args, **kwargs)
 
     return type(f"{base.__name__}With{signal.Signals(sig).name.title()}", (base,), {method: method_with_fault})
+
+
+def kill_between_calls(actor, timeout_s: float = 120.0) -> tuple[int, int]:
+    """SIGKILL the process of ``actor`` (a handle whose ``pid()`` names its process) while it runs no call, and return
+    once Ray has restarted it, as ``(old pid, new pid)``: the next call the driver sends reaches the new process, as
+    when an actor dies after one call has returned and before the next one is sent."""
+    old = ray.get(actor.pid.remote(), timeout=timeout_s)
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            new = ray.get(actor.pid.remote(), timeout=timeout_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):  # dying, or restarting
+            new = old
+        if new != old:
+            return old, new
+        time.sleep(0.2)
+    raise AssertionError(f"the actor killed in process {old} was not restarted within {timeout_s:.0f}s")
