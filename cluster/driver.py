@@ -33,9 +33,7 @@ from asyppo.cluster.errors import ActorLost, JobFailed, JobStopped
 from asyppo.cluster.evaluation import evaluate_sets, evaluation_seed
 from asyppo.cluster.job_inputs import prepare_job
 from asyppo.cluster.logs import RunLog
-from asyppo.cluster.metrics import (
-    MetricsSink, PhaseTimes, StepRecord, generation_samples, sample_rows, step_metrics,
-)
+from asyppo.cluster.metrics import MetricsSink, PhaseTimes, StepRecord, generation_samples, sample_rows, step_metrics
 from asyppo.cluster.rollouts import Rollout, collate, collect, generate
 from asyppo.cluster.supervisor import StopSignals, Supervisor, connect_ray
 from asyppo.common.config import JobConfig
@@ -263,10 +261,9 @@ class Trainer:
         """Each critic on its own shard (the targets go straight from the learner to the critics) while every
         learner rank runs its PPO + ERC epochs. Returns rank 0's update stats and each critic's stats.
 
-        A critic that dies meanwhile is restored and trains on its shard again, scoring the batch first (its value
-        clip is relative to its own values). So does a critic that Ray restarted since it scored (it holds neither its
-        training nor its scores): found here before its update is sent, or by the update itself (``CriticStateLost``)
-        when it dies after this look."""
+        A critic that dies meanwhile, or that Ray restarted since it scored (found here before its update is sent, or
+        by the update itself: ``CriticStateLost``), is restored and trains on its shard again, scoring the batch first
+        (its value clip is relative to its own values)."""
         critics = self.actors.critics
         with times.phase("time_critic_train") as start:
             shards = []
@@ -355,26 +352,12 @@ class Trainer:
         return metrics["eval_accuracy"]
 
     def save_checkpoint(self, step: int) -> Path:
-        """Step ``step``'s checkpoint: every actor's state, then the trainer's, then the manifest.
-
-        A critic that Ray restarted since its training (an initial critic) must not be saved as the run's: it is
-        restored from the last checkpoint first (its training since then is lost, and the log says so), both when
-        it is found before the save and when its save came from a process newer than the driver last saw."""
-        actors = self.actors
-        what = f"step {step}: checkpoint"
-        if actors.critics:
-            actors.restore_critics(what)
+        """Step ``step``'s checkpoint: every actor's state, then the trainer's, then the manifest."""
+        actors, what = self.actors, f"step {step}: checkpoint"
         staging = self.job.checkpoints.begin(step)
         refs = actors.learners.call("save", str(staging))
         if actors.critics:
-            def save_critics():
-                return actors.critic_calls(what, lambda m: actors.critics[m].save.remote(str(staging)))
-
-            # Saved by a process restarted after the look above: restored now, saved again (each round is a restart,
-            # so trainer.actor_restarts bounds the rounds).
-            pids = save_critics()
-            while actors.restore_critics(what, pids):
-                pids = save_critics()
+            actors.save_critics(str(staging), what)
         actors.get(refs, what)
         # No global RNG state is saved because none is used: every random draw takes its seed from
         # (trainer.seed, purpose, step, ...) (asyppo.core.seeds).

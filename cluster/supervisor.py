@@ -237,6 +237,16 @@ class Supervisor:
                     refs[m] = (relaunch or launch)(m)
         return self.get(refs, what)
 
+    def save_critics(self, directory: str, what: str) -> None:
+        """Every critic's state into ``directory``. A critic that Ray restarted since its training (an initial
+        critic) is never saved as the run's: it is restored from the last checkpoint first (its training since then
+        is lost, and the log says so), whether found before the save or by a save that a process newer than the
+        last look made; each round is a restart, so trainer.actor_restarts bounds the rounds."""
+        self.restore_critics(what)
+        pids = self.critic_calls(what, lambda m: self.critics[m].save.remote(directory))
+        while self.restore_critics(what, pids):
+            pids = self.critic_calls(what, lambda m: self.critics[m].save.remote(directory))
+
     def _note_restarts(self, group: ActorGroup, restarted: list[int], outcome: str) -> None:
         for index in restarted:
             name = group.names[index]
