@@ -11,7 +11,7 @@ import torch
 
 from asyppo.cluster.errors import JobFailed
 from asyppo.cluster.job_inputs import load_datasets, reward_function
-from asyppo.cluster.preflight import reward_function_problems
+from asyppo.cluster.preflight import held_out_splits, reward_function_problems
 from asyppo.cluster.rollouts import generate
 from asyppo.cluster.supervisor import connect_ray, spawn_rollout_workers
 from asyppo.common.config import ConfigError, JobConfig
@@ -60,8 +60,7 @@ def evaluate_policy(cfg: JobConfig, policy_dir: str) -> dict[str, float]:
     reward = reward_function(cfg)
     # The check training runs before any actor starts: a reward.function that does not import, or fails on a
     # row, is one line here rather than a traceback from inside the rollout workers.
-    problems = reward_function_problems(cfg, reward, {f"evaluation.sets.{name}" if name else "data.eval": rows
-                                                      for name, rows in held_out.items()})
+    problems = reward_function_problems(cfg, reward, held_out_splits(held_out))
     if problems:
         raise ConfigError(problems)
     owns_ray = connect_ray(cfg)

@@ -27,8 +27,7 @@ def preflight_problems(cfg: JobConfig, train: list[Problem], held_out: dict[str,
     from transformers import AutoConfig, AutoTokenizer
 
     max_model_len = cfg.rollout.max_model_len or AutoConfig.from_pretrained(models.policy).max_position_embeddings
-    splits = {"data.train": train,
-              **{f"evaluation.sets.{name}" if name else "data.eval": rows for name, rows in held_out.items()}}
+    splits = {"data.train": train, **held_out_splits(held_out)}
     template = chat_template_problems(cfg, tokenizer)
     problems = [
         *batch_size_problems(cfg, train),
@@ -41,6 +40,11 @@ def preflight_problems(cfg: JobConfig, train: list[Problem], held_out: dict[str,
     if cfg.critics.num_critics:
         problems += tokenizer_problems(tokenizer, AutoTokenizer.from_pretrained(models.critic))
     return problems
+
+
+def held_out_splits(held_out: dict[str, list[Problem]]) -> dict[str, list[Problem]]:
+    """The held-out sets keyed by the config field that names them (``data.eval``, ``evaluation.sets.<name>``)."""
+    return {f"evaluation.sets.{name}" if name else "data.eval": rows for name, rows in held_out.items()}
 
 
 def batch_size_problems(cfg: JobConfig, train: list[Problem]) -> list[tuple[str, str]]:
