@@ -242,10 +242,13 @@ class Supervisor:
         critic) is never saved as the run's: it is restored from the last checkpoint first (its training since then
         is lost, and the log says so), whether found before the save or by a save that a process newer than the
         last look made; each round is a restart, so trainer.actor_restarts bounds the rounds."""
+        def save(m: int):
+            return self.critics[m].save.remote(directory)
+
         self.restore_critics(what)
-        pids = self.critic_calls(what, lambda m: self.critics[m].save.remote(directory))
+        pids = self.critic_calls(what, save)
         while self.restore_critics(what, pids):
-            pids = self.critic_calls(what, lambda m: self.critics[m].save.remote(directory))
+            pids = self.critic_calls(what, save)
 
     def _note_restarts(self, group: ActorGroup, restarted: list[int], outcome: str) -> None:
         for index in restarted:
