@@ -123,14 +123,20 @@ class RolloutWorker:
             engine_args["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * 2**30)
         else:
             engine_args["gpu_memory_utilization"] = gpu_memory_utilization
+        # An engine on one device runs inside this actor's process (vLLM's engine core in-process, its one model
+        # runner beside it): no engine-core and worker processes to start (each imports vLLM again: about 16 s of a
+        # job's start on 2 cores) or to outlive the actor when it is killed. A tensor-parallel engine has worker
+        # processes of its own (the mp executor), whether or not this runs inside Ray: the Ray executor would need a
+        # placement group of its own, while the driver already gives this actor its GPUs.
+        in_process = tensor_parallel_size == 1
+        if in_process:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self.llm = LLM(
             model=model_path,
             dtype=dtype,
             seed=seed,
             tensor_parallel_size=tensor_parallel_size,
-            # Worker processes of its own, whether or not this runs inside Ray: the Ray executor would need a
-            # placement group of its own, while the driver already gives this actor its GPUs.
-            distributed_executor_backend="mp",
+            distributed_executor_backend="uni" if in_process else "mp",
             max_model_len=max_model_len,
             enforce_eager=enforce_eager,
             logprobs_mode="processed_logprobs",
@@ -308,7 +314,8 @@ class RolloutWorker:
         return os.getpid()
 
     def health(self) -> dict[str, Any]:
-        """Process id, weight version, whether the weights are whole and whether the engine answers."""
+        """Process id, weight version, whether the weights are whole, whether the engine answers, and the longest
+        sequence it takes."""
         states = self.weights.engine_states()
         return {
             "pid": os.getpid(),
@@ -317,6 +324,7 @@ class RolloutWorker:
             "weights_valid": self.weights.valid,
             "engine_alive": states is not None,
             "in_sync_group": bool(states) and all(s["sync_rank"] is not None for s in states),
+            "max_model_len": self.max_model_len,
         }
 
     def shutdown(self) -> None:

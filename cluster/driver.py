@@ -304,6 +304,11 @@ class Trainer:
             version = int(update_stats["policy_version"])
             if version != self.version:  # a skipped update leaves nothing new to send
                 what = f"step {step}: weight broadcast"
+                # A rollout worker runs one call at a time, so a broadcast sent while it generates the next steps'
+                # rollouts (max_staleness ≥ 1) would wait behind that generation and its weight_sync.timeout_s run
+                # out: the broadcast starts once every worker is free (docs/architecture.md, "Asynchronous mode").
+                self.actors.wait_finished([ref for rollout in self._in_flight for ref in rollout.refs.values()],
+                                          f"{what}: waiting for the rollouts in flight")
                 try:
                     sync_stats = self.actors.get(self.actors.learners.call("broadcast_weights"), what)[0]
                 except JobFailed as failure:
@@ -319,10 +324,13 @@ class Trainer:
 
     def check_rollout_weights(self, batch: RolloutBatch, what: str) -> float:
         """After a broadcast every rollout engine must assign the learner's log-probs (stale weights fail loudly)."""
-        probe = [batch.input_ids[row][batch.attention_mask[row].bool()].tolist()
-                 for row in range(min(4, batch.num_sequences))]
         actors = self.actors
-        learner_logps = actors.get(actors.learners[0].probe_logprobs.remote(probe), f"{what} on the learner")
+        # A full-length sequence is cut by a token: an engine scores at most max_model_len − 1 (it must leave room
+        # for one more).
+        probe = [batch.input_ids[row][batch.attention_mask[row].bool()][:actors.engine_max_len - 1].tolist()
+                 for row in range(min(4, batch.num_sequences))]
+        # Every learner rank runs the probe (under ZeRO-3 a forward needs them all); rank 0 answers.
+        learner_logps = actors.get(actors.learners.call("probe_logprobs", probe), f"{what} on the learner")[0]
         try:
             worker_logps = actors.get(actors.rollout_workers.call("prompt_logprobs", probe), what)
         except ActorLost:  # a rollout worker died after the broadcast: bring it back, check again

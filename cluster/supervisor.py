@@ -49,6 +49,7 @@ class Supervisor:
         self.rollout_workers: ActorGroup | None = None
         self.learners: ActorGroup | None = None
         self.critics: ActorGroup | None = None
+        self.engine_max_len = 0  # the longest sequence every rollout engine takes (max_model_len)
 
     # ---- starting ------------------------------------------------------------------------------------------------
 
@@ -87,6 +88,7 @@ class Supervisor:
                 self.get(self.critics.call("restore", resume_dir), "restoring the critics")
         healths = self.get(self.rollout_workers.call("health"), "starting the rollout engines")
         self.rollout_workers.note_pids([health["pid"] for health in healths])
+        self.engine_max_len = min(health["max_model_len"] for health in healths)
         self.get(self.learners.call("set_version", version), "setting the version")
         self.form_weight_sync_group("creating the learner → rollout weight-sync group")
         if version:
@@ -132,6 +134,17 @@ class Supervisor:
             cause = exc.cause
             raise JobFailed(f"{what}: {self._failed_actor(refs)} raised {type(cause).__name__}: {cause} "
                             f"(traceback in {details}){self.resume_hint()}") from None
+
+    def wait_finished(self, refs: list, what: str) -> None:
+        """Wait until every call of ``refs`` has finished, well or not (a failure surfaces where its result is
+        read), up to trainer.call_timeout_s; then a one-line failure naming the actors still busy."""
+        if not refs:
+            return
+        _, waiting = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.trainer.call_timeout_s)
+        if waiting:
+            raise JobFailed(
+                f"{what}: {', '.join(self._unanswered(waiting))} still busy after trainer.call_timeout_s="
+                f"{self.cfg.trainer.call_timeout_s:.0f}s{self.resume_hint()}")
 
     def resume_hint(self) -> str:
         """How to continue this run from its latest checkpoint (appended to every fatal error)."""

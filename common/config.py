@@ -246,7 +246,11 @@ class AlgorithmConfig(_Section):
 
 
 class LearnerConfig(OptimizationConfig):
-    num_gpus: int = Field(0, ge=0, description="DeepSpeed data-parallel ranks on GPU; 0 = one CPU rank")
+    num_gpus: int = Field(0, ge=0, description="DeepSpeed data-parallel ranks on GPU, one per GPU; 0 = on CPU")
+    ranks: int = Field(
+        1, ge=1, description="DeepSpeed data-parallel ranks of a CPU learner (num_gpus=0), one Ray actor each over gloo; "
+                             "with GPUs there is one rank per GPU"
+    )
     cpus: float = Field(1.0, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     mini_batch_size: int = Field(64, ge=1, description="responses per optimizer step")
@@ -345,7 +349,8 @@ class JobConfig(_Section):
 
     @property
     def learner_ranks(self) -> int:
-        return max(1, self.learner.num_gpus)
+        """The learner's data-parallel ranks: one per GPU, else ``learner.ranks`` on CPU."""
+        return self.learner.num_gpus or self.learner.ranks
 
     @property
     def prompt_format(self) -> PromptFormat:
@@ -484,6 +489,9 @@ def _resource_problems(cfg: JobConfig) -> list[tuple[str, str]]:
     gpus_per_critic = cfg.critics.gpus_per_critic
     if gpus_per_critic > 1 and not float(gpus_per_critic).is_integer():
         problems.append(("critics.gpus_per_critic", "above 1 it must be a whole number of GPUs"))
+    if cfg.learner.num_gpus and cfg.learner.ranks not in (1, cfg.learner.num_gpus):
+        problems.append(("learner.ranks", f"with learner.num_gpus={cfg.learner.num_gpus} the learner runs one rank per "
+                                          "GPU; learner.ranks sets the ranks of a CPU learner (num_gpus=0)"))
     if cfg.weight_sync.backend == "nccl" and (roll.gpus_per_worker == 0 or cfg.learner.num_gpus == 0):
         problems.append(("weight_sync.backend", "nccl needs GPUs on both the learner and the rollout workers"))
     if cfg.model.dtype != "float32" and roll.gpus_per_worker == 0:
@@ -518,7 +526,7 @@ RESUME_SAFE_FIELDS = (
     "trainer.actor_restarts", "trainer.call_timeout_s", "trainer.max_skipped_steps", "logging.", "weight_sync.",
     "rollout.num_workers", "rollout.gpus_per_worker", "rollout.cpus_per_worker", "rollout.gpu_memory_utilization",
     "rollout.cpu_kv_cache_gib", "critics.gpus_per_critic", "critics.cpus_per_critic", "critics.micro_batch_size",
-    "learner.num_gpus", "learner.cpus", "learner.micro_batch_size", "learner.logprob_chunk",
+    "learner.num_gpus", "learner.ranks", "learner.cpus", "learner.micro_batch_size", "learner.logprob_chunk",
 )
 
 
@@ -550,11 +558,11 @@ def resume_changes(previous: JobConfig, current: JobConfig) -> list[tuple[str, s
     # At ZeRO ≥ 1 the learner's optimizer state is saved partitioned over its ranks, and DeepSpeed loads it only
     # into as many ranks: refused here, before any actor starts, rather than in the learner's constructor.
     if previous.learner_ranks != current.learner_ranks and current.learner.zero_stage >= 1:
-        changes.append(("learner.num_gpus", f"was {previous.learner.num_gpus} in the run being resumed, now "
-                                            f"{current.learner.num_gpus}: at learner.zero_stage="
-                                            f"{current.learner.zero_stage} the checkpoint's optimizer state is "
-                                            f"split over {previous.learner_ranks} learner rank(s) and loads only "
-                                            "into as many; set it back, or start a new run"))
+        field = "learner.num_gpus" if previous.learner.num_gpus or current.learner.num_gpus else "learner.ranks"
+        changes.append((field, f"the run being resumed had {previous.learner_ranks} learner rank(s), this one "
+                               f"{current.learner_ranks}: at learner.zero_stage={current.learner.zero_stage} the "
+                               "checkpoint's optimizer state is split over its ranks and loads only into as many; "
+                               "set it back, or start a new run"))
     return changes
 
 

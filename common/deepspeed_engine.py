@@ -16,7 +16,7 @@ import math
 import os
 import socket
 from datetime import timedelta
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -126,30 +126,61 @@ def all_ranks_sum(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+def all_ranks_gather(value: Any) -> list[Any]:
+    """``value`` of every rank of the default group, in rank order (any picklable object; ``[value]`` with one)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return [value]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
 def optimizer_step(engine, losses_finite: bool) -> tuple[bool, float]:
     """Apply one optimizer step for the accumulated mini-batch, or drop it.
 
-    Returns ``(applied, grad_norm)``. The step is skipped (gradients discarded, weights and optimizer state
-    untouched) when any rank saw a non-finite loss or the gradient norm is not finite: checked here before the step
-    for ZeRO 0 and 1, and by DeepSpeed inside the step for ZeRO 2 and 3 (reported by ``was_step_applied``).
+    Returns ``(applied, grad_norm)``, the norm of the gradient averaged over the ranks, before clipping. The step is
+    skipped (gradients discarded, weights and optimizer state untouched) when any rank saw a non-finite loss or the
+    gradient norm is not finite: checked here before the step for ZeRO 0 and 1, and by DeepSpeed inside the step for
+    ZeRO 2 and 3 (reported by ``was_step_applied``).
     """
-    grad_norm: float | None = None  # ZeRO-2/3 partition gradients: DeepSpeed reports the norm after step()
-    if engine.zero_optimization_stage() < 2:
-        # Before step() the gradients are this rank's own (DeepSpeed all-reduces inside step()); with one rank
-        # this is the exact pre-clipping norm, with several it is a per-rank finiteness check.
+    stage = engine.zero_optimization_stage()
+    several_ranks = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    reduce_here = stage == 0 and several_ranks
+    if reduce_here:
+        # ZeRO-0 would average the ranks' gradients inside step() and report no norm: averaged here instead (with
+        # the reduction step() would run; allreduce_gradients() reduces only inside step() when the caller owns the
+        # accumulation), the norm below is the one of the gradient the step applies.
+        engine.buffered_allreduce_fallback()
+    grad_norm: float | None = None  # ZeRO-1/2/3 report the norm of the reduced gradient after step()
+    if stage < 2:
+        # At ZeRO-1 with several ranks this is the rank's own gradient (reduced inside step()): a finiteness check.
         grad_norm = _local_grad_norm(engine)
     finite = all_ranks_agree(losses_finite and (grad_norm is None or math.isfinite(grad_norm)))
     if not finite:
         engine.zero_grad()
         engine.optimizer.zero_grad()
         return False, float("nan") if grad_norm is None else grad_norm
-    engine.step()
+    with _reduction_done(engine, reduce_here):
+        engine.step()
     reported = engine.get_global_grad_norm()
     if reported is not None:
         grad_norm = float(reported)
     # DeepSpeed's ZeRO optimizers check the partitioned gradients themselves (all ranks agree through their own
     # all-reduce) and drop the step on an overflow or a non-finite norm.
     return engine.was_step_applied(), float("nan") if grad_norm is None else grad_norm
+
+
+@contextlib.contextmanager
+def _reduction_done(engine, done: bool) -> Iterator[None]:
+    """Within it, ``engine.step()`` does not all-reduce the gradients again (when ``done``)."""
+    if not done:
+        yield
+        return
+    previous, engine.enable_backward_allreduce = engine.enable_backward_allreduce, False
+    try:
+        yield
+    finally:
+        engine.enable_backward_allreduce = previous
 
 
 def master_weights(engine) -> torch.Tensor:

@@ -2,8 +2,11 @@
 
 A thin shell around the pure core (``asyppo.core.batch``, ``asyppo.core.losses``, ``asyppo.core.logprobs``). One
 instance per data-parallel rank; rank 0 (named ``learner`` in the Ray dashboard) also owns the weight broadcast to
-the rollout workers (``asyppo.weight_sync.sender``). Section numbers (§N) refer to docs/algorithms.md. Every rank receives the whole rollout batch and computes the same advantages; rank r runs
-micro-batches r, r+R, … of each mini-batch, so the token-mean denominator is the whole mini-batch's on every rank.
+the rollout workers (``asyppo.weight_sync.sender``). Section numbers (§N) refer to docs/algorithms.md.
+
+Every rank receives the whole rollout batch and computes the same advantages; rank r runs micro-batches r, r+R, …
+of the old log-probs (then gathered) and of each mini-batch, so the token-mean denominator is the whole
+mini-batch's on every rank (docs/architecture.md, "Decisions, and why").
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 
 from asyppo.common.config import AlgorithmConfig, LearnerConfig, WeightSyncConfig
 from asyppo.common.deepspeed_engine import (
-    accelerator_device, all_ranks_sum, begin_micro_batch, full_parameters, init_process_group, make_engine,
+    accelerator_device, all_ranks_gather, all_ranks_sum, begin_micro_batch, full_parameters, init_process_group, make_engine,
     optimizer_step, set_learning_rate,
 )
 from asyppo.common.files import fsync_tree
@@ -144,21 +147,33 @@ class Learner:
 
     def compute_old_logprobs(self, batch: RolloutBatch) -> dict[str, float]:
         """logπ_prox and H_old for every response token, no graph, in micro-batches (docs/algorithms.md §5), and
-        the behaviour-policy weights that correct the engine's sampling policy μ to π_prox (§5a)."""
+        the behaviour-policy weights that correct the engine's sampling policy μ to π_prox (§5a).
+
+        The micro-batches are shared out over the ranks (rank r takes r, r+R, …) and the results gathered, so every
+        rank ends with the whole batch's; the same micro-batches as one rank's, hence the same numbers."""
         start = time.perf_counter()
         self._batch = batch
-        logps, entropies, ref_logps = [], [], []
+        micro_batches = torch.arange(batch.num_sequences).split(self.config.micro_batch_size)
+        mine = micro_batches[self.rank::self.world_size]
+        # ZeRO-3 gathers the parameters inside every forward, a collective: each rank runs as many forwards as the
+        # busiest one, a rank with fewer micro-batches repeating its first and dropping the result.
+        rounds = -(-len(micro_batches) // self.world_size)
+        results = []
         self.engine.module.eval()
         with torch.no_grad():
-            for rows in torch.arange(batch.num_sequences).split(self.config.micro_batch_size):
+            for index in range(rounds):
+                rows = mine[index] if index < len(mine) else micro_batches[0]
                 logp, entropy = self._forward(batch.rows(rows), with_entropy=True)
-                logps.append(logp.float().cpu())
-                entropies.append(entropy.float().cpu())
+                ref_logp = None
                 if self.reference is not None:
-                    ref_logps.append(self._forward(batch.rows(rows), with_entropy=False,
-                                                   model=self.reference)[0].float().cpu())
-        self._old_logp, self._old_entropy = torch.cat(logps), torch.cat(entropies)
-        self._ref_logp = torch.cat(ref_logps) if ref_logps else None
+                    ref_logp = self._forward(batch.rows(rows), with_entropy=False, model=self.reference)[0].float().cpu()
+                if index < len(mine):
+                    results.append((rows, logp.float().cpu(), entropy.float().cpu(), ref_logp))
+        every_rank = [part for parts in all_ranks_gather(results) for part in parts]
+        order = torch.cat([rows for rows, *_ in every_rank]).argsort()
+        self._old_logp = torch.cat([logp for _, logp, _, _ in every_rank])[order]
+        self._old_entropy = torch.cat([entropy for _, _, entropy, _ in every_rank])[order]
+        self._ref_logp = torch.cat([ref for *_, ref in every_rank])[order] if self.reference is not None else None
         mask = batch.response_mask
         self._behaviour_weight, mismatch = behaviour_weights(
             self._old_logp, batch.rollout_logprobs, mask, mode=self.algorithm.off_policy_correction,
@@ -369,7 +384,8 @@ class Learner:
             return {name: p.detach().to("cpu", dtype).clone() for name, p in module.named_parameters()}
 
     def probe_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
-        """Temperature-1 log-prob of every token after the first, for the rollout/learner weight check."""
+        """Temperature-1 log-prob of every token after the first, for the rollout/learner weight check. Every rank
+        runs it (under ZeRO-3 a forward gathers the parameters from all of them); they all return the same."""
         out = []
         self.engine.module.eval()
         with torch.no_grad():

@@ -1,4 +1,5 @@
-"""Two data-parallel learner ranks (gloo, one Ray actor each) compute the one-rank update (§5 token-mean)."""
+"""Two data-parallel learner ranks (gloo, one Ray actor each) compute the one-rank update (§5 token-mean), alone
+and in whole jobs at every ZeRO stage (``learner.ranks``)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import pytest
 import ray
 import torch
 
+from asyppo.cluster.driver import train
 from asyppo.common.config import build_config
 from asyppo.common.deepspeed_engine import free_port
 from asyppo.cluster.supervisor import learner_arguments
 from asyppo.learner.learner import Learner
 from tests import helpers
 from tests.helpers import gradients, make_batch, parameters_snapshot
+from tests.reference_run import JOB, assert_same_run
 
 # The probes run inside the actors (actor.__ray_call__.remote(fn) calls fn(learner) there); Ray's workers cannot
 # import the tests, so they travel by value.
@@ -109,3 +112,17 @@ def test_a_bad_step_on_one_rank_is_skipped_by_every_rank(local_ray, tiny_policy_
             assert torch.equal(snapshot[name], tensor), name
     for a in pair:
         ray.kill(a)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+def test_a_job_with_two_learner_ranks_trains_the_one_rank_run(local_ray, tmp_path, reference_run, zero_stage):
+    """The reference job (one rank, ZeRO-0) with two CPU ranks at each ZeRO stage: the same first two steps, weight
+    checks (a forward every rank joins at ZeRO-3), evaluations and grad_norm (the norm of the averaged gradient),
+    to float tolerance: the ranks' halves of each gradient are summed in another order, and the rounding follows
+    the weights into the next step's samples' log-probs. The reference's micro-batches of 8 are the two ranks'."""
+    _, reference_dir = reference_run
+    name = f"zero{zero_stage}"
+    train(build_config(overrides=[*JOB, f"trainer.run_dir={tmp_path}", f"trainer.name={name}", "trainer.steps=2",
+                                  "learner.ranks=2", f"learner.zero_stage={zero_stage}"]))
+    # Relative 1e-4, or 1e-5 for numbers that are float noise around zero (the weight check's log-prob gap).
+    assert_same_run(reference_dir, tmp_path / name, steps=2, tolerance=1e-4, abs_tolerance=1e-5)

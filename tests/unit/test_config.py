@@ -129,6 +129,8 @@ def test_override_values_are_parsed_as_yaml():
     (["learner.mini_batch_size=100"], "learner.mini_batch_size", "must divide the rollout batch"),
     (["learner.micro_batch_size=48"], "learner.micro_batch_size", "must divide mini_batch_size"),
     (["learner.num_gpus=2", "learner.micro_batch_size=64"], "learner.micro_batch_size", "×2"),
+    (["learner.ranks=2", "learner.micro_batch_size=64"], "learner.micro_batch_size", "×2"),
+    (["learner.num_gpus=2", "learner.ranks=3", "learner.micro_batch_size=8"], "learner.ranks", "one rank per GPU"),
     (["critics.gpus_per_critic=1.5"], "critics.gpus_per_critic", "whole number"),
     (["weight_sync.backend=nccl"], "weight_sync.backend", "nccl needs GPUs"),
     (["rollout.top_p=0.9"], "rollout.top_p", "renormalised over the nucleus"),

@@ -77,11 +77,12 @@ def test_metrics_files_are_strict_json_and_a_nan_reads_back_as_nan(tmp_path):
 
 def test_a_resume_with_another_number_of_learner_ranks_is_refused_at_zero_1_and_above():
     """DeepSpeed loads a ZeRO ≥ 1 optimizer state only into as many ranks as saved it; ZeRO-0 keeps it whole."""
-    two_ranks = ["learner.num_gpus=2", "learner.micro_batch_size=8"]  # micro-batch × ranks divides the mini-batch
-    for stage in (1, 2, 3):
-        base = build_config(overrides=[*JOB, f"learner.zero_stage={stage}"])
-        [(path, reason)] = resume_changes(base, build_config(overrides=[*JOB, f"learner.zero_stage={stage}",
-                                                                        *two_ranks]))
-        assert path == "learner.num_gpus" and f"learner.zero_stage={stage}" in reason and "1 learner rank" in reason
-    base = build_config(overrides=JOB)  # ZeRO-0
-    assert resume_changes(base, build_config(overrides=[*JOB, *two_ranks])) == []
+    for field in ("learner.num_gpus", "learner.ranks"):  # on GPU, on CPU
+        two_ranks = [f"{field}=2", "learner.micro_batch_size=8"]  # micro-batch × ranks divides the mini-batch
+        for stage in (1, 2, 3):
+            base = build_config(overrides=[*JOB, f"learner.zero_stage={stage}"])
+            [(path, reason)] = resume_changes(base, build_config(overrides=[*JOB, f"learner.zero_stage={stage}",
+                                                                            *two_ranks]))
+            assert path == field and f"learner.zero_stage={stage}" in reason and "had 1 learner rank" in reason
+        base = build_config(overrides=JOB)  # ZeRO-0
+        assert resume_changes(base, build_config(overrides=[*JOB, *two_ranks])) == []
