@@ -34,6 +34,19 @@ def tiny_critic_dir(tmp_path_factory):
     return save_tiny_qwen2(tmp_path_factory.mktemp("critic") / "critic", hidden=16, seed=2)
 
 
+@pytest.fixture(scope="module")
+def shared_ray():
+    """One local Ray cluster for a module's jobs, which join it (``connect_ray`` finds Ray initialised) instead of
+    each starting and stopping its own: for tests that kill no process outside their own job's actors. Sized like
+    the embedded cluster of a small job; a bigger one is scaled to fit (``fit_to_cluster``)."""
+    import ray
+
+    ray.init(address="local", num_cpus=max(6, os.cpu_count() or 1), include_dashboard=False,
+             object_store_memory=512 * 1024**2, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory):
     """The small job of ``tests/reference_run.py`` run once without faults: (summary, run directory)."""

@@ -39,22 +39,29 @@ def generates_step(step: int):
 def test_killed_rollout_worker_and_critic_are_restarted_and_the_run_is_unchanged(
     tmp_path, reference_run, monkeypatch, caplog,
 ):
+    """The reference job (one rollout worker) run with three, and with a rollout worker and a critic killed: the
+    same numbers. Each prompt's sampling seed is keyed by its position in the step's generation, not by the worker
+    that samples it (slices of 3, 3 and 2 prompts here), so a resume with another worker count, or a fleet that
+    grows and shrinks, continues the same run; and a killed actor, restarted and brought back, changes nothing."""
     _, reference_dir = reference_run
     # rollout-0 dies as it starts generating step 1's responses, and again as the learner's broadcast after step 1
     # reaches it (its second receive_weights: the first restart got v1 through the object store); critic-1 dies as
     # it starts training in step 2, after the checkpoint of step 1 (checkpoint_every=2), which holds exactly the
     # state it had.
-    dies_generating = fails_once(asyppo.actors.rollout_worker.RolloutWorker, "generate", generates_step(1),
-                                 tmp_path / "rollout-died")
+    first_worker = dict(instance=lambda self: self.worker_index)
+    dies_generating = fails_once(asyppo.actors.rollout_worker.RolloutWorker, "generate",
+                                 lambda calls, self, problems, **kw: self.worker_index == 0 and generates_step(1)(
+                                     calls, self, problems, **kw), tmp_path / "rollout-died", **first_worker)
     monkeypatch.setattr(asyppo.cluster.supervisor, "RolloutWorker", fails_once(
-        dies_generating, "receive_weights", lambda calls, self, *args: calls == 2, tmp_path / "rollout-died-again"))
+        dies_generating, "receive_weights", lambda calls, self, *args: self.worker_index == 0 and calls == 2,
+        tmp_path / "rollout-died-again", **first_worker))
     monkeypatch.setattr(asyppo.cluster.supervisor, "MiniCritic", fails_once(
         asyppo.critics.mini_critic.MiniCritic, "update", lambda calls, self, *args: self.index == 1 and calls == 3,
         tmp_path / "critic-died", instance=lambda self: self.index))
     caplog.set_level(logging.WARNING, logger="asyppo")
 
-    train(build_config(overrides=[*JOB, f"trainer.run_dir={tmp_path}", "trainer.name=faulted",
-                                  "trainer.actor_restarts=2"]))
+    summary = train(build_config(overrides=[*JOB, f"trainer.run_dir={tmp_path}", "trainer.name=faulted",
+                                            "trainer.actor_restarts=2", "rollout.num_workers=3"]))
 
     for marker in ("rollout-died", "rollout-died-again", "critic-died"):
         assert (tmp_path / marker).exists(), f"{marker}: the fault did not happen"
@@ -68,7 +75,8 @@ def test_killed_rollout_worker_and_critic_are_restarted_and_the_run_is_unchanged
         assert expected in warnings, warnings
     run_path = tmp_path / "faulted"
     assert [line["actor_restarts"] for line in read_metrics(run_path / "metrics.jsonl")] == [0, 2, 3, 3]
-    # Same samples, same critic state: every number equals the uninterrupted run's.
+    # Same samples, same critic state: every number equals the uninterrupted one-worker run's.
+    assert summary["final_accuracy"] == reference_run[0]["final_accuracy"]
     assert_same_run(reference_dir, run_path)
 
 

@@ -1,8 +1,11 @@
-"""Faults in async mode (trainer.max_staleness ≥ 1) with several rollout workers (docs/reliability.md)."""
+"""Async mode (trainer.max_staleness ≥ 1): generations far longer than the weight broadcast's timeout, and a
+rollout worker of several lost (docs/architecture.md, "Asynchronous mode and long generations";
+docs/reliability.md)."""
 
 from __future__ import annotations
 
 import logging
+import textwrap
 
 import pytest
 
@@ -45,3 +48,26 @@ def test_a_worker_of_two_killed_mid_generation_in_async_mode_is_restarted_and_ev
     assert lines[2]["rollout_weight_version"] == 1 and lines[2]["policy_version"] == 3
     assert any("rollout-1 died and Ray restarted it (restart 1 of trainer.actor_restarts=2); it holds the learner's "
                "weights v2" in record.getMessage() for record in caplog.records)
+
+
+def test_an_async_job_whose_generations_outlast_the_broadcast_timeout_finishes(tmp_path):
+    """Every rollout takes about three times weight_sync.timeout_s (a reward that takes 0.2 s a response, 32
+    responses), and the next step's rollout is generating while a step trains: the broadcast waits for it before it
+    starts, instead of queuing behind it until its own timeout runs out."""
+    reward = tmp_path / "slow_reward.py"
+    reward.write_text(textwrap.dedent("""
+        import time
+
+        def slow_exact_match(prompt, response, answer, row):
+            time.sleep(0.2)
+            return response.strip() == answer
+    """))
+    summary = train(build_config(overrides=[
+        *JOB, f"trainer.run_dir={tmp_path}", "trainer.name=slow", "trainer.max_staleness=1", "trainer.steps=2",
+        "weight_sync.timeout_s=2", f"reward.function={reward}:slow_exact_match", "data.eval_size=4",
+    ]))
+    assert summary["steps"] == 2
+    lines = read_metrics(tmp_path / "slow" / "metrics.jsonl")
+    assert [line["rollout_weight_version"] for line in lines] == [0, 0]  # step 1's rollout was in flight
+    assert [line["policy_version"] for line in lines] == [1, 2]
+    assert all(line["weight_sync_logp_diff"] < 1e-3 for line in lines)  # the weights arrived, and were checked

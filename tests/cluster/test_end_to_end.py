@@ -18,7 +18,7 @@ from asyppo.cluster.driver import Trainer, train
 from asyppo.cluster.errors import JobFailed
 from asyppo.cluster.metrics import read_metrics, required_metric_keys
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("shared_ray")]
 
 
 def small_job(tmp_path, *extra):

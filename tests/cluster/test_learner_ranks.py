@@ -25,14 +25,7 @@ ray.cloudpickle.register_pickle_by_value(helpers)
 pytestmark = pytest.mark.cluster
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=3, include_dashboard=False, object_store_memory=256 * 1024**2)
-    yield
-    ray.shutdown()
-
-
-def test_two_ranks_split_the_work_and_agree_with_one_rank(local_ray, tiny_policy_dir):
+def test_two_ranks_split_the_work_and_agree_with_one_rank(shared_ray, tiny_policy_dir):
     cfg = build_config(overrides=[
         "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4", "learner.mini_batch_size=8",
         "learner.micro_batch_size=2", "learner.lr=1e-2", "algorithm.entropy_coef=0.01",
@@ -83,7 +76,7 @@ class PoisonableLearner(Learner):
 
 @pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("poison", ["poison_loss", "poison_gradient"])
-def test_a_bad_step_on_one_rank_is_skipped_by_every_rank(local_ray, tiny_policy_dir, zero_stage, poison):
+def test_a_bad_step_on_one_rank_is_skipped_by_every_rank(shared_ray, tiny_policy_dir, zero_stage, poison):
     cfg = build_config(overrides=[
         "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4", "learner.mini_batch_size=8",
         "learner.micro_batch_size=2", "learner.lr=1e-2", f"learner.zero_stage={zero_stage}",
@@ -115,7 +108,7 @@ def test_a_bad_step_on_one_rank_is_skipped_by_every_rank(local_ray, tiny_policy_
 
 
 @pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
-def test_a_job_with_two_learner_ranks_trains_the_one_rank_run(local_ray, tmp_path, reference_run, zero_stage):
+def test_a_job_with_two_learner_ranks_trains_the_one_rank_run(shared_ray, tmp_path, reference_run, zero_stage):
     """The reference job (one rank, ZeRO-0) with two CPU ranks at each ZeRO stage: the same first two steps, weight
     checks (a forward every rank joins at ZeRO-3), evaluations and grad_norm (the norm of the averaged gradient),
     to float tolerance: the ranks' halves of each gradient are summed in another order, and the rounding follows
