@@ -1,9 +1,10 @@
 """``RolloutWorker``: one vLLM engine that samples responses with their log-probs, scores them and takes new
 weights from the learner (docs/architecture.md, "One training step", steps 1 and 6-7).
 
-A plain class: the driver wraps it in an actor group (``rollout-0``, ...); tests can build it directly. vLLM runs
-its engine core and workers in child processes of this one; the weight-sync receiving end lives there
-(``asyppo.weight_sync.receiver``), the sending end on the learner (``asyppo.weight_sync.sender``).
+A plain class: the driver wraps it in an actor group (``rollout-0``, ...); tests can build it directly. A
+one-device engine runs in this process, a tensor-parallel one in worker processes of its own; the weight-sync
+receiving end lives with the model runner (``asyppo.weight_sync.receiver``), the sending end on the learner
+(``asyppo.weight_sync.sender``).
 
 Decisions worth knowing:
 

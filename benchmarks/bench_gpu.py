@@ -103,7 +103,7 @@ def job_config(task: str, *overrides: str):
 
 
 def make_learner(cfg, policy_dir: str, dtype: str, resume_state_dir: str | None = None):
-    from asyppo.common.deepspeed_engine import free_port
+    from asyppo.common.network import free_port
     from asyppo.learner.learner import Learner
 
     return Learner(policy_dir, cfg.algorithm, cfg.learner, temperature=cfg.rollout.temperature, dtype=dtype,

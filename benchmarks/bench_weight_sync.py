@@ -126,7 +126,7 @@ def raw_broadcast_setup(bucket_mb: float):
     import ray
     import torch
 
-    from asyppo.common.deepspeed_engine import free_port
+    from asyppo.common.network import free_port
 
     receiver = ray.remote(RawReceiver).options(num_cpus=1, name="raw-broadcast-receiver").remote()
     address, port = "127.0.0.1", free_port()

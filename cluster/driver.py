@@ -325,10 +325,11 @@ class Trainer:
     def check_rollout_weights(self, batch: RolloutBatch, what: str) -> float:
         """After a broadcast every rollout engine must assign the learner's log-probs (stale weights fail loudly)."""
         actors = self.actors
-        # A full-length sequence is cut by a token: an engine scores at most max_model_len − 1 (it must leave room
-        # for one more).
+        # The four longest sequences (the most tokens to compare). One that fills the engine's max_model_len is cut
+        # by a token: an engine scores at most max_model_len − 1 (it must leave room for one more).
+        longest = batch.attention_mask.sum(1).argsort(descending=True, stable=True)[:4].tolist()
         probe = [batch.input_ids[row][batch.attention_mask[row].bool()][:actors.engine_max_len - 1].tolist()
-                 for row in range(min(4, batch.num_sequences))]
+                 for row in longest]
         # Every learner rank runs the probe (under ZeRO-3 a forward needs them all); rank 0 answers.
         learner_logps = actors.get(actors.learners.call("probe_logprobs", probe), f"{what} on the learner")[0]
         try:

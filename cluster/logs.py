@@ -19,7 +19,8 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["RunLog", "redirect_output", "route_library_loggers", "setup_console", "with_output_to"]
+__all__ = ["RunLog", "redirect_output", "route_library_loggers", "route_raylet_messages", "setup_console",
+           "with_output_to"]
 
 CONSOLE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -61,6 +62,31 @@ def route_library_loggers() -> None:
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
         logger.propagate = True
+
+
+def route_raylet_messages() -> None:
+    """What Ray's raylets report to the driver (a worker that died: a 15-line paragraph of possible causes; a task
+    killed for memory) goes to the ``ray.raylet`` logger at WARNING, so to driver.log, instead of straight to stdout
+    beside the job's own one-line account of the same event. Call after ``ray.init``.
+
+    Ray's driver prints these from a thread of its own through ``ray._private.worker.print_to_stdstream``, with no
+    setting to send them elsewhere (``log_to_driver`` covers the actors' output only); that function is wrapped here,
+    and everything else it prints is left as it was."""
+    import ray._private.worker as ray_worker
+
+    print_to_stdstream = ray_worker.print_to_stdstream
+    if getattr(print_to_stdstream, "routes_raylet_messages", False):
+        return
+    raylet = logging.getLogger("ray.raylet")
+
+    def print_or_log(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") != "raylet":
+            return print_to_stdstream(data, ignore_prefix)
+        for message in data.get("lines", []):
+            raylet.warning("%s", message)
+
+    print_or_log.routes_raylet_messages = True
+    ray_worker.print_to_stdstream = print_or_log
 
 
 class RunLog:

@@ -11,6 +11,7 @@ the connection to Ray and the stop signals.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -18,7 +19,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import ray
 import torch
@@ -27,9 +28,9 @@ from asyppo.actors.rollout_worker import RolloutWorker
 from asyppo.cluster.actor_group import ActorGroup, role_resources, total_cpus
 from asyppo.cluster.checkpoint import CheckpointDir
 from asyppo.cluster.errors import ActorLost, JobFailed
-from asyppo.cluster.logs import route_library_loggers
+from asyppo.cluster.logs import route_library_loggers, route_raylet_messages
 from asyppo.common.config import JobConfig
-from asyppo.common.deepspeed_engine import free_port
+from asyppo.common.network import LOOPBACK, loopback_interface, node_address_and_free_port
 from asyppo.core.seeds import derive_seed
 from asyppo.critics.mini_critic import CriticStateLost, MiniCritic
 from asyppo.learner.learner import Learner
@@ -313,9 +314,8 @@ def spawn_rollout_workers(cfg: JobConfig, policy_dir: str, reward_fn, *, max_res
     return group
 
 
-@ray.remote(num_cpus=0)
-def _learner_address() -> tuple[str, int]:
-    return ray.util.get_node_ip_address(), free_port()
+# A task that imports only asyppo.common.network: it answers before the roles' heavy imports would have loaded.
+_learner_address = ray.remote(num_cpus=0)(node_address_and_free_port)
 
 
 def connect_ray(cfg: JobConfig) -> bool:
@@ -329,20 +329,49 @@ def connect_ray(cfg: JobConfig) -> bool:
     if not verbose:
         route_library_loggers()
     quiet = {"log_to_driver": verbose, "configure_logging": verbose}
-    if os.environ.get("RAY_ADDRESS"):
+    started = not os.environ.get("RAY_ADDRESS")
+    if not started:
         # No runtime_env here: inside `ray job submit` the job's own runtime env applies, and a second one that
         # sets the same variables makes Ray refuse the job.
         ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
-        return False
-    # Logical CPUs: fractional roles share this machine's cores (docs/architecture.md, "Scaling knobs").
-    needed = math.ceil(total_cpus(cfg)) + 1
-    # address="local": a cluster of the job's own, even when Ray's address file (left by `ray start`, perhaps by a
-    # cluster that has since died) names another; without it ray.init would try to join that one.
-    context = ray.init(address="local", num_cpus=max(needed, os.cpu_count() or 1), num_gpus=torch.cuda.device_count(),
-                       object_store_memory=512 * 1024**2, **quiet)
-    if context.dashboard_url:
-        log.info("Ray dashboard: http://%s", context.dashboard_url)
-    return True
+    else:
+        # Logical CPUs: fractional roles share this machine's cores (docs/architecture.md, "Scaling knobs").
+        needed = math.ceil(total_cpus(cfg)) + 1
+        # address="local": a cluster of the job's own, even when Ray's address file (left by `ray start`, perhaps by
+        # a cluster that has since died) names another; without it ray.init would try to join that one.
+        # Every process of a cluster of the job's own listens on 127.0.0.1 only (docs/deploy.md, "Network"): Ray
+        # binds its servers to the node's address, the job's process groups serve their stores there, and gloo
+        # takes the loopback interface (else the one the host name resolves to).
+        with _loopback_node():
+            context = ray.init(address="local", num_cpus=max(needed, os.cpu_count() or 1),
+                               num_gpus=torch.cuda.device_count(), object_store_memory=512 * 1024**2,
+                               _node_ip_address=LOOPBACK, runtime_env={"env_vars": _gloo_on_loopback()}, **quiet)
+        if context.dashboard_url:
+            log.info("Ray dashboard: http://%s", context.dashboard_url)
+    if not verbose:
+        route_raylet_messages()
+    return started
+
+
+@contextlib.contextmanager
+def _loopback_node() -> Iterator[None]:
+    """Within it, ``ray.init`` keeps a node address of 127.0.0.1. Ray replaces it by the machine's network address,
+    which other nodes can reach, unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set before Ray was imported (Ray's
+    setting for clusters that stay on one machine, read once into ``ray_constants.ENABLE_RAY_CLUSTER``); a cluster of
+    the job's own has no other node, so that setting applies to its start only, and a job that joins a cluster
+    through RAY_ADDRESS is left as it was."""
+    from ray._private import ray_constants
+
+    previous, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous
+
+
+def _gloo_on_loopback() -> dict[str, str]:
+    interface = loopback_interface()
+    return {"GLOO_SOCKET_IFNAME": interface} if interface else {}
 
 
 class StopSignals:

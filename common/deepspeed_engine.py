@@ -20,12 +20,7 @@ from typing import Any, Iterator
 
 import torch
 
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
+from asyppo.common.network import address_family
 
 
 def accelerator_device() -> torch.device:
@@ -33,7 +28,10 @@ def accelerator_device() -> torch.device:
 
 
 def init_process_group(rank: int, world_size: int, master_addr: str, master_port: int, timeout_s: float) -> None:
-    """Join (or create) this process's default group: NCCL on GPU, gloo on CPU."""
+    """Join (or create) this process's default group: NCCL on GPU, gloo on CPU. Rank 0 serves the group's store on
+    ``master_addr`` only (a socket bound there and handed to the store; torch's own would listen on every interface),
+    so a job on 127.0.0.1 opens no port to the network; DeepSpeed then adopts the group. ``master_port`` 0: any free
+    port (a group of one)."""
     import deepspeed
 
     if torch.distributed.is_initialized():
@@ -43,10 +41,19 @@ def init_process_group(rank: int, world_size: int, master_addr: str, master_port
         MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(world_size),
         LOCAL_RANK="0",
     )
-    deepspeed.init_distributed(
-        dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timedelta(seconds=timeout_s),
-        init_method=f"tcp://{master_addr}:{master_port}", rank=rank, world_size=world_size,
-    )
+    timeout = timedelta(seconds=timeout_s)
+    if master_port == 0 and world_size > 1:
+        raise ValueError("master_port 0 (any free port) needs world_size 1: the other ranks must know the port")
+    listen_fd = None
+    if rank == 0:
+        listener = socket.create_server((master_addr, master_port), family=address_family(master_addr))
+        master_port = listener.getsockname()[1]
+        listen_fd = listener.detach()
+    store = torch.distributed.TCPStore(master_addr, master_port, world_size, is_master=rank == 0, timeout=timeout,
+                                       master_listen_fd=listen_fd)
+    torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout,
+                               rank=rank, world_size=world_size)
 
 
 def make_engine(

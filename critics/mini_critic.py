@@ -21,7 +21,7 @@ import torch
 
 from asyppo.common.config import AlgorithmConfig, CriticsConfig
 from asyppo.common.deepspeed_engine import (
-    accelerator_device, begin_micro_batch, free_port, init_process_group, make_engine, optimizer_step,
+    accelerator_device, begin_micro_batch, init_process_group, make_engine, optimizer_step,
     set_learning_rate,
 )
 from asyppo.common.files import fsync_tree
@@ -56,7 +56,7 @@ class MiniCritic:
         self.total_steps = total_steps
         # All critics start from the same checkpoint (§2); only the data they see differs.
         torch.manual_seed(derive_seed(seed, "critic-init"))
-        init_process_group(0, 1, "127.0.0.1", free_port(), timeout_s)
+        init_process_group(0, 1, "127.0.0.1", 0, timeout_s)  # a group of its own
         self.device = accelerator_device()
         model = ValueModel.from_pretrained(critic_path)
         if critics.gradient_checkpointing:

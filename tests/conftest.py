@@ -41,8 +41,8 @@ def shared_ray():
     the embedded cluster of a small job; a bigger one is scaled to fit (``fit_to_cluster``)."""
     import ray
 
-    ray.init(address="local", num_cpus=max(6, os.cpu_count() or 1), include_dashboard=False,
-             object_store_memory=512 * 1024**2, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=max(6, os.cpu_count() or 1), object_store_memory=512 * 1024**2,
+             log_to_driver=False, configure_logging=False)  # with the dashboard: its state API lists the actors
     yield
     ray.shutdown()
 

@@ -11,7 +11,7 @@ import torch
 
 from asyppo.cluster.driver import train
 from asyppo.common.config import build_config
-from asyppo.common.deepspeed_engine import free_port
+from asyppo.common.network import free_port
 from asyppo.cluster.supervisor import learner_arguments
 from asyppo.learner.learner import Learner
 from tests import helpers

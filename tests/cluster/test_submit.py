@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+from asyppo.common.network import LOOPBACK, free_port
 
 pytestmark = pytest.mark.cluster
 
@@ -22,18 +23,12 @@ SMALL = ["trainer.steps=2", "trainer.eval_every=0", "data.eval_size=32", "rollou
          "logging.wandb_mode=offline", "trainer.call_timeout_s=300"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """A 2-CPU Ray head with its own HOME (its token) and temp dir (so no other test's ray.init() finds it)."""
     home = tmp_path_factory.mktemp("home")
     temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: Ray's socket paths must stay short
-    dashboard = free_port()
+    dashboard = free_port(LOOPBACK)
     # The built-in models stay in the usual cache (the other tests built them there), not in the new HOME.
     cache = os.environ.get("ASYPPO_CACHE") or str(Path("~/.cache/asyppo").expanduser())
     env = {**os.environ, "HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}", "ASYPPO_CACHE": cache}
@@ -44,7 +39,7 @@ def head(tmp_path_factory):
                                text=True, timeout=120)
     assert generated.returncode == 0, generated.stderr
     started = subprocess.run(
-        [str(BIN / "ray"), "start", "--head", "--num-cpus=2", "--num-gpus=0", f"--port={free_port()}",
+        [str(BIN / "ray"), "start", "--head", "--num-cpus=2", "--num-gpus=0", f"--port={free_port(LOOPBACK)}",
          f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
          "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=180)
     assert started.returncode == 0, started.stdout + started.stderr
