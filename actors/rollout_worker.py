@@ -80,6 +80,20 @@ def score_samples(
     return torch.tensor(scores, dtype=torch.float32), torch.tensor(correct, dtype=torch.bool)
 
 
+def engine_executor(tensor_parallel_size: int) -> str:
+    """vLLM's ``distributed_executor_backend`` for an engine in this process, with the environment it needs.
+
+    An engine on one device runs inside this process (vLLM's engine core in-process, its one model runner beside
+    it): no engine-core and worker processes to start (each imports vLLM again: about 16 s of a job's start on 2
+    cores) or to outlive the actor when it is killed. A tensor-parallel engine has worker processes of its own (the
+    mp executor), whether or not this runs inside Ray: the Ray executor would need a placement group of its own,
+    while the driver already gives this actor its GPUs."""
+    if tensor_parallel_size > 1:
+        return "mp"
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return "uni"
+
+
 class RolloutWorker:
     """A vLLM engine for ``model_path`` (a Hugging Face directory with its tokenizer).
 
@@ -124,20 +138,12 @@ class RolloutWorker:
             engine_args["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * 2**30)
         else:
             engine_args["gpu_memory_utilization"] = gpu_memory_utilization
-        # An engine on one device runs inside this actor's process (vLLM's engine core in-process, its one model
-        # runner beside it): no engine-core and worker processes to start (each imports vLLM again: about 16 s of a
-        # job's start on 2 cores) or to outlive the actor when it is killed. A tensor-parallel engine has worker
-        # processes of its own (the mp executor), whether or not this runs inside Ray: the Ray executor would need a
-        # placement group of its own, while the driver already gives this actor its GPUs.
-        in_process = tensor_parallel_size == 1
-        if in_process:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self.llm = LLM(
             model=model_path,
             dtype=dtype,
             seed=seed,
             tensor_parallel_size=tensor_parallel_size,
-            distributed_executor_backend="uni" if in_process else "mp",
+            distributed_executor_backend=engine_executor(tensor_parallel_size),
             max_model_len=max_model_len,
             enforce_eager=enforce_eager,
             logprobs_mode="processed_logprobs",

@@ -46,10 +46,12 @@ class PlainEngine:
         from vllm import LLM
         from vllm.platforms import current_platform
 
+        from asyppo.actors.rollout_worker import engine_executor
+
         engine_args = {"kv_cache_memory_bytes": int(cpu_kv_cache_gib * 2**30)} if current_platform.is_cpu() else {}
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process, as the rollout worker's one-device engine
         self.llm = LLM(model=model_path, dtype="float32", seed=seed, max_model_len=max_model_len, enforce_eager=True,
-                       distributed_executor_backend="uni", logprobs_mode="processed_logprobs", **engine_args)
+                       distributed_executor_backend=engine_executor(1), logprobs_mode="processed_logprobs",
+                       **engine_args)
 
     def generate(self, prompts: list[str], seeds: list[int], *, n: int, max_new_tokens: int) -> tuple[float, int]:
         from vllm import SamplingParams

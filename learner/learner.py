@@ -154,21 +154,20 @@ class Learner:
         start = time.perf_counter()
         self._batch = batch
         micro_batches = torch.arange(batch.num_sequences).split(self.config.micro_batch_size)
-        mine = micro_batches[self.rank::self.world_size]
-        # ZeRO-3 gathers the parameters inside every forward, a collective: each rank runs as many forwards as the
-        # busiest one, a rank with fewer micro-batches repeating its first and dropping the result.
-        rounds = -(-len(micro_batches) // self.world_size)
+        # Every rank must run as many forwards (ZeRO-3 gathers the parameters inside each, a collective); the job's
+        # config makes the batch a multiple of micro_batch_size × ranks (as the update's mini-batches need too).
+        if len(micro_batches) % self.world_size:
+            raise ValueError(f"{len(micro_batches)} micro-batches of {self.config.micro_batch_size} do not share out "
+                             f"evenly over {self.world_size} learner ranks")
         results = []
         self.engine.module.eval()
         with torch.no_grad():
-            for index in range(rounds):
-                rows = mine[index] if index < len(mine) else micro_batches[0]
+            for rows in micro_batches[self.rank::self.world_size]:
                 logp, entropy = self._forward(batch.rows(rows), with_entropy=True)
                 ref_logp = None
                 if self.reference is not None:
                     ref_logp = self._forward(batch.rows(rows), with_entropy=False, model=self.reference)[0].float().cpu()
-                if index < len(mine):
-                    results.append((rows, logp.float().cpu(), entropy.float().cpu(), ref_logp))
+                results.append((rows, logp.float().cpu(), entropy.float().cpu(), ref_logp))
         every_rank = [part for parts in all_ranks_gather(results) for part in parts]
         order = torch.cat([rows for rows, *_ in every_rank]).argsort()
         self._old_logp = torch.cat([logp for _, logp, _, _ in every_rank])[order]
