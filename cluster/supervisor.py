@@ -66,7 +66,7 @@ class Supervisor:
                                                      log_dir=log_dir)
         self.learners = ActorGroup("learner", role_resources(cfg)["learner"], pack=True)
         address, port = self.get(_learner_address.options(**self.learners.bundle_options(0)).remote(),
-                                 "placing the learner")
+                                 "placing the learner", starting=True)
         state_dir = str(Path(resume_dir) / "policy_state") if resume_dir else None
         self.learners.spawn(
             Learner,
@@ -82,12 +82,12 @@ class Supervisor:
         self._wait_until_ready(resume_dir, version)
 
     def _wait_until_ready(self, resume_dir: str | None, version: int) -> None:
-        self.get(self.learners.call("ping"), "starting the learner")
+        self.get(self.learners.call("ping"), "starting the learner", starting=True)
         if self.critics:
-            self.critics.note_pids(self.get(self.critics.call("pid"), "starting the critics"))
+            self.critics.note_pids(self.get(self.critics.call("pid"), "starting the critics", starting=True))
             if resume_dir:
                 self.get(self.critics.call("restore", resume_dir), "restoring the critics")
-        healths = self.get(self.rollout_workers.call("health"), "starting the rollout engines")
+        healths = self.get(self.rollout_workers.call("health"), "starting the rollout engines", starting=True)
         self.rollout_workers.note_pids([health["pid"] for health in healths])
         self.engine_max_len = min(health["max_model_len"] for health in healths)
         self.get(self.learners.call("set_version", version), "setting the version")
@@ -104,20 +104,23 @@ class Supervisor:
 
     # ---- waiting -------------------------------------------------------------------------------------------------
 
-    def get(self, refs, what: str):
-        """ray.get with the job's timeout. Every failure becomes one line naming the actor and the phase (``what``)
-        and saying how to resume: a hung actor (no answer in trainer.call_timeout_s), a dead one (:class:`ActorLost`,
+    def get(self, refs, what: str, *, starting: bool = False):
+        """ray.get with the job's timeout: trainer.call_timeout_s, or trainer.start_timeout_s for calls that wait for
+        an actor to start (``starting``). Every failure becomes one line naming the actor and the phase (``what``)
+        and saying how to resume: a hung actor (no answer in time), a dead one (:class:`ActorLost`,
         which the phases that can bring a restarted actor back catch; also a critic that Ray restarted between its
         scoring and its training, :class:`CriticStateLost`), an exception raised inside an actor (its remote
         traceback goes to ``<run>/error.log``)."""
+        field = "start_timeout_s" if starting else "call_timeout_s"
+        timeout = getattr(self.cfg.trainer, field)
         try:
-            return ray.get(refs, timeout=self.cfg.trainer.call_timeout_s)
+            return ray.get(refs, timeout=timeout)
         except ray.exceptions.GetTimeoutError:
             waiting = ", ".join(self._unanswered(refs)) or "a task"
             raise JobFailed(
-                f"{what}: no answer from {waiting} within trainer.call_timeout_s="
-                f"{self.cfg.trainer.call_timeout_s:.0f}s (the process is alive but not answering: stopped, deadlocked "
-                f"or far slower than expected; `ray stack` on its node shows where it waits){self.resume_hint()}"
+                f"{what}: no answer from {waiting} within trainer.{field}={timeout:g}s (the process is alive but "
+                f"not answering: stopped, deadlocked or far slower than expected; `ray stack` on its node shows where "
+                f"it waits){self.resume_hint()}"
             ) from None
         except ray.exceptions.RayActorError as exc:  # before RayTaskError: a task that depended on a dead actor is both
             name = self._actor_name(getattr(exc, "actor_id", None))
@@ -145,7 +148,7 @@ class Supervisor:
         if waiting:
             raise JobFailed(
                 f"{what}: {', '.join(self._unanswered(waiting))} still busy after trainer.call_timeout_s="
-                f"{self.cfg.trainer.call_timeout_s:.0f}s{self.resume_hint()}")
+                f"{self.cfg.trainer.call_timeout_s:g}s{self.resume_hint()}")
 
     def resume_hint(self) -> str:
         """How to continue this run from its latest checkpoint (appended to every fatal error)."""
@@ -180,13 +183,15 @@ class Supervisor:
         names = [self._actor_name(ref.task_id().actor_id().hex()) for ref in waiting]
         return list(dict.fromkeys(names))
 
-    def answers(self, group: ActorGroup, method: str, what: str) -> list:
-        """Every actor's answer to ``method``, waiting (up to trainer.call_timeout_s) while Ray restarts one: right
-        after a death Ray reports the actor unavailable, then queues calls until its constructor has run again."""
-        deadline = time.monotonic() + self.cfg.trainer.call_timeout_s
+    def answers(self, group: ActorGroup, method: str, what: str, *, starting: bool = False) -> list:
+        """Every actor's answer to ``method``, waiting while Ray restarts one: right after a death Ray reports the
+        actor unavailable, then queues calls until its constructor has run again. ``starting``: a restart is
+        expected (a call to the group just failed), so the wait is trainer.start_timeout_s, not call_timeout_s."""
+        timeout = self.cfg.trainer.start_timeout_s if starting else self.cfg.trainer.call_timeout_s
+        deadline = time.monotonic() + timeout
         while True:
             try:
-                return self.get(group.call(method), f"{what}: waiting for the {group.role}")
+                return self.get(group.call(method), f"{what}: waiting for the {group.role}", starting=starting)
             except ActorLost as lost:
                 if lost.unavailable and time.monotonic() < deadline:
                     time.sleep(1.0)
@@ -207,7 +212,7 @@ class Supervisor:
         are used up (trainer.actor_restarts) ends the job with :class:`ActorLost`.
         """
         workers = self.rollout_workers
-        healths = self.answers(workers, "health", what)
+        healths = self.answers(workers, "health", what, starting=True)
         restarted = workers.note_pids([health["pid"] for health in healths])
         behind = [i for i, health in enumerate(healths)
                   if health["weight_version"] != version or not health["weights_valid"]]
@@ -221,11 +226,14 @@ class Supervisor:
                                                 f"group")
         return restarted
 
-    def restore_critics(self, what: str, pids: list[int] | None = None) -> list[int]:
+    def restore_critics(self, what: str, pids: list[int] | None = None, *, starting: bool = False) -> list[int]:
         """Critics that Ray restarted since the last look (their constructor ran again: the initial critic) get
         their state from the run's latest checkpoint. Returns their indices. ``pids``: the critics' process ids as
-        some call just returned them (:meth:`MiniCritic.save`), instead of asking each critic."""
-        restarted = self.critics.note_pids(pids if pids is not None else self.answers(self.critics, "pid", what))
+        some call just returned them (:meth:`MiniCritic.save`), instead of asking each critic; ``starting``: a
+        critic's call just failed, so one may be starting again (:meth:`answers`)."""
+        if pids is None:
+            pids = self.answers(self.critics, "pid", what, starting=starting)
+        restarted = self.critics.note_pids(pids)
         if restarted and self.last_checkpoint is not None:
             self.get([self.critics[m].restore.remote(str(self.last_checkpoint)) for m in restarted],
                      f"{what}: restoring restarted critics from {self.last_checkpoint}")
@@ -247,7 +255,7 @@ class Supervisor:
                 if lost.actor not in self.critics.names:
                     raise
                 # The critic whose call failed runs again even when its restart was noted before (and restored).
-                for m in sorted({*self.restore_critics(what), self.critics.names.index(lost.actor)}):
+                for m in sorted({*self.restore_critics(what, starting=True), self.critics.names.index(lost.actor)}):
                     refs[m] = (relaunch or launch)(m)
         return self.get(refs, what)
 

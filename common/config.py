@@ -284,6 +284,10 @@ class TrainerConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1)
     actor_restarts: int = Field(1, ge=0, description="times Ray restarts a dead actor before the job fails")
     call_timeout_s: float = Field(900.0, gt=0, description="longest wait on any actor call; then a clear error")
+    start_timeout_s: float = Field(
+        1800.0, gt=0, description="longest wait for an actor to start (load its model, build its engine), also when "
+                                  "Ray restarts it; then a clear error"
+    )
     max_skipped_steps: int = Field(
         3, ge=1, description="consecutive steps without a policy update (bad loss, diverged critics) before the job stops"
     )
@@ -522,8 +526,9 @@ def cross_field_problems(cfg: JobConfig) -> list[tuple[str, str]]:
 # it logs, its timeouts, the weight broadcast, its resources and the memory-only micro-batch sizes. Anything else
 # (model, data, reward, algorithm, sampling, optimisation, seed) would make it a different run.
 RESUME_SAFE_FIELDS = (
-    "trainer.name", "trainer.run_dir", "trainer.steps", "trainer.eval_every", "trainer.checkpoint_every", "trainer.keep_checkpoints",
-    "trainer.actor_restarts", "trainer.call_timeout_s", "trainer.max_skipped_steps", "logging.", "weight_sync.",
+    "trainer.name", "trainer.run_dir", "trainer.steps", "trainer.eval_every", "trainer.checkpoint_every",
+    "trainer.keep_checkpoints", "trainer.actor_restarts", "trainer.call_timeout_s", "trainer.start_timeout_s",
+    "trainer.max_skipped_steps", "logging.", "weight_sync.",
     "rollout.num_workers", "rollout.gpus_per_worker", "rollout.cpus_per_worker", "rollout.gpu_memory_utilization",
     "rollout.cpu_kv_cache_gib", "critics.gpus_per_critic", "critics.cpus_per_critic", "critics.micro_batch_size",
     "learner.num_gpus", "learner.ranks", "learner.cpus", "learner.micro_batch_size", "learner.logprob_chunk",

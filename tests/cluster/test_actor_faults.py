@@ -65,7 +65,7 @@ def test_killed_rollout_worker_and_critic_are_restarted_and_the_run_is_unchanged
     # a short one keeps the test short (it changes no number).
     summary = train(build_config(overrides=[*JOB, f"trainer.run_dir={tmp_path}", "trainer.name=faulted",
                                             "trainer.actor_restarts=2", "rollout.num_workers=3",
-                                            "weight_sync.timeout_s=15"]))
+                                            "weight_sync.timeout_s=6"]))
 
     for marker in ("rollout-died", "rollout-died-again", "critic-died"):
         assert (tmp_path / marker).exists(), f"{marker}: the fault did not happen"
@@ -91,10 +91,9 @@ def test_killed_rollout_worker_and_critic_are_restarted_and_the_run_is_unchanged
     assert_same_run(reference_dir, run_path)
 
 
-def test_dead_learner_stops_the_job_with_the_resume_command_and_resume_finishes_the_run(
-    tmp_path, reference_run, monkeypatch,
-):
-    reference, reference_dir = reference_run
+def test_dead_learner_stops_the_job_with_the_resume_command_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """What the resume command then does from such a checkpoint (the run as if uninterrupted) is
+    test_resume_after_kills.py's: a driver killed between checkpoints leaves the same state, and more to undo."""
     overrides = [*JOB, f"trainer.run_dir={tmp_path}", "trainer.name=learner-lost"]
     run_path = tmp_path / "learner-lost"
     monkeypatch.setattr(asyppo.cluster.supervisor, "Learner", fails_once(
@@ -109,14 +108,10 @@ def test_dead_learner_stops_the_job_with_the_resume_command_and_resume_finishes_
     assert verify(run_path / "checkpoints" / "step-1") == []  # what was kept: the last checkpoint, whole
     assert [line["step"] for line in read_metrics(run_path / "metrics.jsonl")] == [0, 1]
 
-    monkeypatch.undo()
-    resumed = train(build_config(overrides=overrides), resume=True)
-    assert resumed["final_accuracy"] == reference["final_accuracy"]
-    assert_same_run(reference_dir, run_path)
-
 
 def test_stopped_rollout_worker_ends_in_a_timeout_naming_it_and_the_phase(tmp_path, monkeypatch):
-    overrides = [*JOB, f"trainer.run_dir={tmp_path}", "trainer.name=hung", "trainer.call_timeout_s=60"]
+    # The actors' start is bounded by trainer.start_timeout_s: call_timeout_s is for calls, which take a second here.
+    overrides = [*JOB, f"trainer.run_dir={tmp_path}", "trainer.name=hung", "trainer.call_timeout_s=20"]
     run_path = tmp_path / "hung"
     marker = tmp_path / "rollout-stopped"
     monkeypatch.setattr(asyppo.cluster.supervisor, "RolloutWorker", fails_once(
@@ -125,8 +120,8 @@ def test_stopped_rollout_worker_ends_in_a_timeout_naming_it_and_the_phase(tmp_pa
     with pytest.raises(JobFailed) as failure:
         train(build_config(overrides=overrides))
     assert str(failure.value).startswith(
-        "step 2: rollout: no answer from rollout-0 within trainer.call_timeout_s=60s (the process is alive but not "
-        "answering")
+        "step 2: rollout: no answer from rollout-0 within trainer.call_timeout_s=20s (the process is alive but "
+        "not answering")
     assert str(failure.value).endswith(f"; resume with: asyppo train --config {run_path / 'config.yaml'} --resume")
     stopped_pid = int(marker.read_text().split()[2])
     assert not psutil.pid_exists(stopped_pid) or psutil.Process(stopped_pid).status() == psutil.STATUS_ZOMBIE, \

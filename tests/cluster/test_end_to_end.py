@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 
 import pytest
@@ -146,6 +147,15 @@ def test_two_workers_three_critics_async_then_resume(tmp_path, capsys):
     # The resumed learner continues from version 3 (three updates before the checkpoint).
     assert lines[3]["policy_version"] == 4 and lines[4]["policy_version"] == 5
     assert json.loads((run_path / "summary.json").read_text())["steps"] == 5
+
+
+def test_actors_that_do_not_start_in_time_end_the_job_in_one_line(tmp_path):
+    """Starting an actor (imports, model, engine) is bounded by trainer.start_timeout_s, not call_timeout_s: the
+    job ends naming the phase and that field, with no resume command (there is no checkpoint yet)."""
+    with pytest.raises(JobFailed) as failure:
+        train(small_job(tmp_path, "trainer.start_timeout_s=0.5"))
+    assert re.fullmatch(r"(placing|starting) the learner: no answer from \S+ within trainer.start_timeout_s=0.5s "
+                        r"\(the process is alive but not answering: .*\)", str(failure.value)), str(failure.value)
 
 
 def _overrides_of(cfg) -> list[str]:

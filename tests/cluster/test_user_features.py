@@ -1,15 +1,21 @@
 """What a user brings (docs/rewards.md): a reward function in a file of their own, a dataset with columns of its own,
-a chat-templated tokenizer; and what they get back: generations they can read (samples.jsonl, a W&B table), actor
-output in the run's log files. A real job on a local Ray cluster with real vLLM, DeepSpeed and W&B (offline)."""
+a chat-templated tokenizer, a machine where `ray start` once ran; and what they get back: generations they can read
+(samples.jsonl, a W&B table), actor output in the run's log files, a cluster of the job's own that listens on
+127.0.0.1 only (docs/deploy.md). One real job on a local Ray cluster with real vLLM, DeepSpeed and W&B (offline)."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
+from dataclasses import dataclass
+from pathlib import Path
 
+import psutil
 import pytest
 import ray
+from ray._private.utils import get_ray_address_file, read_ray_address
 
 from asyppo.common.config import build_config
 from asyppo.cluster.driver import Trainer
@@ -56,9 +62,24 @@ def user_job(tmp_path_factory):
     return root
 
 
-def test_own_reward_chat_template_samples_and_log_files(user_job, tmp_path, monkeypatch):
+@dataclass
+class UserRun:
+    trainer: Trainer
+    rows: dict  # question → the training file's row
+    rollouts: list
+    worker_pid: int
+    reward_calls: list[str]  # the process id of each call of the user's reward function, in order
+    sockets: list[tuple[str, int, str]]  # what the job's processes listened on during its first step
+    ray_address: str
+
+
+@pytest.fixture(scope="module")
+def user_run(user_job, tmp_path_factory) -> UserRun:
+    """Two steps of the user's job, on a machine where `ray start` once ran: Ray's address file names a cluster that
+    has since died. ray.init() without an address would try to join that cluster (and refuse the job's num_cpus);
+    the job starts its own instead, listening on 127.0.0.1 only."""
+    tmp_path = tmp_path_factory.mktemp("user-run")
     calls = tmp_path / "reward-calls.txt"
-    monkeypatch.setenv("REWARD_CALLS", str(calls))  # the local cluster's workers inherit the driver's environment
     rows = {row["question"]: row for row in map(json.loads, (user_job / "train.jsonl").read_text().splitlines())}
     cfg = build_config(overrides=[
         f"model.policy={user_job / 'policy'}", f"model.critic={user_job / 'critic'}",
@@ -71,18 +92,70 @@ def test_own_reward_chat_template_samples_and_log_files(user_job, tmp_path, monk
         "trainer.call_timeout_s=180", "weight_sync.timeout_s=60", "logging.wandb_mode=offline",
         "logging.samples_every=1", "logging.samples_per_log=4",
     ])
-    trainer = Trainer(cfg)
-    try:
-        # The driver ran the function once per split on a sample row before any actor started.
-        assert calls.read_text().split() == [str(os.getpid())] * 2
-        rollouts = [trainer.step(step).rollout for step in range(2)]
-        outputs = [output for rollout in rollouts for output in rollout.outputs]
-        worker_pid = ray.get(trainer.actors.rollout_workers[0].pid.remote())
-    finally:
-        trainer.close()
+    address_file = Path(get_ray_address_file(None))
+    kept = address_file.read_text() if address_file.exists() else None
+    address_file.parent.mkdir(parents=True, exist_ok=True)
+    address_file.write_text("127.0.0.1:9")  # a cluster that has died: nothing listens there
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("RAY_ADDRESS", raising=False)
+        patch.setenv("REWARD_CALLS", str(calls))  # the local cluster's workers inherit the driver's environment
+        try:
+            assert read_ray_address() == "127.0.0.1:9"
+            trainer = Trainer(cfg)
+            try:
+                assert trainer.owns_ray
+                address = ray.get_runtime_context().gcs_address
+                # The driver ran the function once per split on a sample row before any actor started.
+                assert calls.read_text().split() == [str(os.getpid())] * 2
+                rollouts = [trainer.step(0).rollout]  # every process group formed and used
+                sockets = listening_sockets()
+                rollouts.append(trainer.step(1).rollout)
+                worker_pid = ray.get(trainer.actors.rollout_workers[0].pid.remote())
+            finally:
+                trainer.close()
+        finally:
+            if kept is None:
+                address_file.unlink(missing_ok=True)
+            else:
+                address_file.write_text(kept)
+    return UserRun(trainer, rows, rollouts, worker_pid, calls.read_text().split(), sockets, address)
+
+
+def is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback  # ::ffff:127.0.0.1 included
+
+
+def listening_sockets() -> list[tuple[str, int, str]]:
+    """(address, port, process name) of every TCP socket that this process and its descendants (the embedded
+    cluster's GCS, raylet, dashboard and agents, every actor and the engines and process groups inside them, the W&B
+    service) listen on."""
+    me = psutil.Process()
+    found = []
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            found += [(c.laddr.ip, c.laddr.port, process.name()) for c in process.net_connections(kind="tcp")
+                      if c.status == psutil.CONN_LISTEN]
+        except psutil.Error:  # a process that ended meanwhile
+            continue
+    return found
+
+
+def test_a_job_beside_a_stale_ray_address_file_starts_its_own_cluster_on_loopback_only(user_run):
+    """Nothing the job starts (Ray's servers, its actors, the learner's and the weight broadcast's process groups)
+    listens on another address than 127.0.0.1: a job on one machine opens no port to the network."""
+    assert user_run.ray_address != "127.0.0.1:9"
+    names = {name for _, _, name in user_run.sockets}
+    assert {"gcs_server", "raylet"} <= names and any("Learner" in name for name in names), names
+    assert [entry for entry in user_run.sockets if not is_loopback(entry[0])] == []
+
+
+def test_own_reward_chat_template_samples_and_log_files(user_run):
+    trainer, rows, rollouts, worker_pid = user_run.trainer, user_run.rows, user_run.rollouts, user_run.worker_pid
+    outputs = [output for rollout in rollouts for output in rollout.outputs]
 
     # Every response was scored in the rollout worker by the user's function, with the row's own column.
-    pids = calls.read_text().split()[2:]
+    pids = user_run.reward_calls[2:]
     assert pids == [str(worker_pid)] * (2 * 8 * 4)
     for output, problems in zip(outputs, [rollout.problems for rollout in rollouts]):
         for index, text in enumerate(output["response_text"]):
