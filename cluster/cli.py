@@ -1,4 +1,4 @@
-"""The ``asyppo`` command: ``train``, ``submit``, ``eval`` and ``config``.
+"""The ``asyppo`` command: ``train``, ``submit``, ``eval``, ``config`` and ``import-gguf``.
 
 ``asyppo train`` with no arguments runs the built-in job (embedded local Ray, tiny bootstrapped model, arithmetic
 task). Every subcommand takes ``--config FILE.yaml`` and dotted ``key=value`` overrides, validated before anything
@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="validate a job config and print it fully resolved")
     _add_config_args(config)
+
+    import_gguf = sub.add_parser(
+        "import-gguf", help="turn a GGUF file (llama.cpp's format) into a Hugging Face model directory for "
+                            "model.policy and model.critic (docs/models.md)")
+    import_gguf.add_argument("gguf_file", type=Path, metavar="FILE")
+    import_gguf.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="a new directory")
     return parser
 
 
@@ -200,12 +206,27 @@ def _step_of(checkpoint: Path) -> int | str:
     return int(name.removeprefix("step-")) if name.removeprefix("step-").isdigit() else name
 
 
+def _import_gguf(args: argparse.Namespace) -> int:
+    from asyppo.common.pretrained import PretrainedUnavailable, import_gguf
+
+    try:
+        out_dir = import_gguf(args.gguf_file, args.out_dir)
+    except (FileExistsError, FileNotFoundError, PretrainedUnavailable) as exc:
+        print(f"asyppo: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - what transformers' GGUF loader refuses (an architecture it lacks)
+        print(f"asyppo: {args.gguf_file} could not be imported: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {out_dir} (use it as model.policy or model.critic)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_console(verbose=False)
     args = build_parser().parse_args(argv)
     if args.command is None:
         args = build_parser().parse_args(["train", *(argv if argv is not None else sys.argv[1:])])
-    handlers = {"train": _train, "submit": _submit, "eval": _eval}
+    handlers = {"train": _train, "submit": _submit, "eval": _eval, "import-gguf": _import_gguf}
     try:
         if args.command == "config":
             print(_load(args).to_yaml(), end="")

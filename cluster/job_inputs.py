@@ -22,7 +22,7 @@ from asyppo.common.config import (
     resume_changes,
 )
 from asyppo.tasks.problems import Problem
-from asyppo.tasks.registry import TASKS, load_problems
+from asyppo.tasks.registry import BUILTIN_PREFIX, TASKS, load_problems
 from asyppo.tasks.rewards import RewardFunction
 
 log = logging.getLogger("asyppo")
@@ -83,14 +83,19 @@ def prepare_job(cfg: JobConfig, *, resume: bool = False) -> JobInputs:
 
 
 def resolve_models(cfg: JobConfig) -> Models:
-    """Local model directories for the policy and the critics; the built-in ones are bootstrapped (cached)."""
+    """Local model directories for the policy and the critics: the built-in tiny ones are bootstrapped, the built-in
+    pretrained ones converted from their package (both cached)."""
     paths = {"model.policy": cfg.model.policy, "model.critic": cfg.model.critic}
+    for field, path in paths.items():
+        if path.startswith(BUILTIN_PREFIX) and path not in (BUILTIN_POLICY, BUILTIN_CRITIC):
+            paths[field] = pretrained_model(field, path.removeprefix(BUILTIN_PREFIX))
     if {BUILTIN_POLICY, BUILTIN_CRITIC} & set(paths.values()):
         task = TASKS[cfg.data.task]
         if task.builtin_models is None:
             field = "model.policy" if paths["model.policy"] == BUILTIN_POLICY else "model.critic"
-            raise JobFailed(f"{field}: the task {task.name!r} has no built-in models; point model.policy and "
-                            f"model.critic at local Hugging Face directories")
+            raise JobFailed(f"{field}: the task {task.name!r} has no built-in tiny models; point model.policy and "
+                            f"model.critic at local Hugging Face directories or a built-in pretrained model "
+                            f"(builtin:smollm2-135m-instruct)")
         builtin = task.builtin_models(cfg.trainer.seed, log.info)
         pick = {BUILTIN_POLICY: str(builtin.policy_dir), BUILTIN_CRITIC: str(builtin.critic_dir)}
         paths = {field: pick.get(path, path) for field, path in paths.items()}
@@ -100,6 +105,21 @@ def resolve_models(cfg: JobConfig) -> Models:
         if not (Path(path) / "config.json").is_file():
             raise JobFailed(f"{field}: {path} is not a local Hugging Face model directory (no config.json)")
     return Models(paths["model.policy"], paths["model.critic"])
+
+
+def pretrained_model(field: str, name: str) -> str:
+    """The directory of the built-in pretrained model ``name`` (asyppo.common.pretrained), or one line saying why
+    there is none."""
+    from asyppo.common.pretrained import PRETRAINED, PretrainedUnavailable, ensure_pretrained
+    from asyppo.tasks.tiny_models import default_cache_dir
+
+    if name not in PRETRAINED:
+        known = ", ".join(f"{BUILTIN_PREFIX}{known}" for known in ("tiny", "tiny-critic", *PRETRAINED))
+        raise JobFailed(f"{field}: no built-in model {BUILTIN_PREFIX}{name}; the built-in models are {known}")
+    try:
+        return str(ensure_pretrained(name, default_cache_dir(), log.info))
+    except PretrainedUnavailable as exc:
+        raise JobFailed(f"{field}: {exc}") from None
 
 
 def load_datasets(cfg: JobConfig) -> tuple[list[Problem], dict[str, list[Problem]]]:

@@ -39,6 +39,7 @@ def preflight_problems(cfg: JobConfig, train: list[Problem], held_out: dict[str,
     ]
     if cfg.critics.num_critics:
         problems += tokenizer_problems(tokenizer, AutoTokenizer.from_pretrained(models.critic))
+        problems += critic_layers_problems(cfg, AutoConfig.from_pretrained(models.critic))
     return problems
 
 
@@ -125,6 +126,19 @@ def tokenizer_problems(policy_tokenizer, critic_tokenizer) -> list[tuple[str, st
         return [("model.critic", f"its tokenizer's vocabulary ({len(critic_tokenizer)} tokens) differs from the "
                                  f"policy's ({len(policy_tokenizer)}); the critics read the policy's token ids, so "
                                  "use a critic from the same model family")]
+    return []
+
+
+def critic_layers_problems(cfg: JobConfig, critic_config) -> list[tuple[str, str]]:
+    """A critic cut to N layers needs a model with at least N (a number of layers is what its config calls it)."""
+    wanted, available = cfg.model.critic_layers, getattr(critic_config, "num_hidden_layers", None)
+    if wanted is None:
+        return []
+    if available is None:
+        return [("model.critic_layers", f"the critic model's config ({type(critic_config).__name__}) has no "
+                                        "num_hidden_layers to cut")]
+    if wanted > available:
+        return [("model.critic_layers", f"{wanted} is more than the {available} decoder layers of the critic model")]
     return []
 
 

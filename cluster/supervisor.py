@@ -299,7 +299,7 @@ def critic_arguments(cfg: JobConfig, critic_dir: str, index: int) -> tuple[tuple
     """``MiniCritic(*args, **kwargs)`` for critic ``index`` of this job."""
     return (critic_dir, index, cfg.critics, cfg.algorithm), dict(
         dtype=cfg.model.dtype, seed=cfg.trainer.seed, timeout_s=cfg.trainer.call_timeout_s,
-        total_steps=cfg.trainer.steps,
+        total_steps=cfg.trainer.steps, num_layers=cfg.model.critic_layers,
     )
 
 

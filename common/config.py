@@ -135,11 +135,19 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    policy: str = Field(BUILTIN_POLICY, description="local Hugging Face model dir, or builtin:tiny")
+    policy: str = Field(
+        BUILTIN_POLICY, description="local Hugging Face model dir, builtin:tiny (the task's), or a built-in "
+                                    "pretrained model: builtin:smollm2-135m-instruct (docs/models.md)"
+    )
     critic: str = Field(
-        BUILTIN_CRITIC, description="local HF dir for the critics' backbone, builtin:tiny-critic, or policy (the policy's)"
+        BUILTIN_CRITIC, description="local HF dir for the critics' backbone, builtin:tiny-critic, a built-in "
+                                    "pretrained model, or policy (the policy's)"
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    critic_layers: int | None = Field(
+        None, ge=1, description="mini-critics cut from model.critic: its embeddings and first N decoder layers under "
+                                "a fresh value head (None: every layer)"
+    )
 
 
 class DataConfig(_Section):

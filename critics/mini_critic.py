@@ -42,12 +42,13 @@ class MiniCritic:
 
     ``critics`` and ``algorithm`` are the config sections it uses (its optimisation; ``value_clip``); ``dtype`` is
     the model's (bf16 on GPU), ``seed`` keys its shuffles, ``timeout_s`` bounds its process group's collectives,
-    ``total_steps`` is the run's length (the learning-rate schedule, §5b).
+    ``total_steps`` is the run's length (the learning-rate schedule, §5b), ``num_layers`` the decoder layers kept
+    from the critic checkpoint (model.critic_layers; None: all).
     """
 
     def __init__(
         self, critic_path: str, index: int, critics: CriticsConfig, algorithm: AlgorithmConfig, *, dtype: str,
-        seed: int, timeout_s: float, total_steps: int = 1,
+        seed: int, timeout_s: float, total_steps: int = 1, num_layers: int | None = None,
     ):
         self.config = critics
         self.value_clip = algorithm.value_clip
@@ -58,7 +59,7 @@ class MiniCritic:
         torch.manual_seed(derive_seed(seed, "critic-init"))
         init_process_group(0, 1, "127.0.0.1", 0, timeout_s)  # a group of its own
         self.device = accelerator_device()
-        model = ValueModel.from_pretrained(critic_path)
+        model = ValueModel.from_pretrained(critic_path, num_layers=num_layers)
         if critics.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.engine = make_engine(

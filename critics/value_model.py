@@ -69,19 +69,23 @@ class ValueModel(torch.nn.Module):
         cls,
         path: str | os.PathLike,
         torch_dtype: torch.dtype | str | None = None,
+        num_layers: int | None = None,
         **kwargs,
     ) -> ValueModel:
         """Load a local directory: a saved :class:`ValueModel` (backbone + ``value_head.safetensors``) or any
         Hugging Face causal-LM checkpoint (its LM head is dropped and a zero value head is created).
 
-        ``torch_dtype`` sets the dtype of the backbone and of the head; other kwargs go to
-        ``AutoModel.from_pretrained``.
+        ``torch_dtype`` sets the dtype of the backbone and of the head; ``num_layers`` keeps the embeddings, the
+        first ``num_layers`` decoder layers and the final norm (a mini-critic cut from a larger model, docs/
+        algorithms.md §2; the layers beyond are not loaded); other kwargs go to ``AutoModel.from_pretrained``.
         """
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"ValueModel.from_pretrained: {path} is not a directory")
         if torch_dtype is not None:
             kwargs["dtype"] = torch_dtype
+        if num_layers is not None:
+            kwargs["num_hidden_layers"] = num_layers
         backbone = AutoModel.from_pretrained(path, **kwargs)
         model = cls(backbone)
         head_file = path / VALUE_HEAD_FILE

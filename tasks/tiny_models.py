@@ -70,6 +70,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 from transformers.utils import logging as transformers_logging
 
+from asyppo.common.files import exclusive_lock
 from asyppo.tasks.arithmetic import ARITHMETIC_DIGITS, ARITHMETIC_OPERATORS, arithmetic_problems, verify_arithmetic
 from asyppo.tasks.chain import CHAIN_OPERANDS, chain_problems, chain_solution, verify_chain
 from asyppo.tasks.problems import Problem, PromptSampler
@@ -579,23 +580,6 @@ def _build(recipe: WarmupRecipe, seed: int, output_dir: Path, log: Callable[[str
 # ---------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _exclusive_lock(path: Path, log: Callable[[str], None]) -> Iterator[None]:
-    """An advisory ``flock`` on ``path``, so that concurrent callers build an entry once."""
-    import fcntl
-
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"[bootstrap] waiting for another process building {path.with_suffix('')} ...")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _load_entry(entry: Path, recipe_dict: dict[str, Any]) -> BuiltinModels | None:
     """The cached result in ``entry`` if it is complete and made by ``recipe_dict``, else ``None``."""
     try:
@@ -642,7 +626,7 @@ def ensure_builtin_models(
         log(f"[bootstrap] using cached built-in models in {entry} (base accuracy {cached.base_accuracy:.3f})")
         return cached
 
-    with _exclusive_lock(entry.with_name(entry.name + ".lock"), log):
+    with exclusive_lock(entry.with_name(entry.name + ".lock"), log):
         cached = _load_entry(entry, recipe_dict)  # another process may have built it while we waited
         if cached is not None:
             log(f"[bootstrap] using built-in models just built by another process in {entry}")

@@ -312,3 +312,27 @@ def test_the_kl_penalty_measures_the_distance_to_the_initial_policy(tiny_policy_
     k3 = ((torch.exp(d) - d - 1) * mask).sum() / mask.sum()
     assert float(k3) > 1e-6
     assert second["kl_ref"] == pytest.approx(float(k3), rel=1e-4)
+
+
+def test_a_critic_cut_to_fewer_layers_trains_and_restores_from_its_checkpoint(tmp_path, tiny_critic_dir):
+    """model.critic_layers=1 on the 2-layer tiny critic: one decoder layer scores and trains, and a critic restored
+    from its checkpoint (as after a restart) holds the trained weights and scores alike."""
+    cfg = build_config(overrides=["rollout.prompts_per_step=4", "rollout.samples_per_prompt=4",
+                                  "learner.mini_batch_size=8", "critics.micro_batch_size=4", "critics.lr=1e-2",
+                                  "model.critic_layers=1"])
+    critic = make_critic(cfg, tiny_critic_dir, index=0)
+    assert len(critic.engine.module.backbone.layers) == 1
+    batch = make_batch()
+    values = critic.values(batch)
+    assert values.shape == batch.response_mask.shape
+    before = params(critic.engine.module)
+    stats = critic.update(batch.scores[:, None] * batch.response_mask, list(range(8)))
+    assert stats["skipped_steps"] == 0 and stats["num_rows"] == 8
+    trained = params(critic.engine.module)
+    assert any(not torch.equal(before[name], trained[name]) for name in trained)
+
+    critic.save(str(tmp_path))
+    restored = make_critic(cfg, tiny_critic_dir, index=0)
+    restored.restore(str(tmp_path))
+    assert all(torch.equal(tensor, trained[name]) for name, tensor in params(restored.engine.module).items())
+    torch.testing.assert_close(restored.values(batch), critic.values(batch))

@@ -8,7 +8,9 @@ import ray
 from asyppo.common.config import ConfigError, build_config
 from asyppo.cluster.driver import Trainer
 from asyppo.cluster.job_inputs import resolve_models
-from asyppo.cluster.preflight import answer_problems, chat_template_problems, tokenizer_problems, wandb_problems
+from asyppo.cluster.preflight import (
+    answer_problems, chat_template_problems, critic_layers_problems, tokenizer_problems, wandb_problems,
+)
 from asyppo.tasks.problems import Problem
 
 
@@ -89,3 +91,14 @@ def test_a_chat_template_is_refused_for_a_tokenizer_without_one(builtin_policy_d
     with pytest.raises(ValueError, match="^data.chat_template: .*has no chat template"):
         encode_prompts(base, ["1+1="], cfg.prompt_format)
 
+
+
+def test_critics_cut_to_more_layers_than_the_critic_model_has_are_refused(builtin_policy_dir):
+    from transformers import AutoConfig
+
+    critic_config = AutoConfig.from_pretrained(builtin_policy_dir)  # the built-in models have 2 decoder layers
+    for layers, expected in ((None, []), (1, []), (2, [])):
+        cfg = build_config(overrides=[f"model.critic_layers={'null' if layers is None else layers}"])
+        assert critic_layers_problems(cfg, critic_config) == expected
+    [(field, reason)] = critic_layers_problems(build_config(overrides=["model.critic_layers=3"]), critic_config)
+    assert (field, reason) == ("model.critic_layers", "3 is more than the 2 decoder layers of the critic model")

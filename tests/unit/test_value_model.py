@@ -123,3 +123,36 @@ def test_bad_input_is_rejected(tmp_path):
         ValueModel.from_pretrained(tmp_path / "missing")
     with pytest.raises(ValueError, match="Linear"):
         ValueModel(model.backbone, torch.nn.Linear(16, 1))
+
+
+def test_a_critic_cut_to_n_layers_is_the_models_first_n_layers_and_saves_as_such(tmp_path):
+    """model.critic_layers: the embeddings, the first N decoder layers and the final norm of the checkpoint; its
+    hidden states are the full model's after layer N, normed (an independent forward of the full model)."""
+    torch.manual_seed(6)
+    config = tiny_config()
+    config.num_hidden_layers = 4
+    causal_lm = AutoModelForCausalLM.from_config(config).eval()
+    causal_lm.save_pretrained(tmp_path / "policy")
+
+    critic = ValueModel.from_pretrained(tmp_path / "policy", num_layers=2).eval()
+    assert len(critic.backbone.layers) == 2 and critic.config.num_hidden_layers == 2
+    full = causal_lm.base_model.state_dict()
+    kept = critic.backbone.state_dict()
+    assert kept.keys() == {name for name in full if not name.startswith(("layers.2.", "layers.3."))}
+    assert all(torch.equal(kept[name], full[name]) for name in kept)
+
+    input_ids, attention_mask = batch()
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        after_two = causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                         output_hidden_states=True).hidden_states[2]
+        expected = causal_lm.base_model.norm(after_two)
+        torch.testing.assert_close(critic._hidden_states(input_ids, attention_mask), expected)
+
+    # Saved, it is a 2-layer model: loading it needs no num_layers, and gives the same values.
+    torch.nn.init.normal_(critic.value_head.weight, std=0.5)
+    critic.save_pretrained(tmp_path / "critic")
+    reloaded = ValueModel.from_pretrained(tmp_path / "critic").eval()
+    assert reloaded.config.num_hidden_layers == 2
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids, attention_mask), critic(input_ids, attention_mask))
