@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModel, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 __all__ = ["VALUE_HEAD_FILE", "ValueModel"]
 
@@ -29,6 +29,16 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions of left-padded sequences: ``cumsum(mask) − 1`` clamped at 0 (project batch layout)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _first_layers(config: PretrainedConfig, num_layers: int) -> PretrainedConfig:
+    """``config`` cut to its first ``num_layers`` decoder layers (and their per-layer settings, where it has them)."""
+    if num_layers > config.num_hidden_layers:
+        raise ValueError(f"ValueModel: cannot keep {num_layers} layers of a model with {config.num_hidden_layers}")
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = config.layer_types[:num_layers]
+    return config
 
 
 class ValueModel(torch.nn.Module):
@@ -85,7 +95,7 @@ class ValueModel(torch.nn.Module):
         if torch_dtype is not None:
             kwargs["dtype"] = torch_dtype
         if num_layers is not None:
-            kwargs["num_hidden_layers"] = num_layers
+            kwargs["config"] = _first_layers(AutoConfig.from_pretrained(path), num_layers)
         backbone = AutoModel.from_pretrained(path, **kwargs)
         model = cls(backbone)
         head_file = path / VALUE_HEAD_FILE

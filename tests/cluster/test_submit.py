@@ -29,9 +29,13 @@ def head(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: Ray's socket paths must stay short
     dashboard = free_port(LOOPBACK)
-    # The built-in models stay in the usual cache (the other tests built them there), not in the new HOME.
-    cache = os.environ.get("ASYPPO_CACHE") or str(Path("~/.cache/asyppo").expanduser())
-    env = {**os.environ, "HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}", "ASYPPO_CACHE": cache}
+    # What is built once per machine stays where the other tests built it, not in the new HOME: the built-in models,
+    # DeepSpeed's compiled shared-memory op (a minute to compile again) and vLLM's record of each model class (an
+    # inspection in a fresh interpreter, ~20 s).
+    caches = {"ASYPPO_CACHE": "~/.cache/asyppo", "TORCH_EXTENSIONS_DIR": "~/.cache/torch_extensions",
+              "VLLM_CACHE_ROOT": "~/.cache/vllm"}
+    env = {**os.environ, "HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}",
+           **{name: os.environ.get(name) or str(Path(default).expanduser()) for name, default in caches.items()}}
     env.pop("RAY_ADDRESS", None)
     # Token authentication, as the deploy files run every cluster (docs/deploy.md); the head keeps the token.
     env["RAY_AUTH_MODE"] = "token"

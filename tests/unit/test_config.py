@@ -118,7 +118,7 @@ def test_override_values_are_parsed_as_yaml():
     (["algorithm.clip_mode=fancy"], "algorithm.clip_mode", "'ppo' or 'gppo'"),
     (["algorithm.dual_clip=0.5"], "algorithm.dual_clip", "greater than 1"),
     (["algorithm.clip_low=1.2"], "algorithm.clip_low", "less than 1"),
-    (["data.task=poetry"], "data.task", "'arithmetic', 'chain' or 'math'"),
+    (["data.task=poetry"], "data.task", "'arithmetic', 'chain', 'math' or 'words'"),
     (["learner.lernrate=1"], "learner.lernrate", "unknown field"),
     (["preset=grpo", "critics.num_critics=2"], "critics.num_critics", "grpo uses no critics"),
     (["preset=ppo", "critics.num_critics=2"], "critics.num_critics", "exactly 1 critic"),

@@ -318,8 +318,8 @@ def test_a_critic_cut_to_fewer_layers_trains_and_restores_from_its_checkpoint(tm
     """model.critic_layers=1 on the 2-layer tiny critic: one decoder layer scores and trains, and a critic restored
     from its checkpoint (as after a restart) holds the trained weights and scores alike."""
     cfg = build_config(overrides=["rollout.prompts_per_step=4", "rollout.samples_per_prompt=4",
-                                  "learner.mini_batch_size=8", "critics.micro_batch_size=4", "critics.lr=1e-2",
-                                  "model.critic_layers=1"])
+                                  "learner.mini_batch_size=8", "learner.micro_batch_size=4",
+                                  "critics.micro_batch_size=4", "critics.lr=1e-2", "model.critic_layers=1"])
     critic = make_critic(cfg, tiny_critic_dir, index=0)
     assert len(critic.engine.module.backbone.layers) == 1
     batch = make_batch()

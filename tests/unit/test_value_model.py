@@ -11,9 +11,9 @@ from asyppo.critics.value_model import VALUE_HEAD_FILE, ValueModel
 PROMPT_LEN, RESPONSE_LEN = 4, 5
 
 
-def tiny_config():
+def tiny_config(layers: int = 2):
     return Qwen2Config(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
     )
 
@@ -129,9 +129,7 @@ def test_a_critic_cut_to_n_layers_is_the_models_first_n_layers_and_saves_as_such
     """model.critic_layers: the embeddings, the first N decoder layers and the final norm of the checkpoint; its
     hidden states are the full model's after layer N, normed (an independent forward of the full model)."""
     torch.manual_seed(6)
-    config = tiny_config()
-    config.num_hidden_layers = 4
-    causal_lm = AutoModelForCausalLM.from_config(config).eval()
+    causal_lm = AutoModelForCausalLM.from_config(tiny_config(layers=4)).eval()
     causal_lm.save_pretrained(tmp_path / "policy")
 
     critic = ValueModel.from_pretrained(tmp_path / "policy", num_layers=2).eval()
