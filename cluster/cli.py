@@ -207,7 +207,7 @@ def _step_of(checkpoint: Path) -> int | str:
 
 
 def _import_gguf(args: argparse.Namespace) -> int:
-    from asyppo.common.pretrained import PretrainedUnavailable, import_gguf
+    from asyppo.tasks.pretrained import PretrainedUnavailable, import_gguf
 
     try:
         out_dir = import_gguf(args.gguf_file, args.out_dir)

@@ -108,10 +108,10 @@ def resolve_models(cfg: JobConfig) -> Models:
 
 
 def pretrained_model(field: str, name: str) -> str:
-    """The directory of the built-in pretrained model ``name`` (asyppo.common.pretrained), or one line saying why
+    """The directory of the built-in pretrained model ``name`` (asyppo.tasks.pretrained), or one line saying why
     there is none."""
-    from asyppo.common.pretrained import PRETRAINED, PretrainedUnavailable, ensure_pretrained
-    from asyppo.tasks.tiny_models import default_cache_dir
+    from asyppo.tasks.pretrained import PRETRAINED, PretrainedUnavailable, ensure_pretrained
+    from asyppo.tasks.model_cache import default_cache_dir
 
     if name not in PRETRAINED:
         known = ", ".join(f"{BUILTIN_PREFIX}{known}" for known in ("tiny", "tiny-critic", *PRETRAINED))

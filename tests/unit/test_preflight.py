@@ -110,7 +110,7 @@ def test_a_built_in_pretrained_model_is_converted_once_and_a_missing_one_is_name
     """builtin:smollm2-135m-instruct: the packaged GGUF file converted into the model cache on first use, the same
     directory at once afterwards; an unknown name, or a package that is not installed, is one line."""
     from asyppo.cluster.errors import JobFailed
-    from asyppo.common.pretrained import PRETRAINED, PackagedGGUF
+    from asyppo.tasks.pretrained import PRETRAINED, PackagedGGUF
 
     cfg = build_config(overrides=["model.policy=builtin:smollm2-135m-instruct", "model.critic=policy",
                                   "data.task=words", "data.train=builtin:words", "data.eval=builtin:words"])

@@ -293,10 +293,12 @@ def test_each_builtin_verifier_is_a_reward_function_of_the_documented_shape() ->
     from asyppo.tasks.registry import TASKS
 
     cases = {"arithmetic": ("37+45=", "82", "82"), "chain": ("1+2+3=", "1+2=3;3+3=6", "6"),
-             "math": ("x?", "\\boxed{\\frac{2}{4}}", "0.5")}
+             "math": ("x?", "\\boxed{\\frac{2}{4}}", "0.5"),
+             "words": ("What is 9 plus 5? Answer with just the number.", "The answer is 14.", "14")}
+    module = {"words": "math"}  # the words task is judged by the math task's verifier
     assert set(cases) == set(TASKS)
     for task, (prompt, right, answer) in cases.items():
-        named = RewardFunction(task=task, function=f"asyppo.tasks.{task}:reward", wrong=-1.0)
+        named = RewardFunction(task=task, function=f"asyppo.tasks.{module.get(task, task)}:reward", wrong=-1.0)
         default = RewardFunction(task=task, wrong=-1.0)
         for response, expected in ((right, (1.0, True)), ("7", (-1.0, False))):
             assert named(prompt, response, answer, {}, response_length=1, truncated=False) == expected, task

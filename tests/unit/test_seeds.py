@@ -24,7 +24,9 @@ LIBRARY = ("actors", "cluster", "common", "core", "critics", "learner", "tasks",
 # definition, not drawn during training (core/seeds.py's docstring: "not training draws: they are the task
 # itself ... like a dataset file that the job reads"). problems.py also holds the PromptSampler, whose seed the
 # driver derives ("prompt-order"; checked below where the sampler is made).
-TASK_BUILDERS = ("tasks/tiny_models.py", "tasks/chain.py", "tasks/arithmetic.py", "tasks/problems.py")
+TASK_BUILDERS = (
+    "tasks/tiny_models.py", "tasks/chain.py", "tasks/arithmetic.py", "tasks/word_problems.py", "tasks/problems.py",
+)
 
 
 # ---- (a) the function -------------------------------------------------------------------------------------------

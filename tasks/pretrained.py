@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from asyppo.common.files import exclusive_lock
+from asyppo.tasks.model_cache import exclusive_lock
 
 # Bump when import_gguf changes what it writes, so that old cache entries are not reused.
 CONVERTER_VERSION = 1
