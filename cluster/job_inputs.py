@@ -114,7 +114,7 @@ def pretrained_model(field: str, name: str) -> str:
     from asyppo.tasks.model_cache import default_cache_dir
 
     if name not in PRETRAINED:
-        known = ", ".join(f"{BUILTIN_PREFIX}{known}" for known in ("tiny", "tiny-critic", *PRETRAINED))
+        known = ", ".join((BUILTIN_POLICY, BUILTIN_CRITIC, *(f"{BUILTIN_PREFIX}{known}" for known in PRETRAINED)))
         raise JobFailed(f"{field}: no built-in model {BUILTIN_PREFIX}{name}; the built-in models are {known}")
     try:
         return str(ensure_pretrained(name, default_cache_dir(), log.info))

@@ -111,8 +111,7 @@ class Supervisor:
         which the phases that can bring a restarted actor back catch; also a critic that Ray restarted between its
         scoring and its training, :class:`CriticStateLost`), an exception raised inside an actor (its remote
         traceback goes to ``<run>/error.log``)."""
-        field = "start_timeout_s" if starting else "call_timeout_s"
-        timeout = getattr(self.cfg.trainer, field)
+        field, timeout = self.timeout(starting)
         try:
             return ray.get(refs, timeout=timeout)
         except ray.exceptions.GetTimeoutError:
@@ -138,6 +137,12 @@ class Supervisor:
             cause = exc.cause
             raise JobFailed(f"{what}: {self._failed_actor(refs)} raised {type(cause).__name__}: {cause} "
                             f"(traceback in {details}){self.resume_hint()}") from None
+
+    def timeout(self, starting: bool) -> tuple[str, float]:
+        """The trainer field that bounds a wait, and its value: start_timeout_s for an actor that is starting (or
+        restarting), call_timeout_s for a call."""
+        field = "start_timeout_s" if starting else "call_timeout_s"
+        return field, getattr(self.cfg.trainer, field)
 
     def wait_finished(self, refs: list, what: str) -> None:
         """Wait until every call of ``refs`` has finished, well or not (a failure surfaces where its result is
@@ -187,8 +192,7 @@ class Supervisor:
         """Every actor's answer to ``method``, waiting while Ray restarts one: right after a death Ray reports the
         actor unavailable, then queues calls until its constructor has run again. ``starting``: a restart is
         expected (a call to the group just failed), so the wait is trainer.start_timeout_s, not call_timeout_s."""
-        timeout = self.cfg.trainer.start_timeout_s if starting else self.cfg.trainer.call_timeout_s
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + self.timeout(starting)[1]
         while True:
             try:
                 return self.get(group.call(method), f"{what}: waiting for the {group.role}", starting=starting)
