@@ -2,6 +2,9 @@
 VENV ?= .venv
 ARGS ?=
 PYTEST_ARGS ?=
+# The environment's own tools first, as an activated venv has them: torch compiles DeepSpeed's CPU op with the first
+# `ninja` on PATH, and a build by another ninja version (the system's) is thrown away and redone (~40 s).
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: train test install bench
 

@@ -37,7 +37,8 @@ if [ "$extra" = "cpu" ]; then
     # DeepSpeed compiles its shared-memory collective op on first use, inside the learner. Built here, once, the
     # learner's first start takes seconds instead of a minute, and no killed start can leave a half-built op whose
     # lock file would make every later learner wait (docs/reliability.md).
-    "$venv/bin/python" -c "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()" >/dev/null 2>&1 \
+    # With the environment's ninja, as `make` and an activated venv run it (another ninja version rebuilds the op).
+    PATH="$venv/bin:$PATH" "$venv/bin/python" -c "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()" >/dev/null 2>&1 \
         || echo "install.sh: note: DeepSpeed's shm comm op did not prebuild; the learner builds it on first start" >&2
 fi
 "$venv/bin/python" -c "import torch, transformers, vllm, deepspeed, ray; print('asyppo environment ready:', 'torch', torch.__version__, '| vllm', vllm.__version__, '| ray', ray.__version__)"

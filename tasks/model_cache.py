@@ -15,8 +15,11 @@ __all__ = ["default_cache_dir", "exclusive_lock"]
 
 
 def default_cache_dir() -> Path:
-    """``$ASYPPO_CACHE`` if set, else ``~/.cache/asyppo``."""
-    return Path(os.environ.get("ASYPPO_CACHE") or "~/.cache/asyppo").expanduser()
+    """``$ASYPPO_CACHE`` if set, else ``asyppo`` in the user's cache directory (``$XDG_CACHE_HOME``, default
+    ``~/.cache``), where torch keeps its compiled extensions and vLLM its records too."""
+    if os.environ.get("ASYPPO_CACHE"):
+        return Path(os.environ["ASYPPO_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "asyppo"
 
 
 @contextlib.contextmanager

@@ -105,10 +105,12 @@ def test_logprobs_benchmark_smoke(tmp_path):
 def test_trl_benchmark_smoke(tmp_path):
     pytest.importorskip("trl", reason="TRL is a benchmark-only extra (pip install -e '.[bench]')")
     out = tmp_path / "trl.json"
-    _run_script("bench_trl.py", "--steps", "2", "--output", str(out))
+    _run_script("bench_trl.py", "--steps", "2", "--prompts", "8", "--samples", "4", "--output", str(out))
     result = json.loads(out.read_text())
-    # 2 rollout batches of 256 responses, 4 optimizer steps of 64 each.
+    # 2 rollout batches of 8 × 4 = 32 responses, each in the workload's 4 optimizer steps (of 8 responses).
+    assert (result["prompts"], result["samples"], result["mini_batch"]) == (8, 4, 8)
     assert result["trl_optimizer_steps"] == 8
+    assert result["rows"]["asyppo (grpo preset)"]["generated_tokens"] >= 2 * 32
     assert all(row["generated_tokens"] > 0 for row in result["rows"].values())
 
 

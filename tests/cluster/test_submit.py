@@ -31,11 +31,10 @@ def head(tmp_path_factory):
     dashboard = free_port(LOOPBACK)
     # What is built once per machine stays where the other tests built it, not in the new HOME: the built-in models,
     # DeepSpeed's compiled shared-memory op (a minute to compile again) and vLLM's record of each model class (an
-    # inspection in a fresh interpreter, ~20 s).
-    caches = {"ASYPPO_CACHE": "~/.cache/asyppo", "TORCH_EXTENSIONS_DIR": "~/.cache/torch_extensions",
-              "VLLM_CACHE_ROOT": "~/.cache/vllm"}
-    env = {**os.environ, "HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}",
-           **{name: os.environ.get(name) or str(Path(default).expanduser()) for name, default in caches.items()}}
+    # inspection in a fresh interpreter, ~20 s) all live in the user's cache directory. (TORCH_EXTENSIONS_DIR set to
+    # ~/.cache/torch_extensions is not that: torch then drops its per-Python subfolder, and compiles the op again.)
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path("~/.cache").expanduser())
+    env = {**os.environ, "HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}", "XDG_CACHE_HOME": cache}
     env.pop("RAY_ADDRESS", None)
     # Token authentication, as the deploy files run every cluster (docs/deploy.md); the head keeps the token.
     env["RAY_AUTH_MODE"] = "token"
