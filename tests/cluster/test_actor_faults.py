@@ -111,7 +111,7 @@ def test_dead_learner_stops_the_job_with_the_resume_command_and_keeps_the_last_c
 
 def test_stopped_rollout_worker_ends_in_a_timeout_naming_it_and_the_phase(tmp_path, monkeypatch):
     # The actors' start is bounded by trainer.start_timeout_s: call_timeout_s is for calls, which take a second here.
-    overrides = [*JOB, f"trainer.run_dir={tmp_path}", "trainer.name=hung", "trainer.call_timeout_s=20"]
+    overrides = [*JOB, f"trainer.run_dir={tmp_path}", "trainer.name=hung", "trainer.call_timeout_s=12"]
     run_path = tmp_path / "hung"
     marker = tmp_path / "rollout-stopped"
     monkeypatch.setattr(asyppo.cluster.supervisor, "RolloutWorker", fails_once(
@@ -120,7 +120,7 @@ def test_stopped_rollout_worker_ends_in_a_timeout_naming_it_and_the_phase(tmp_pa
     with pytest.raises(JobFailed) as failure:
         train(build_config(overrides=overrides))
     assert str(failure.value).startswith(
-        "step 2: rollout: no answer from rollout-0 within trainer.call_timeout_s=20s (the process is alive but "
+        "step 2: rollout: no answer from rollout-0 within trainer.call_timeout_s=12s (the process is alive but "
         "not answering")
     assert str(failure.value).endswith(f"; resume with: asyppo train --config {run_path / 'config.yaml'} --resume")
     stopped_pid = int(marker.read_text().split()[2])
