@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from asyppo.common.config import PRESETS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +53,7 @@ class Experiment:
     variants: dict[str, list[str]]  # name → overrides on top of ``common``
     common: list[str] = field(default_factory=list)
     seeds: tuple[int, ...] = (0, 1, 2)
+    config: str | None = None  # a job file of the repository under ``common`` (e.g. examples/smollm2.yaml)
 
 
 # The chain task (examples/chain.yaml): its data, its built-in models, room for its longest response.
@@ -154,6 +157,20 @@ EXPERIMENTS = {
         },
         common=[*CHAIN, "trainer.steps=100", "preset=asyppo-only"],
     ),
+    "methods-smollm2": Experiment(
+        question="On a real pretrained model (SmolLM2-135M-Instruct, the words task, examples/smollm2.yaml: critics "
+                 "cut to 8 of its 30 layers, learning rates of the papers' scale), do AsyPPO's parts help, and what "
+                 "share of the tokens does ERC's [0.95, 1.05] band keep at such a learning rate? ~1 min a step.",
+        variants={
+            "asyppo": [],
+            "asyppo-only": ["preset=asyppo-only"],
+            "ppo": ["preset=ppo"],
+            "grpo": ["preset=grpo"],
+        },
+        config="examples/smollm2.yaml",
+        common=["trainer.steps=30", "trainer.eval_every=10"],
+        seeds=(0,),
+    ),
 }
 
 
@@ -168,7 +185,8 @@ def run_one(experiment: str, spec: Experiment, variant: str, seed: int, steps: i
     if steps is not None:
         overrides.append(f"trainer.steps={steps}")
     name = f"{variant}-seed{seed}"
-    cfg = build_config(overrides=[*overrides, f"trainer.run_dir={scratch}", f"trainer.name={name}",
+    raw = yaml.safe_load((REPO_ROOT / spec.config).read_text()) if spec.config else None
+    cfg = build_config(raw, overrides=[*overrides, f"trainer.run_dir={scratch}", f"trainer.name={name}",
                                   "logging.wandb_mode=disabled", "logging.console=false",
                                   "logging.ray_metrics=false", "trainer.checkpoint_every=0"])
     started = time.perf_counter()
@@ -178,7 +196,7 @@ def run_one(experiment: str, spec: Experiment, variant: str, seed: int, steps: i
     lines = read_metrics(run_path / "metrics.jsonl")
     evals = read_metrics(run_path / "eval.jsonl")
     return {
-        "experiment": experiment, "variant": variant, "seed": seed, "overrides": overrides,
+        "experiment": experiment, "variant": variant, "seed": seed, "config": spec.config, "overrides": overrides,
         "steps": cfg.trainer.steps,
         "base_accuracy": summary.get("base_accuracy"), "final_accuracy": summary.get("final_accuracy"),
         "eval": [{"step": line["step"], "accuracy": line["eval_accuracy"],

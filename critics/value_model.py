@@ -70,8 +70,11 @@ class ValueModel(torch.nn.Module):
         return self.backbone.config
 
     @classmethod
-    def from_config(cls, config: PretrainedConfig, **kwargs) -> ValueModel:
-        """Randomly initialised backbone of ``config``'s architecture (e.g. a ``Qwen2Config``) + zero head."""
+    def from_config(cls, config: PretrainedConfig, num_layers: int | None = None, **kwargs) -> ValueModel:
+        """Randomly initialised backbone of ``config``'s architecture (e.g. a ``Qwen2Config``), cut to its first
+        ``num_layers`` decoder layers when given, + zero head."""
+        if num_layers is not None:
+            config = _first_layers(config, num_layers)
         return cls(AutoModel.from_config(config, **kwargs))
 
     @classmethod

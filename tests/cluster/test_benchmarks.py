@@ -128,6 +128,32 @@ def test_critic_fit_benchmark_smoke(tmp_path):
     assert set(result["references"]) == {"prompt-oracle"}
 
 
+def test_critic_fit_on_the_pretrained_model_smoke(tmp_path):
+    """The pretrained mini-critic study (--task words): SmolLM2's rollouts through its chat template, an ensemble of
+    two critics cut to 2 layers, each on its own prompt shard, scored on the held-out rollouts."""
+    from transformers import AutoTokenizer
+
+    from asyppo.critics.sharding import prompt_shard
+
+    out = tmp_path / "words"
+    _run_script("critic_fit.py", "--task", "words", "--shapes", "pretrained-2", "--critics", "2", "--train-prompts",
+                "6", "--test-prompts", "3", "--samples", "2", "--steps", "2", "--batch-size", "4", "--out", str(out),
+                timeout=600)
+    rollouts = json.loads((out / "rollouts.json").read_text())
+    assert (len(rollouts["train"]), len(rollouts["test"])) == (12, 6)
+    assert not {row["problem"] for row in rollouts["train"]} & {row["problem"] for row in rollouts["test"]}
+    assert {prompt_shard(row["problem_id"], 2) for row in rollouts["train"]} == {0, 1}  # each critic has data
+    tokenizer = AutoTokenizer.from_pretrained(rollouts["model"])
+    for row in rollouts["train"]:  # asked through the chat template, answered within the limit, scored 0 or 1
+        assert tokenizer.decode(row["prompt_ids"]).endswith(f"{row['problem']}<|im_end|>\n<|im_start|>assistant\n")
+        assert len(row["response_ids"]) <= 16 and row["reward"] in (0.0, 1.0)
+    (shape,) = json.loads((out / "summary.json").read_text())["shapes"]
+    assert shape["shape"] == "pretrained-2" and len(shape["critic_explained_var"]) == 2
+    # Two critics trained on different shards disagree, and what is reported of them is finite.
+    assert shape["sigma_p90"] > 0 and shape["train_ms_per_token"] > 0 and shape["peak_rss_gib"] > 0
+    assert "| 2 × pretrained-2 |" in (out / "summary.md").read_text()
+
+
 def test_gpu_benchmark_smoke(tmp_path):
     """bench_gpu.py's code paths at tiny sizes on the CPU (its measurements need a GPU: benchmarks/results/gpu.json)."""
     out = tmp_path / "gpu.json"

@@ -154,3 +154,9 @@ def test_a_critic_cut_to_n_layers_is_the_models_first_n_layers_and_saves_as_such
     assert reloaded.config.num_hidden_layers == 2
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids, attention_mask), critic(input_ids, attention_mask))
+
+    # The same shape randomly initialised (benchmarks/critic_fit.py's control): 2 layers, every weight its own.
+    random = ValueModel.from_config(tiny_config(layers=4), num_layers=2)
+    assert len(random.backbone.layers) == 2 and random.config.num_hidden_layers == 2
+    assert random.backbone.state_dict().keys() == kept.keys()
+    assert not torch.equal(random.backbone.state_dict()["layers.0.mlp.up_proj.weight"], kept["layers.0.mlp.up_proj.weight"])
