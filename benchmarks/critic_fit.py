@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -301,6 +300,15 @@ def train_critic(model: ValueModel, rows: list[dict], *, steps: int, batch_size:
     return {"train_seconds": seconds, "train_tokens": tokens}
 
 
+def peak_rss_gib() -> float:
+    """This process's peak resident memory (``VmHWM``: unlike ``getrusage``'s ``ru_maxrss``, which Linux carries
+    over from the parent through fork and exec, it starts afresh with the program)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def ensemble_report(values: list[torch.Tensor], returns: torch.Tensor, mask: torch.Tensor) -> dict:
     """What the masks rely on, on held-out tokens: each critic's explained variance, the ensemble mean V̄'s, and
     Spearman's ρ of σ (the critics' per-token std) with |V̄ − G|."""
@@ -340,7 +348,7 @@ def fit_shape(shape: str, rollouts: dict, *, critics: int, steps: int, batch_siz
         "shape": shape, "parameters": parameters, "critics": critics, "steps": steps, "batch_size": batch_size,
         "lr": lr, "head_lr": head_lr, **ensemble_report(values, test_returns, test_mask),
         "train_ms_per_token": 1000 * seconds / tokens,
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_rss_gib": peak_rss_gib(),
     }
 
 
@@ -363,6 +371,7 @@ def words_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     transformers.logging.set_verbosity_error()  # a cut model's load report lists the layers it leaves out
+    transformers.logging.disable_progress_bar()
     out = args.out or REPO_ROOT / "benchmarks" / "results" / "critic_fit" / f"words-seed-{args.seed}"
     rollouts = words_rollouts(out, train_prompts=args.train_prompts, test_prompts=args.test_prompts,
                               samples=args.samples, seed=args.seed, temperature=0.7, max_new_tokens=16)
