@@ -120,6 +120,12 @@ def test_a_built_in_pretrained_model_is_converted_once_and_a_missing_one_is_name
     monkeypatch.setattr("asyppo.cluster.job_inputs.log.info", messages.append)
     assert resolve_models(cfg) == models and not [m for m in messages if "converting" in m]
 
+    # A job without critics (grpo) does not need model.critic, whose default names the task's tiny critic, which
+    # the words task does not have.
+    grpo = build_config(overrides=["preset=grpo", "model.policy=builtin:smollm2-135m-instruct", "data.task=words",
+                                   "data.train=builtin:words", "data.eval=builtin:words"])
+    assert grpo.model.critic == "builtin:tiny-critic" and resolve_models(grpo) == models
+
     with pytest.raises(JobFailed, match=r"^model.policy: no built-in model builtin:smollm3; the built-in models are "
                                          r"builtin:tiny, builtin:tiny-critic, builtin:smollm2-135m-instruct$"):
         resolve_models(build_config(overrides=["model.policy=builtin:smollm3"]))
