@@ -179,6 +179,16 @@ def prefix_oracle(train_rows, test_rows, mask: torch.Tensor, tokenizer) -> torch
     return values * mask
 
 
+def regression_step(model: ValueModel, optimizer, ids, att, mask, returns, response_len: int) -> None:
+    """One Adam step on ``0.5·token-mean((V − y)²)`` over a batch, gradients clipped at norm 1."""
+    values = model.response_values(ids, att, response_len)
+    loss = 0.5 * (((values - returns) ** 2) * mask).sum() / mask.sum()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+
+
 def fit(model: ValueModel, train_rows, test_rows, *, steps: int, batch_size: int, lr: float, pad_id: int, seed: int,
         report_at: list[int], test_mask, test_returns, train_targets=None) -> list[dict[str, float]]:
     """Adam on ``0.5·token-mean((V − y)²)`` over random training mini-batches, ``y`` the return (or, with
@@ -203,12 +213,7 @@ def fit(model: ValueModel, train_rows, test_rows, *, steps: int, batch_size: int
         if train_targets is not None:
             returns = torch.stack([torch.nn.functional.pad(train_targets[i], (0, t - len(train_targets[i])))[:t]
                                    for i in picked]) * mask
-        values = model.response_values(ids, att, t)
-        loss = 0.5 * (((values - returns) ** 2) * mask).sum() / mask.sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        regression_step(model, optimizer, ids, att, mask, returns, t)
     return curve
 
 
@@ -289,12 +294,7 @@ def train_critic(model: ValueModel, rows: list[dict], *, steps: int, batch_size:
         picked = torch.randint(len(rows), (batch_size,), generator=generator).tolist()
         ids, att, mask, returns, t = to_batch([rows[i] for i in picked], pad_id)
         started = time.perf_counter()
-        values = model.response_values(ids, att, t)
-        loss = 0.5 * (((values - returns) ** 2) * mask).sum() / mask.sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        regression_step(model, optimizer, ids, att, mask, returns, t)
         seconds += time.perf_counter() - started
         tokens += int(att.sum())
     return {"train_seconds": seconds, "train_tokens": tokens}
