@@ -108,8 +108,9 @@ def run_trl(task: str, work: Workload, steps: int, scratch: Path) -> dict:
 
     torch.set_num_threads(2)
     spec = TASKS[task]
-    tokenizer = AutoTokenizer.from_pretrained(policy_dir(task))
-    policy = AutoModelForCausalLM.from_pretrained(policy_dir(task), dtype=torch.float32)
+    start = policy_dir(task)
+    tokenizer = AutoTokenizer.from_pretrained(start)
+    policy = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
     problems = spec.builtin_problems(work.prompts * (steps + 1), split="train", seed=0)
     chat = "data.chat_template=true" in work.overrides  # TRL renders a conversational prompt with the chat template
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p.prompt}] if chat else p.prompt,

@@ -86,9 +86,8 @@ def resolve_models(cfg: JobConfig) -> Models:
     """Local model directories for the policy and the critics: the built-in tiny ones are bootstrapped, the built-in
     pretrained ones converted from their package (both cached). A job without critics (``grpo``) does not read
     ``model.critic``: its critic directory is the policy's, unused."""
-    paths = {"model.policy": cfg.model.policy}
-    if cfg.critics.num_critics > 0:
-        paths["model.critic"] = cfg.model.critic
+    critic = cfg.model.critic if cfg.critics.num_critics > 0 else CRITIC_IS_POLICY
+    paths = {"model.policy": cfg.model.policy, "model.critic": critic}
     for field, path in paths.items():
         if path.startswith(BUILTIN_PREFIX) and path not in (BUILTIN_POLICY, BUILTIN_CRITIC):
             paths[field] = pretrained_model(field, path.removeprefix(BUILTIN_PREFIX))
@@ -102,7 +101,7 @@ def resolve_models(cfg: JobConfig) -> Models:
         builtin = task.builtin_models(cfg.trainer.seed, log.info)
         pick = {BUILTIN_POLICY: str(builtin.policy_dir), BUILTIN_CRITIC: str(builtin.critic_dir)}
         paths = {field: pick.get(path, path) for field, path in paths.items()}
-    if paths.get("model.critic", CRITIC_IS_POLICY) == CRITIC_IS_POLICY:
+    if paths["model.critic"] == CRITIC_IS_POLICY:
         paths["model.critic"] = paths["model.policy"]
     for field, path in paths.items():
         if not (Path(path) / "config.json").is_file():
