@@ -219,6 +219,10 @@ class CriticsConfig(OptimizationConfig):
     gpus_per_critic: float = Field(0.0, ge=0)
     cpus_per_critic: float = Field(0.5, gt=0)
     lr: float = Field(1e-3, gt=0)
+    head_lr: float | None = Field(
+        None, gt=0, description="the zero-initialised value head's rate; null = lr. A pretrained backbone trains at a "
+                                "small lr, at which a zero head barely moves (docs/models.md)"
+    )
 
 
 class AlgorithmConfig(_Section):

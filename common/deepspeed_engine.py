@@ -57,9 +57,16 @@ def init_process_group(rank: int, world_size: int, master_addr: str, master_port
 
 
 def make_engine(
-    module: torch.nn.Module, *, lr: float, weight_decay: float, zero_stage: int, grad_clip: float, bf16: bool
+    module: torch.nn.Module, *, lr: float, weight_decay: float, zero_stage: int, grad_clip: float, bf16: bool,
+    param_groups: list[dict] | None = None,
 ):
     """A DeepSpeed engine around ``module`` with a torch AdamW optimizer (DeepSpeed's fused ones need CUDA ops).
+
+    Every trainable parameter trains at ``lr``, or ``param_groups`` (torch's ``[{"params": [...], "lr": ...}]``)
+    give parts of the module rates of their own (a critic's zero value head learns faster than its pretrained
+    backbone). The engine keeps the groups' rates as ``base_learning_rates``, which :func:`scale_learning_rates`
+    multiplies by the schedule's factor (kept beside the optimizer, not in its state: a checkpoint's param groups
+    replace the optimizer's when it is loaded).
 
     bf16 runs at ZeRO stage 1 or above: at stage 0 DeepSpeed wraps the optimizer in its unfused fp16/bf16 optimizer,
     which creates AdamW's state with a dummy step, so every real update used the bias correction of the step after
@@ -81,10 +88,11 @@ def make_engine(
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    optimizer = torch.optim.AdamW(
-        [p for p in module.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
-    )
+    if param_groups is None:
+        param_groups = [{"params": [p for p in module.parameters() if p.requires_grad], "lr": lr}]
+    optimizer = torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+    engine.base_learning_rates = [group["lr"] for group in engine.optimizer.param_groups]
     return engine
 
 
@@ -102,10 +110,11 @@ def begin_micro_batch(engine) -> None:
         clear()
 
 
-def set_learning_rate(engine, lr: float) -> None:
-    """The rate of the engine's optimizer for its next steps (the schedules of docs/algorithms.md §5b)."""
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr
+def scale_learning_rates(engine, factor: float) -> None:
+    """Every parameter group's rate for the next steps: its base rate times the schedule's ``factor``
+    (docs/algorithms.md §5b)."""
+    for group, base in zip(engine.optimizer.param_groups, engine.base_learning_rates, strict=True):
+        group["lr"] = base * factor
 
 
 def _local_grad_norm(engine) -> float:

@@ -22,7 +22,7 @@ import torch
 from asyppo.common.config import AlgorithmConfig, CriticsConfig
 from asyppo.common.deepspeed_engine import (
     accelerator_device, begin_micro_batch, init_process_group, make_engine, optimizer_step,
-    set_learning_rate,
+    scale_learning_rates,
 )
 from asyppo.common.files import fsync_tree
 from asyppo.core.batch import RolloutBatch
@@ -62,9 +62,13 @@ class MiniCritic:
         model = ValueModel.from_pretrained(critic_path, num_layers=num_layers)
         if critics.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.to(self.device)
+        # The head starts at zero and must reach the returns' scale, at a rate of its own (critics.head_lr).
         self.engine = make_engine(
-            model.to(self.device), lr=critics.lr, weight_decay=0.0, zero_stage=critics.zero_stage,
+            model, lr=critics.lr, weight_decay=0.0, zero_stage=critics.zero_stage,
             grad_clip=critics.grad_clip, bf16=self.device.type == "cuda" and dtype == "bfloat16",
+            param_groups=[{"params": list(model.backbone.parameters())},
+                          {"params": list(model.value_head.parameters()), "lr": critics.head_lr or critics.lr}],
         )
         self._batch: RolloutBatch | None = None
         self._old_values: torch.Tensor | None = None
@@ -96,9 +100,9 @@ class MiniCritic:
             return {"value_loss": 0.0, "value_clip_frac": 0.0, "tokens_per_s": 0.0, "skipped_steps": 0.0,
                     "time_train": 0.0, "num_rows": 0.0}
         crit = self.config
-        lr = crit.lr * lr_factor(step, total_steps=self.total_steps, warmup_steps=crit.lr_warmup_steps,
-                                 schedule=crit.lr_schedule, min_ratio=crit.lr_min_ratio)
-        set_learning_rate(self.engine, lr)
+        scale_learning_rates(self.engine, lr_factor(step, total_steps=self.total_steps,
+                                                    warmup_steps=crit.lr_warmup_steps, schedule=crit.lr_schedule,
+                                                    min_ratio=crit.lr_min_ratio))
         batch, rows_t = self._batch, torch.as_tensor(rows, dtype=torch.long)
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "critic-shuffle", step, self.index))
         losses, clip_fracs, tokens, skipped = [], [], 0, 0

@@ -21,7 +21,7 @@ import torch
 from asyppo.common.config import AlgorithmConfig, LearnerConfig, WeightSyncConfig
 from asyppo.common.deepspeed_engine import (
     accelerator_device, all_ranks_gather, all_ranks_sum, begin_micro_batch, full_parameters, init_process_group, make_engine,
-    optimizer_step, set_learning_rate,
+    optimizer_step, scale_learning_rates,
 )
 from asyppo.common.files import fsync_tree
 from asyppo.core.advantages import AdvantageResult, compute_advantages
@@ -247,9 +247,9 @@ class Learner:
                     "time_update": time.perf_counter() - start, "policy_version": float(self.version)}
         # The policy's schedule starts with its first update, after the critics' warm-up (§4, §5b).
         held_back = self.algorithm.critic_warmup_steps
-        lr = lrn.lr * lr_factor(step - held_back, total_steps=self.total_steps - held_back,
-                                warmup_steps=lrn.lr_warmup_steps, schedule=lrn.lr_schedule, min_ratio=lrn.lr_min_ratio)
-        set_learning_rate(self.engine, lr)
+        factor = lr_factor(step - held_back, total_steps=self.total_steps - held_back,
+                           warmup_steps=lrn.lr_warmup_steps, schedule=lrn.lr_schedule, min_ratio=lrn.lr_min_ratio)
+        scale_learning_rates(self.engine, factor)
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "mini-batches", step))
         self.engine.module.train()
         totals = StepTotals()
@@ -273,7 +273,7 @@ class Learner:
             "time_update": seconds,
             "policy_version": float(self.version),
             "critic_warmup": 0.0,
-            "lr": lr,
+            "lr": lrn.lr * factor,
         })
         return result
 

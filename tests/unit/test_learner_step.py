@@ -336,3 +336,34 @@ def test_a_critic_cut_to_fewer_layers_trains_and_restores_from_its_checkpoint(tm
     restored.restore(str(tmp_path))
     assert all(torch.equal(tensor, trained[name]) for name, tensor in params(restored.engine.module).items())
     torch.testing.assert_close(restored.values(batch), critic.values(batch))
+
+
+def test_a_critics_value_head_trains_at_its_own_rate(tiny_critic_dir):
+    """critics.head_lr=1e-2 beside critics.lr=1e-4. AdamW's first step moves every parameter with a gradient by
+    exactly its rate (m̂/√v̂ = ±1), so the zero head moves by 1e-2 at the first update, while the backbone, whose
+    gradient is zero while the head is, does not move. At the second update the backbone takes its own first
+    step: at most 1e-4 per parameter."""
+    cfg = build_config(overrides=["rollout.prompts_per_step=4", "rollout.samples_per_prompt=4",
+                                  "learner.mini_batch_size=8", "learner.micro_batch_size=4",
+                                  "critics.micro_batch_size=4", "critics.lr=1e-4", "critics.head_lr=1e-2"])
+    critic = make_critic(cfg, tiny_critic_dir, index=0)
+    batch = make_batch()
+    returns = batch.scores[:, None] * batch.response_mask
+
+    def largest_moves(before):
+        moved = {name: float((tensor - before[name]).abs().max()) for name, tensor in params(critic.engine.module).items()}
+        head = max(move for name, move in moved.items() if name.startswith("value_head."))
+        backbone = max(move for name, move in moved.items() if name.startswith("backbone."))
+        return head, backbone
+
+    before = params(critic.engine.module)
+    critic.values(batch)
+    assert critic.update(returns, list(range(8)), step=0)["skipped_steps"] == 0
+    head, backbone = largest_moves(before)
+    assert head == pytest.approx(1e-2, rel=1e-3) and backbone == 0.0
+
+    before = params(critic.engine.module)
+    critic.values(batch)
+    critic.update(returns, list(range(8)), step=1)
+    head, backbone = largest_moves(before)
+    assert 1e-5 < backbone <= 1e-4 * (1 + 1e-3) and head > 1e-3
