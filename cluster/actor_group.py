@@ -14,11 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from asyppo.common.config import JobConfig
 from asyppo.cluster.logs import with_output_to
+
+
+# What each actor of a role with a node type asks of that custom resource: a sliver, so that a node of the type holds
+# as many of the role's actors as its CPUs and GPUs allow (Ray counts resources to 4 decimals).
+NODE_TYPE_SHARE = 0.001
 
 
 @dataclass(frozen=True)
@@ -26,14 +31,25 @@ class RoleResources:
     count: int
     cpus: float
     gpus: float
+    node_type: str | None = None  # a custom Ray resource that the role's nodes carry (rollout.node_type, ...)
+
+    def bundle(self) -> dict[str, float]:
+        """One actor's placement-group bundle."""
+        return {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {}),
+                **({self.node_type: NODE_TYPE_SHARE} if self.node_type else {})}
+
+    def describe(self) -> str:
+        sizes = f"CPU {self.cpus:g}, GPU {self.gpus:g}"
+        return f"{sizes} on a node of type {self.node_type!r}" if self.node_type else sizes
 
 
 def role_resources(cfg: JobConfig) -> dict[str, RoleResources]:
-    """CPUs and GPUs per actor for each role, from the config's independent knobs."""
+    """CPUs, GPUs and node type per actor for each role, from the config's independent knobs."""
+    roll, crit, lrn = cfg.rollout, cfg.critics, cfg.learner
     return {
-        "rollout": RoleResources(cfg.rollout.num_workers, cfg.rollout.cpus_per_worker, cfg.rollout.gpus_per_worker),
-        "critics": RoleResources(cfg.critics.num_critics, cfg.critics.cpus_per_critic, cfg.critics.gpus_per_critic),
-        "learner": RoleResources(cfg.learner_ranks, cfg.learner.cpus, 1 if cfg.learner.num_gpus > 0 else 0),
+        "rollout": RoleResources(roll.num_workers, roll.cpus_per_worker, roll.gpus_per_worker, roll.node_type),
+        "critics": RoleResources(crit.num_critics, crit.cpus_per_critic, crit.gpus_per_critic, crit.node_type),
+        "learner": RoleResources(cfg.learner_ranks, lrn.cpus, 1 if lrn.num_gpus > 0 else 0, lrn.node_type),
     }
 
 
@@ -56,6 +72,10 @@ def fit_to_cluster(cfg: JobConfig, cluster: dict[str, float], log) -> JobConfig:
     A CPU-only job that asks for more logical CPUs than the cluster has is scaled down: every role's CPU share by the
     same factor (its roles then share cores, as on the embedded cluster; ``log`` says so). GPUs cannot be shared
     that way, so a job needing more GPUs than the cluster has fails, naming the knobs."""
+    for role, resources in role_resources(cfg).items():
+        if resources.count and resources.node_type and resources.node_type not in cluster:
+            log(f"{role}.node_type: no node of the cluster carries the resource "
+                f"{resources.node_type!r} now; the {role} role waits for one to join (an autoscaler's)")
     need_gpus, have_gpus = total_gpus(cfg), cluster.get("GPU", 0.0)
     if need_gpus > have_gpus:
         raise PlacementError(
@@ -103,17 +123,28 @@ class ActorGroup:
         self.actors: list = []
         self.names: list[str] = []
         self._pids: list[int | None] = []
-        bundle = {"CPU": resources.cpus, **({"GPU": resources.gpus} if resources.gpus else {})}
         # PACK keeps ranks that talk to each other every step (the learner's) on one node when possible.
-        self._group = placement_group([dict(bundle) for _ in range(resources.count)],
+        self._group = placement_group([resources.bundle() for _ in range(resources.count)],
                                       strategy="PACK" if pack else "SPREAD", name=f"asyppo-{role}")
         if not self._group.wait(timeout_seconds=placement_timeout_s):
             self.close()
             raise PlacementError(
-                f"the cluster cannot place the {role} role: {resources.count} × (CPU {resources.cpus:g}, GPU "
-                f"{resources.gpus:g}) did not fit within {placement_timeout_s:.0f}s (other jobs may hold the "
-                f"resources); cluster resources: {ray.cluster_resources()}"
+                f"the cluster cannot place the {role} role: {resources.count} × ({resources.describe()}) did not fit "
+                f"within {placement_timeout_s:.0f}s (other jobs may hold the resources); cluster resources: "
+                f"{ray.cluster_resources()}"
             )
+
+    def nodes(self) -> dict[str, str | None]:
+        """Actor name → the id of the node holding its bundle, None while the bundle waits for a node (its node was
+        lost and no other has room). Actor ``i`` lives in bundle ``i``."""
+        if self._group is None:
+            return {}
+        where = placement_group_table(self._group)["bundles_to_node_id"]
+        return {name: where.get(index) or None for index, name in enumerate(self.names)}
+
+    def placed(self) -> bool:
+        """False while Ray re-places bundles whose node was lost (the placement group is RESCHEDULING)."""
+        return self._group is None or placement_group_table(self._group)["state"] == "CREATED"
 
     def bundle_options(self, index: int) -> dict[str, Any]:
         """Ray options that pin an actor or task to bundle ``index`` with that bundle's CPUs and GPUs."""

@@ -1,4 +1,4 @@
-"""The ``asyppo`` command: ``train``, ``submit``, ``eval``, ``config`` and ``import-gguf``.
+"""The ``asyppo`` command: ``train``, ``submit``, ``eval``, ``config``, ``import-gguf`` and ``local-cluster``.
 
 ``asyppo train`` with no arguments runs the built-in job (embedded local Ray, tiny bootstrapped model, arithmetic
 task). Every subcommand takes ``--config FILE.yaml`` and dotted ``key=value`` overrides, validated before anything
@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "model.policy and model.critic (docs/models.md)")
     import_gguf.add_argument("gguf_file", type=Path, metavar="FILE")
     import_gguf.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="a new directory")
+
+    local = sub.add_parser(
+        "local-cluster", help="start a Ray cluster of several nodes on this machine, each with a node type, and add "
+                              "or remove nodes from the keyboard (docs/scaling.md)")
+    local.add_argument("--nodes", default="rollout_node=1,train_node=1", metavar="TYPE=COUNT,...",
+                       help="the worker nodes to start; each carries the custom resource TYPE that a role's "
+                            "node_type names (default: rollout_node=1,train_node=1)")
+    local.add_argument("--cpus-per-node", type=float, default=2, help="logical CPUs of each worker node (default 2)")
     return parser
 
 
@@ -221,12 +229,56 @@ def _import_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+LOCAL_CLUSTER_HELP = """commands: add TYPE | remove NAME-or-TYPE | nodes | quit (or Ctrl-D)"""
+
+
+def _local_cluster(args: argparse.Namespace) -> int:
+    """Start the nodes, print how to use them, then read ``add`` / ``remove`` / ``nodes`` lines until EOF."""
+    from asyppo.cluster.local_cluster import LocalCluster, parse_nodes
+
+    try:
+        nodes = parse_nodes(args.nodes)
+    except ValueError as exc:
+        print(f"asyppo: {exc}", file=sys.stderr)
+        return 2
+    cluster = LocalCluster(nodes, cpus_per_node=args.cpus_per_node)
+    try:
+        print(f"Ray cluster on 127.0.0.1: a head without CPUs and {len(cluster.nodes)} worker node(s), "
+              f"{args.cpus_per_node:g} CPUs each: {', '.join(cluster.describe())}")
+        if cluster.dashboard_url:
+            print(f"Ray dashboard: {cluster.dashboard_url}")
+        print(f"run a job on it from another shell:\n  RAY_ADDRESS={cluster.address} asyppo train "
+              f"--config examples/multinode.yaml\n{LOCAL_CLUSTER_HELP}", flush=True)
+        for line in sys.stdin:
+            command, _, argument = line.strip().partition(" ")
+            try:
+                if command == "add" and argument:
+                    print(f"node {cluster.add(argument.strip()).name} joined", flush=True)
+                elif command == "remove" and argument:
+                    print(f"node {cluster.remove(argument.strip()).name} removed", flush=True)
+                elif command == "nodes":
+                    print(", ".join(cluster.describe()) or "no worker nodes", flush=True)
+                elif command in ("quit", "exit"):
+                    break
+                elif command:
+                    print(LOCAL_CLUSTER_HELP, flush=True)
+            except ValueError as exc:
+                print(exc, flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.shutdown()
+    print("cluster stopped")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_console(verbose=False)
     args = build_parser().parse_args(argv)
     if args.command is None:
         args = build_parser().parse_args(["train", *(argv if argv is not None else sys.argv[1:])])
-    handlers = {"train": _train, "submit": _submit, "eval": _eval, "import-gguf": _import_gguf}
+    handlers = {"train": _train, "submit": _submit, "eval": _eval, "import-gguf": _import_gguf,
+                "local-cluster": _local_cluster}
     try:
         if args.command == "config":
             print(_load(args).to_yaml(), end="")

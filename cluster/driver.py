@@ -98,6 +98,7 @@ class Trainer:
             self.actors.spawn(job.models, job.reward_fn, version=self.version,
                               policy_dir=str(checkpoint / "policy") if checkpoint else job.models.policy,
                               resume_dir=str(checkpoint) if checkpoint else None)
+            self.actors.note_nodes()
             self.sink = MetricsSink(self.cfg, self.run_path, resumed=checkpoint is not None,
                                     total_steps=self.cfg.trainer.steps, start_step=self.start_step)
         except BaseException:
@@ -187,6 +188,7 @@ class Trainer:
                                           sync_stats, logp_diff, sampling_stats, times))
         metrics["weight_sync_check_tolerance"] = self.cfg.weight_sync.check_tolerance
         metrics["actor_restarts"] = float(sum(self.actors.restarts.values()))
+        metrics["cluster_nodes"] = float(self.actors.note_nodes())
         return metrics
 
     def _launch_rollout(self, step: int, refill_round: int = 0) -> Rollout:

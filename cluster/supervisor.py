@@ -12,6 +12,7 @@ the connection to Ray and the stop signals.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -19,7 +20,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import ray
 import torch
@@ -30,12 +31,16 @@ from asyppo.cluster.checkpoint import CheckpointDir
 from asyppo.cluster.errors import ActorLost, JobFailed
 from asyppo.cluster.logs import route_library_loggers, route_raylet_messages
 from asyppo.common.config import JobConfig
-from asyppo.common.network import LOOPBACK, loopback_interface, node_address_and_free_port
+from asyppo.common.network import (
+    LOOPBACK, is_loopback_address, keep_loopback_node_address, loopback_interface, node_address_and_free_port,
+)
 from asyppo.core.seeds import derive_seed
 from asyppo.critics.mini_critic import CriticStateLost, MiniCritic
 from asyppo.learner.learner import Learner
 
 log = logging.getLogger("asyppo")
+
+NODE_CHECK_S = 5.0  # how often a long wait looks whether a role lost its node (Supervisor.waiting_for_node)
 
 
 class Supervisor:
@@ -51,6 +56,9 @@ class Supervisor:
         self.learners: ActorGroup | None = None
         self.critics: ActorGroup | None = None
         self.engine_max_len = 0  # the longest sequence every rollout engine takes (max_model_len)
+        self._node_wait_started: float | None = None  # when a role began to wait for a node (waiting_for_node)
+        self._nodes: dict[str, dict] | None = None  # node id → ray.nodes() entry, at the last note_nodes
+        self._placement: dict | None = None
 
     # ---- starting ------------------------------------------------------------------------------------------------
 
@@ -113,7 +121,7 @@ class Supervisor:
         traceback goes to ``<run>/error.log``)."""
         field, timeout = self.timeout(starting)
         try:
-            return ray.get(refs, timeout=timeout)
+            return self._get_within(refs, timeout)
         except ray.exceptions.GetTimeoutError:
             waiting = ", ".join(self._unanswered(refs)) or "a task"
             raise JobFailed(
@@ -123,8 +131,9 @@ class Supervisor:
             ) from None
         except ray.exceptions.RayActorError as exc:  # before RayTaskError: a task that depended on a dead actor is both
             name = self._actor_name(getattr(exc, "actor_id", None))
-            raise ActorLost(f"{what}: {name} died (its process exited: killed, out of memory or crashed; its log is "
-                            f"in the Ray dashboard){self.resume_hint()}", name,
+            cause = ("its node left the cluster" if self._node_lost(name) else
+                     "its process exited: killed, out of memory or crashed; its log is in the Ray dashboard")
+            raise ActorLost(f"{what}: {name} died ({cause}){self.resume_hint()}", name,
                             unavailable=isinstance(exc, ray.exceptions.ActorUnavailableError)) from None
         except ray.exceptions.RayTaskError as exc:
             if isinstance(exc.cause, CriticStateLost):  # its process died after scoring: like a critic lost in a call
@@ -137,6 +146,64 @@ class Supervisor:
             cause = exc.cause
             raise JobFailed(f"{what}: {self._failed_actor(refs)} raised {type(cause).__name__}: {cause} "
                             f"(traceback in {details}){self.resume_hint()}") from None
+
+    def _get_within(self, refs, timeout: float):
+        """``ray.get(refs)`` within ``timeout`` seconds, looking every NODE_CHECK_S whether a role waits for a node
+        (:meth:`waiting_for_node`): meanwhile the clock stands still, and it starts again once the role is placed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return ray.get(refs, timeout=max(0.0, min(NODE_CHECK_S, remaining)))
+            except ray.exceptions.GetTimeoutError:
+                if self.waiting_for_node():
+                    deadline = time.monotonic() + timeout
+                elif remaining <= NODE_CHECK_S:
+                    raise
+
+    def waiting_for_node(self) -> bool:
+        """Whether a role's placement lost a node and waits for one with room (Ray re-places the bundle, and restarts
+        the actor in it, as soon as one joins). The wait's start and end are logged; one longer than
+        trainer.node_wait_s ends the job, naming what it waits for."""
+        unplaced = [group for group in self._groups() if not group.placed()]
+        now = time.monotonic()
+        if not unplaced:
+            if self._node_wait_started is not None:
+                log.warning("a node with room joined after %.0fs: every role is placed again",
+                            now - self._node_wait_started)
+                self._node_wait_started = None
+            return False
+        if self.learners in unplaced:  # the learner is never restarted (docs/reliability.md): nothing to wait for
+            raise JobFailed(f"the node holding the learner was lost, and the learner with it{self.resume_hint()}")
+        needs = "; ".join(f"the {group.role} role needs {group.resources.describe()} for "
+                          f"{', '.join(name for name, node in group.nodes().items() if node is None)}"
+                          for group in unplaced)
+        limit = self.cfg.trainer.node_wait_s
+        if self._node_wait_started is None:
+            self._node_wait_started = now
+            log.warning("a node was lost and no other has room (%s): waiting up to trainer.node_wait_s=%gs for a "
+                        "node to join", needs, limit)
+        elif now - self._node_wait_started > limit:
+            raise JobFailed(f"a node was lost and none with room joined within trainer.node_wait_s={limit:g}s ({needs}): "
+                            f"add such a node{self.resume_hint() or ' and start the run again'}")
+        return True
+
+    def note_nodes(self) -> int:
+        """The cluster's live nodes now, each one that joined or left since the last look logged on one line;
+        returns how many are alive. Where each actor runs goes to ``<run>/placement.json`` when it changed."""
+        alive = {node["NodeID"]: node for node in ray.nodes() if node["Alive"]}
+        if self._nodes is not None:
+            for node_id in alive.keys() - self._nodes.keys():
+                log.warning("node %s joined the cluster (%s)", node_id[:8], _node_kind(alive[node_id]))
+            for node_id in self._nodes.keys() - alive.keys():
+                log.warning("node %s left the cluster (%s)", node_id[:8], _node_kind(self._nodes[node_id]))
+        self._nodes = alive
+        placement = {name: {"node": node, "node_type": group.resources.node_type}
+                     for group in self._groups() for name, node in group.nodes().items()}
+        if placement != self._placement:
+            self._placement = placement
+            (self.run_path / "placement.json").write_text(json.dumps(placement, indent=1))
+        return len(alive)
 
     def timeout(self, starting: bool) -> tuple[str, float]:
         """The trainer field that bounds a wait, and its value: start_timeout_s for an actor that is starting (or
@@ -170,6 +237,10 @@ class Supervisor:
                 return group.actor_names()[actor_id]
         return "an actor"
 
+    def _node_lost(self, name: str) -> bool:
+        """Whether the bundle of actor ``name`` lost its node (it waits for another)."""
+        return any(group.nodes().get(name, "") is None for group in self._groups())
+
     def _failed_actor(self, refs) -> str:
         """The name of the actor whose call among ``refs`` (all answered) raised first."""
         for ref in refs if isinstance(refs, list) else [refs]:
@@ -197,6 +268,8 @@ class Supervisor:
             try:
                 return self.get(group.call(method), f"{what}: waiting for the {group.role}", starting=starting)
             except ActorLost as lost:
+                if lost.unavailable and self.waiting_for_node():  # its restart waits for a node to join
+                    deadline = time.monotonic() + self.timeout(starting)[1]
                 if lost.unavailable and time.monotonic() < deadline:
                     time.sleep(1.0)
                     continue
@@ -290,6 +363,15 @@ class Supervisor:
         self.rollout_workers = self.learners = self.critics = None
 
 
+def _node_kind(node: dict) -> str:
+    """A ``ray.nodes()`` entry in words: its CPUs, GPUs and custom resources (its node type)."""
+    resources = node.get("Resources", {})
+    custom = [name for name in resources if name not in ("CPU", "GPU", "memory", "object_store_memory")
+              and not name.startswith(("node:", "accelerator_type:"))]
+    kind = f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs"
+    return kind + (f", type {', '.join(custom)}" if custom else "")
+
+
 def learner_arguments(cfg: JobConfig, policy_dir: str, **rank: Any) -> tuple[tuple, dict]:
     """``Learner(*args, **kwargs)`` for this job: the sections it uses, the few settings it needs from others, and
     ``rank`` (rank, world_size, master_addr, master_port, resume_state_dir)."""
@@ -344,8 +426,12 @@ def connect_ray(cfg: JobConfig) -> bool:
     started = not os.environ.get("RAY_ADDRESS")
     if not started:
         # No runtime_env here: inside `ray job submit` the job's own runtime env applies, and a second one that
-        # sets the same variables makes Ray refuse the job.
-        ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
+        # sets the same variables makes Ray refuse the job. A cluster addressed on 127.0.0.1 is on this machine
+        # (`asyppo local-cluster`): the driver keeps that address too, which Ray would replace by the machine's
+        # network address, where the cluster's nodes do not listen.
+        address = os.environ["RAY_ADDRESS"]
+        with keep_loopback_node_address() if is_loopback_address(address) else contextlib.nullcontext():
+            ray.init(address=address, **quiet)
     else:
         # Logical CPUs: fractional roles share this machine's cores (docs/architecture.md, "Scaling knobs").
         needed = math.ceil(total_cpus(cfg)) + 1
@@ -354,7 +440,7 @@ def connect_ray(cfg: JobConfig) -> bool:
         # Every process of a cluster of the job's own listens on 127.0.0.1 only (docs/deploy.md, "Network"): Ray
         # binds its servers to the node's address, the job's process groups serve their stores there, and gloo
         # takes the loopback interface (else the one the host name resolves to).
-        with _loopback_node():
+        with keep_loopback_node_address():
             context = ray.init(address="local", num_cpus=max(needed, os.cpu_count() or 1),
                                num_gpus=torch.cuda.device_count(), object_store_memory=512 * 1024**2,
                                _node_ip_address=LOOPBACK, runtime_env={"env_vars": _gloo_on_loopback()}, **quiet)
@@ -363,22 +449,6 @@ def connect_ray(cfg: JobConfig) -> bool:
     if not verbose:
         route_raylet_messages()
     return started
-
-
-@contextlib.contextmanager
-def _loopback_node() -> Iterator[None]:
-    """Within it, ``ray.init`` keeps a node address of 127.0.0.1. Ray replaces it by the machine's network address,
-    which other nodes can reach, unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set before Ray was imported (Ray's
-    setting for clusters that stay on one machine, read once into ``ray_constants.ENABLE_RAY_CLUSTER``); a cluster of
-    the job's own has no other node, so that setting applies to its start only, and a job that joins a cluster
-    through RAY_ADDRESS is left as it was."""
-    from ray._private import ray_constants
-
-    previous, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = previous
 
 
 def _gloo_on_loopback() -> dict[str, str]:

@@ -186,6 +186,10 @@ class RolloutConfig(_Section):
     num_workers: int = Field(1, ge=1)
     gpus_per_worker: int = Field(0, ge=0, description="vLLM tensor-parallel size on GPU; 0 = CPU engine")
     cpus_per_worker: float = Field(1.0, gt=0)
+    node_type: str | None = Field(
+        None, min_length=1, description="a custom Ray resource that marks the nodes for this role (nodes started with "
+                                        "--resources='{\"NAME\": 1}'); each actor asks a sliver of it; null = any node"
+    )
     prompts_per_step: int = Field(32, ge=1)
     samples_per_prompt: int = Field(8, ge=1)
     max_new_tokens: int = Field(8, ge=1)
@@ -218,6 +222,10 @@ class CriticsConfig(OptimizationConfig):
     num_critics: int = Field(2, ge=0)
     gpus_per_critic: float = Field(0.0, ge=0)
     cpus_per_critic: float = Field(0.5, gt=0)
+    node_type: str | None = Field(
+        None, min_length=1, description="a custom Ray resource that marks the nodes for this role (nodes started with "
+                                        "--resources='{\"NAME\": 1}'); each actor asks a sliver of it; null = any node"
+    )
     lr: float = Field(1e-3, gt=0)
     head_lr: float | None = Field(
         None, gt=0, description="the zero-initialised value head's rate; null = lr. A pretrained backbone trains at a "
@@ -264,6 +272,10 @@ class LearnerConfig(OptimizationConfig):
                              "with GPUs there is one rank per GPU"
     )
     cpus: float = Field(1.0, gt=0)
+    node_type: str | None = Field(
+        None, min_length=1, description="a custom Ray resource that marks the nodes for this role (nodes started with "
+                                        "--resources='{\"NAME\": 1}'); each actor asks a sliver of it; null = any node"
+    )
     weight_decay: float = Field(0.0, ge=0)
     mini_batch_size: int = Field(64, ge=1, description="responses per optimizer step")
     logprob_chunk: int = Field(256, ge=1, description="sequence positions per chunk of the vocab projection")
@@ -299,6 +311,10 @@ class TrainerConfig(_Section):
     start_timeout_s: float = Field(
         1800.0, gt=0, description="longest wait for an actor to start (load its model, build its engine), also when "
                                   "Ray restarts it; then a clear error"
+    )
+    node_wait_s: float = Field(
+        600.0, gt=0, description="how long a role that lost its node waits for a node with room to join (an "
+                                 "autoscaler's replacement); then a clear error (docs/scaling.md)"
     )
     max_skipped_steps: int = Field(
         3, ge=1, description="consecutive steps without a policy update (bad loss, diverged critics) before the job stops"
@@ -540,10 +556,12 @@ def cross_field_problems(cfg: JobConfig) -> list[tuple[str, str]]:
 RESUME_SAFE_FIELDS = (
     "trainer.name", "trainer.run_dir", "trainer.steps", "trainer.eval_every", "trainer.checkpoint_every",
     "trainer.keep_checkpoints", "trainer.actor_restarts", "trainer.call_timeout_s", "trainer.start_timeout_s",
+    "trainer.node_wait_s",
     "trainer.max_skipped_steps", "logging.", "weight_sync.",
     "rollout.num_workers", "rollout.gpus_per_worker", "rollout.cpus_per_worker", "rollout.gpu_memory_utilization",
-    "rollout.cpu_kv_cache_gib", "critics.gpus_per_critic", "critics.cpus_per_critic", "critics.micro_batch_size",
-    "learner.num_gpus", "learner.ranks", "learner.cpus", "learner.micro_batch_size", "learner.logprob_chunk",
+    "rollout.cpu_kv_cache_gib", "rollout.node_type", "critics.gpus_per_critic", "critics.cpus_per_critic",
+    "critics.micro_batch_size", "critics.node_type", "learner.num_gpus", "learner.ranks", "learner.cpus",
+    "learner.micro_batch_size", "learner.logprob_chunk", "learner.node_type",
 )
 
 

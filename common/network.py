@@ -6,7 +6,9 @@ answers in a moment instead of after torch and transformers have loaded (docs/de
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from typing import Iterator
 
 LOOPBACK = "127.0.0.1"
 
@@ -39,3 +41,27 @@ def loopback_interface() -> str | None:
         if any(entry.address == LOOPBACK for entry in addresses):
             return name
     return None
+
+
+def is_loopback_address(address: str) -> bool:
+    """Whether a Ray address (``host:port``, ``ray://host:port``, ``auto``) names this machine's loopback."""
+    from urllib.parse import urlsplit
+
+    host = urlsplit(address if "://" in address else f"//{address}").hostname or ""
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+@contextlib.contextmanager
+def keep_loopback_node_address() -> Iterator[None]:
+    """Within it, Ray keeps a node address of 127.0.0.1 (starting a node, or a driver joining one). Ray replaces it by
+    the machine's network address, which other nodes can reach, unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set
+    before Ray was imported (Ray's setting for clusters that stay on one machine, read once into
+    ``ray_constants.ENABLE_RAY_CLUSTER``). Used for a cluster of the job's own, a driver joining a cluster on
+    127.0.0.1, and the nodes of ``asyppo local-cluster``; everything else is left as it was."""
+    from ray._private import ray_constants
+
+    previous, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous

@@ -1,0 +1,122 @@
+"""Several Ray nodes on this machine (asyppo.cluster.local_cluster: real raylets, each with its own CPUs and node
+type): roles placed by node type, nodes lost and added mid-run (docs/scaling.md).
+
+The driver runs as its own process (`asyppo train` with RAY_ADDRESS), as a user's would; nodes are removed by
+killing their raylet and every process on it, as a lost host loses them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from asyppo.cluster.local_cluster import LocalCluster
+from tests.reference_run import JOB, assert_same_run
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    local = LocalCluster({"rollout_node": 1, "train_node": 1}, cpus_per_node=2, dashboard=False)
+    yield local
+    local.shutdown()
+
+
+def start_job(cluster: LocalCluster, run_dir: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "RAY_ADDRESS": cluster.address}
+    log = (run_dir / f"driver-{len(list(run_dir.glob('driver-*')))}.out").open("w")
+    return subprocess.Popen([sys.executable, "-m", "asyppo.cluster.cli", "train", *args], cwd=REPO, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_until(condition, what: str, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def steps_done(run: Path) -> int:
+    """Steps logged so far (whole lines only: the driver may be writing the next)."""
+    path = run / "metrics.jsonl"
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+def driver_log(run: Path) -> str:
+    path = run / "logs" / "driver.log"
+    return path.read_text() if path.exists() else ""
+
+
+def test_roles_follow_node_types_and_the_run_survives_losing_its_nodes(cluster, tmp_path, reference_run):
+    """The reference job with its rollout worker on `rollout_node` nodes and the learner and critics on `train_node`
+    nodes. Before the first step the rollout node is lost with no other of its type: the job waits
+    (trainer.node_wait_s) until a new one joins, and the restarted worker generates as the lost one would have. After
+    step 1's checkpoint the train node is lost, and the learner with it: one line with the resume command. Resumed on a cluster with a new
+    train node, the run ends with every step logged once and every number equal to the one-node reference run's."""
+    _, reference_dir = reference_run
+    run = tmp_path / "multinode"
+    job = ["--config", "examples/multinode.yaml", *JOB, f"trainer.run_dir={tmp_path}", "trainer.name=multinode",
+           "trainer.node_wait_s=300", "trainer.actor_restarts=2", "weight_sync.timeout_s=20"]
+    driver = start_job(cluster, tmp_path, *job)
+
+    # Placed, before the first evaluation: where every actor runs.
+    wait_until(lambda: (run / "placement.json").exists() or driver.poll() is not None, "the actors' placement")
+    placed = json.loads((run / "placement.json").read_text())
+    nodes = {node.node_id: node.node_type for node in cluster.nodes}
+    assert {name: nodes[where["node"]] for name, where in placed.items()} == {
+        "rollout-0": "rollout_node", "learner": "train_node", "critic-0": "train_node", "critic-1": "train_node"}
+
+    lost_rollout_node = cluster.remove("rollout_node")
+    wait_until(lambda: "waiting up to trainer.node_wait_s=300s for a node to join" in driver_log(run),
+               "the driver to notice the lost node")
+    assert steps_done(run) == 0  # nothing goes on without the role's node
+    new_rollout_node = cluster.add("rollout_node")
+    wait_until(lambda: (run / "checkpoints" / "step-1").is_dir() or driver.poll() is not None, "step 1's checkpoint")
+    assert driver.poll() is None, driver_log(run)
+    log = driver_log(run)
+    assert "a node with room joined after" in log
+    assert f"node {lost_rollout_node.node_id[:8]} left the cluster (2 CPUs, 0 GPUs, type rollout_node)" in log
+    assert f"node {new_rollout_node.node_id[:8]} joined the cluster (2 CPUs, 0 GPUs, type rollout_node)" in log
+
+    cluster.remove("train_node")
+    assert driver.wait(timeout=240) == 1
+    failure = (tmp_path / "driver-0.out").read_text().strip().splitlines()[-1]
+    # The learner's calls fail as its process goes, before Ray has marked the node dead (seconds later): "learner died".
+    assert failure.startswith("asyppo: ") and "learner died" in failure, failure
+    resume = f"resume with: asyppo train --config {run / 'config.yaml'} --resume"
+    assert failure.endswith(resume), failure
+
+    new_train_node = cluster.add("train_node")
+    resumed = start_job(cluster, tmp_path, "--config", str(run / "config.yaml"), "--resume")
+    assert resumed.wait(timeout=400) == 0, (tmp_path / "driver-1.out").read_text()[-3000:]
+    assert_same_run(reference_dir, run)
+    placed = json.loads((run / "placement.json").read_text())
+    assert {name: where["node"] for name, where in placed.items()} == {
+        "rollout-0": new_rollout_node.node_id, "learner": new_train_node.node_id,
+        "critic-0": new_train_node.node_id, "critic-1": new_train_node.node_id}
+
+
+def test_the_local_cluster_command_starts_typed_nodes_and_adds_and_removes_them():
+    """`asyppo local-cluster`, as docs/scaling.md tells a person to run it: the nodes it starts are registered alive
+    in Ray's control store with their CPUs, and `add` / `remove` on its console change them."""
+    commands = "nodes\nadd rollout_node\nnodes\nremove rollout_node-0\nnodes\nremove gpu_node\nquit\n"
+    result = subprocess.run([sys.executable, "-m", "asyppo.cluster.cli", "local-cluster", "--nodes", "rollout_node=1",
+                             "--cpus-per-node", "1"], input=commands, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == ("Ray cluster on 127.0.0.1: a head without CPUs and 1 worker node(s), 1 CPUs each: "
+                        "rollout_node-0 (alive, 1 CPUs)")
+    assert [line for line in lines if line.startswith(("rollout_node", "node ", "no node"))] == [
+        "rollout_node-0 (alive, 1 CPUs)", "node rollout_node-1 joined",
+        "rollout_node-0 (alive, 1 CPUs), rollout_node-1 (alive, 1 CPUs)",
+        "node rollout_node-0 removed", "rollout_node-1 (alive, 1 CPUs)",
+        "no node named or typed 'gpu_node'; nodes: rollout_node-1"]
+    assert lines[-1] == "cluster stopped"
