@@ -18,6 +18,7 @@ The ratio ``rollout_worker / plain`` is what the project's wrapper costs (goal â
 
     python benchmarks/bench_rollout.py                       # the chain task's rollout step: ~3 min on 2 cores
     python benchmarks/bench_rollout.py --task arithmetic     # the default job's (short responses)
+    python benchmarks/bench_rollout.py --task words          # SmolLM2-135M-Instruct, chat template (examples/smollm2.yaml)
     python benchmarks/bench_rollout.py --repeats 1 --prompts 4 --output /tmp/rollout.json   # smoke
 
 Writes ``benchmarks/results/rollout_<task>.json`` (or ``--output``) and prints a table.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 import platform
 import statistics
 import time
@@ -34,9 +36,40 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import print_table, write_json  # noqa: E402  (a sibling script, not a package)
+from bench_trl import policy_dir  # noqa: E402  (a sibling script, not a package)
+from report import print_table, write_json  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class RolloutWorkload:
+    """A task's rollout step as its job runs it: the policy, the response length, the sampling temperature, the
+    engine's context and how prompts are formatted."""
+
+    policy: str
+    max_new_tokens: int
+    temperature: float = 1.0
+    max_model_len: int = 0  # 0: 64 + max_new_tokens (the tiny tasks' prompts are short)
+    chat_template: bool = False
+
+    def __post_init__(self):
+        if not self.max_model_len:
+            object.__setattr__(self, "max_model_len", 64 + self.max_new_tokens)
+
+    @property
+    def prompt_format(self):
+        from asyppo.tasks.prompts import PromptFormat
+
+        return PromptFormat(chat_template=self.chat_template)
+
+
+WORKLOADS = {  # the default job's, examples/chain.yaml's and examples/smollm2.yaml's
+    "arithmetic": RolloutWorkload("the task's builtin:tiny", max_new_tokens=8),
+    "chain": RolloutWorkload("the task's builtin:tiny", max_new_tokens=48),
+    "words": RolloutWorkload("SmolLM2-135M-Instruct", max_new_tokens=16, temperature=0.7, max_model_len=256,
+                             chat_template=True),
+}
 
 
 class PlainEngine:
@@ -53,13 +86,14 @@ class PlainEngine:
                        distributed_executor_backend=engine_executor(1), logprobs_mode="processed_logprobs",
                        **engine_args)
 
-    def generate(self, prompts: list[str], seeds: list[int], *, n: int, max_new_tokens: int) -> tuple[float, int]:
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int], *, n: int, max_new_tokens: int,
+                 temperature: float) -> tuple[float, int]:
         from vllm import SamplingParams
 
-        params = [SamplingParams(n=n, temperature=1.0, top_p=1.0, max_tokens=max_new_tokens, logprobs=0, seed=s)
-                  for s in seeds]
+        params = [SamplingParams(n=n, temperature=temperature, top_p=1.0, max_tokens=max_new_tokens, logprobs=0,
+                                 seed=s) for s in seeds]
         started = time.perf_counter()
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
         seconds = time.perf_counter() - started
         # What the worker counts as generated: every sampled token, EOS included.
         return seconds, sum(len(completion.token_ids) for output in outputs for completion in output.outputs)
@@ -67,7 +101,7 @@ class PlainEngine:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", choices=("arithmetic", "chain"), default="chain")
+    parser.add_argument("--task", choices=sorted(WORKLOADS), default="chain")
     parser.add_argument("--prompts", type=int, default=32, help="prompts per call (rollout.prompts_per_step)")
     parser.add_argument("--samples", type=int, default=8, help="responses per prompt (rollout.samples_per_prompt)")
     parser.add_argument("--repeats", type=int, default=10)
@@ -79,30 +113,36 @@ def main() -> None:
     output = args.output or REPO_ROOT / "benchmarks" / "results" / f"rollout_{args.task}.json"
 
     import ray
+    from transformers import AutoTokenizer
 
     from asyppo.actors.rollout_worker import RolloutWorker, prompt_seeds
+    from asyppo.tasks.prompts import encode_prompts
     from asyppo.tasks.registry import TASKS
     from asyppo.tasks.rewards import RewardFunction
 
-    models = TASKS[args.task].builtin_models(0, lambda line: None)
-    max_new_tokens = {"arithmetic": 8, "chain": 48}[args.task]  # the default job's and examples/chain.yaml's
-    problems = [p.to_dict() for p in models.heldout_problems()[: args.prompts]]
-    max_model_len = 64 + max_new_tokens
+    work = WORKLOADS[args.task]
+    model_path = policy_dir(args.task)
+    max_new_tokens, temperature = work.max_new_tokens, work.temperature
+    problems = [p.to_dict() for p in TASKS[args.task].builtin_problems(args.prompts, split="eval", seed=0)]
+    max_model_len = work.max_model_len
+    # Both sides get the same prompt tokens: the worker encodes them itself (with the chat template when the job
+    # uses one), the plain engine is handed them.
+    prompt_ids = encode_prompts(AutoTokenizer.from_pretrained(model_path), [p["prompt"] for p in problems],
+                                work.prompt_format)
 
     seeds = prompt_seeds(0, 0, len(problems))
-    prompts = [p["prompt"] for p in problems]
     times: dict[str, list[float]] = {"plain": [], "rollout_worker": []}
     tokens: dict[str, set[int]] = {"plain": set(), "rollout_worker": set()}
     engine_seconds: list[float] = []
 
     def start_plain():
         return ray.remote(PlainEngine).options(num_cpus=1).remote(
-            str(models.policy_dir), seed=0, max_model_len=max_model_len, cpu_kv_cache_gib=args.kv_cache_gib)
+            model_path, seed=0, max_model_len=max_model_len, cpu_kv_cache_gib=args.kv_cache_gib)
 
     def start_worker():
         return ray.remote(RolloutWorker).options(num_cpus=1).remote(
-            str(models.policy_dir), reward_fn=RewardFunction(task=args.task), seed=0, max_model_len=max_model_len,
-            cpu_kv_cache_gib=args.kv_cache_gib)
+            model_path, reward_fn=RewardFunction(task=args.task), seed=0, max_model_len=max_model_len,
+            cpu_kv_cache_gib=args.kv_cache_gib, prompt_format=work.prompt_format)
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -120,12 +160,13 @@ def main() -> None:
             ray.get([worker.health.remote(), plain.__ray_ready__.remote()])
 
             def run_plain() -> tuple[float, int]:
-                return ray.get(plain.generate.remote(prompts, seeds, n=args.samples, max_new_tokens=max_new_tokens))
+                return ray.get(plain.generate.remote(prompt_ids, seeds, n=args.samples, max_new_tokens=max_new_tokens,
+                                                     temperature=temperature))
 
             def run_worker() -> tuple[float, int]:
                 started = time.perf_counter()
                 result = ray.get(worker.generate.remote(problems, n=args.samples, max_new_tokens=max_new_tokens,
-                                                        temperature=1.0, top_p=1.0, seed=0))
+                                                        temperature=temperature, top_p=1.0, seed=0))
                 engine_seconds.append(result["generate_seconds"])  # the worker's own LLM.generate call
                 return time.perf_counter() - started, result["num_generated_tokens"]
 
@@ -154,8 +195,8 @@ def main() -> None:
     rows["rollout_worker"]["wrapper_median_s"] = statistics.median(
         total - engine for total, engine in zip(times["rollout_worker"], engine_seconds))
     result = {
-        "task": args.task, "prompts": len(problems), "samples_per_prompt": args.samples,
-        "max_new_tokens": max_new_tokens, "generated_tokens": generated, "repeats": args.repeats, **rows,
+        "task": args.task, "policy": work.policy, "prompts": len(problems), "samples_per_prompt": args.samples,
+        "max_new_tokens": max_new_tokens, "temperature": temperature, "generated_tokens": generated, "repeats": args.repeats, **rows,
         "ratio_rollout_worker_to_plain": ratio, "goal": 0.95,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
     }

@@ -95,7 +95,7 @@ def policy_dir(task: str) -> str:
 
     if task == "words":
         return str(ensure_pretrained("smollm2-135m-instruct", default_cache_dir(), log=lambda line: None))
-    return TASKS[task].builtin_models(0, lambda line: None).policy_dir
+    return str(TASKS[task].builtin_models(0, lambda line: None).policy_dir)
 
 
 def run_trl(task: str, work: Workload, steps: int, scratch: Path) -> dict:
