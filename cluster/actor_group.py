@@ -4,6 +4,11 @@ Each role reserves one placement group with one bundle per actor up front (docs/
 so a job that does not fit the cluster fails at start with the role named instead of hanging half-placed; each
 actor is pinned to its own bundle and named ``<role>-<i>`` in the Ray dashboard. Roles scale independently:
 ``rollout.num_workers``, ``critics.num_critics``, ``learner.num_gpus``.
+
+A role with a range of actors (``rollout.num_workers: [min, max]``) also asks for ``max − min`` spare bundles, each a
+placement group of its own that waits for room (an autoscaler sees it as demand); an actor starts in one once it is
+placed (:meth:`ActorGroup.add`), and one whose node left is let go (:meth:`ActorGroup.remove`) while at least
+``min`` remain (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -24,14 +29,22 @@ from asyppo.cluster.logs import with_output_to
 # What each actor of a role with a node type asks of that custom resource: a sliver, so that a node of the type holds
 # as many of the role's actors as its CPUs and GPUs allow (Ray counts resources to 4 decimals).
 NODE_TYPE_SHARE = 0.001
+# How long a role's start waits for its spare bundles to be placed (on a cluster with room: moments); the ones still
+# waiting get their actors at a later step boundary.
+SPARE_PLACEMENT_S = 5.0
 
 
 @dataclass(frozen=True)
 class RoleResources:
-    count: int
+    count: int  # the actors the role needs (the low end of a range)
     cpus: float
     gpus: float
     node_type: str | None = None  # a custom Ray resource that the role's nodes carry (rollout.node_type, ...)
+    spare: int = 0  # actors it may add when room appears (the high end of a range, less ``count``)
+
+    @property
+    def elastic(self) -> bool:
+        return self.spare > 0
 
     def bundle(self) -> dict[str, float]:
         """One actor's placement-group bundle."""
@@ -47,14 +60,16 @@ def role_resources(cfg: JobConfig) -> dict[str, RoleResources]:
     """CPUs, GPUs and node type per actor for each role, from the config's independent knobs."""
     roll, crit, lrn = cfg.rollout, cfg.critics, cfg.learner
     return {
-        "rollout": RoleResources(roll.num_workers, roll.cpus_per_worker, roll.gpus_per_worker, roll.node_type),
+        "rollout": RoleResources(roll.min_workers, roll.cpus_per_worker, roll.gpus_per_worker, roll.node_type,
+                                 spare=roll.max_workers - roll.min_workers),
         "critics": RoleResources(crit.num_critics, crit.cpus_per_critic, crit.gpus_per_critic, crit.node_type),
         "learner": RoleResources(cfg.learner_ranks, lrn.cpus, 1 if lrn.num_gpus > 0 else 0, lrn.node_type),
     }
 
 
-def total_cpus(cfg: JobConfig) -> float:
-    return sum(r.count * r.cpus for r in role_resources(cfg).values())
+def total_cpus(cfg: JobConfig, *, spares: bool = False) -> float:
+    """The CPUs the job needs (``spares``: with room for every actor a range allows)."""
+    return sum((r.count + r.spare * spares) * r.cpus for r in role_resources(cfg).values())
 
 
 def total_gpus(cfg: JobConfig) -> float:
@@ -106,11 +121,13 @@ def _sizes(cfg: JobConfig, what: str) -> str:
 
 
 class ActorGroup:
-    """``count`` actors of one role, each on its own bundle of the role's placement group.
+    """The actors of one role, each on its own bundle ("slot") of the role's placement groups.
 
-    Create the group (this reserves and waits for the bundles), optionally run tasks on a bundle
-    (:meth:`bundle_options`), then :meth:`spawn` the actors. :meth:`call` runs one method on every actor;
-    :meth:`close` kills the actors and frees the bundles (safe to call twice).
+    Create the group (this reserves and waits for the ``count`` bundles the role needs), optionally run tasks on a
+    slot (:meth:`bundle_options`), then :meth:`spawn` the actors. :meth:`call` runs one method on every actor;
+    :meth:`close` kills the actors and frees the bundles (safe to call twice). Slots ``count`` and up are the
+    role's spares (``RoleResources.spare``): :meth:`ready_slots` says which have room, :meth:`add` starts an actor in
+    one, :meth:`remove` lets one go.
 
     Ray restarts a dead actor (``max_restarts``) in its bundle under the same handle and name, running its
     constructor again; :meth:`note_pids` tells which actors have a new process since the driver last looked, so the
@@ -122,11 +139,17 @@ class ActorGroup:
         self.resources = resources
         self.actors: list = []
         self.names: list[str] = []
+        self.slots: list[int] = []  # the slot of each actor, in actor order
         self._pids: list[int | None] = []
+        self._start = None  # (remote class, arguments, name, max_restarts), kept by spawn for add
         # PACK keeps ranks that talk to each other every step (the learner's) on one node when possible.
-        self._group = placement_group([resources.bundle() for _ in range(resources.count)],
-                                      strategy="PACK" if pack else "SPREAD", name=f"asyppo-{role}")
-        if not self._group.wait(timeout_seconds=placement_timeout_s):
+        required = placement_group([resources.bundle() for _ in range(resources.count)],
+                                   strategy="PACK" if pack else "SPREAD", name=f"asyppo-{role}")
+        spares = [placement_group([resources.bundle()], name=f"asyppo-{role}-spare-{index}")
+                  for index in range(resources.spare)]
+        self._groups = [required, *spares]
+        self._bundles = [(required, index) for index in range(resources.count)] + [(group, 0) for group in spares]
+        if not required.wait(timeout_seconds=placement_timeout_s):
             self.close()
             raise PlacementError(
                 f"the cluster cannot place the {role} role: {resources.count} × ({resources.describe()}) did not fit "
@@ -134,25 +157,44 @@ class ActorGroup:
                 f"{ray.cluster_resources()}"
             )
 
+    def _slot_nodes(self) -> list[str | None]:
+        """The id of the node holding each slot's bundle; None while it waits for a node with room."""
+        tables = {group.id: placement_group_table(group) for group in self._groups}
+        return [tables[group.id]["bundles_to_node_id"].get(index) or None for group, index in self._bundles]
+
     def nodes(self) -> dict[str, str | None]:
         """Actor name → the id of the node holding its bundle, None while the bundle waits for a node (its node was
-        lost and no other has room). Actor ``i`` lives in bundle ``i``."""
-        if self._group is None:
+        lost and no other has room)."""
+        if not self._groups:
             return {}
-        where = placement_group_table(self._group)["bundles_to_node_id"]
-        return {name: where.get(index) or None for index, name in enumerate(self.names)}
+        where = self._slot_nodes()
+        return {name: where[slot] for name, slot in zip(self.names, self.slots)}
 
-    def placed(self) -> bool:
-        """False while Ray re-places bundles whose node was lost (the placement group is RESCHEDULING)."""
-        return self._group is None or placement_group_table(self._group)["state"] == "CREATED"
+    def unplaced(self) -> list[str]:
+        """The actors whose node was lost and that wait for a node with room (Ray re-places their bundles)."""
+        return [name for name, node in self.nodes().items() if node is None]
 
-    def bundle_options(self, index: int) -> dict[str, Any]:
-        """Ray options that pin an actor or task to bundle ``index`` with that bundle's CPUs and GPUs."""
+    def needs_node(self) -> list[str]:
+        """The unplaced actors without which the role cannot go on: every one while fewer than the role's ``count``
+        are placed or could start in a placed spare bundle, none otherwise (a role of a range lets the others go:
+        :meth:`remove`)."""
+        unplaced = self.unplaced()
+        return unplaced if len(self) - len(unplaced) + len(self.ready_slots()) < self.resources.count else []
+
+    def ready_slots(self) -> list[int]:
+        """Slots without an actor whose bundle is placed: room for one more actor."""
+        if not self._groups:
+            return []
+        return [slot for slot, node in enumerate(self._slot_nodes()) if node is not None and slot not in self.slots]
+
+    def bundle_options(self, slot: int) -> dict[str, Any]:
+        """Ray options that pin an actor or task to slot ``slot``'s bundle with that bundle's CPUs and GPUs."""
+        group, index = self._bundles[slot]
         return {
             "num_cpus": self.resources.cpus,
             "num_gpus": self.resources.gpus,
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                placement_group=self._group, placement_group_bundle_index=index,
+                placement_group=group, placement_group_bundle_index=index,
                 placement_group_capture_child_tasks=True,
             ),
         }
@@ -161,19 +203,41 @@ class ActorGroup:
         self, actor_class: type, arguments: Callable[[int], tuple[tuple, dict]], *,
         name: Callable[[int], str] | None = None, max_restarts: int = 0, log_dir: Path | None = None,
     ) -> list:
-        """One ``actor_class`` per bundle; actor ``i`` gets ``*args, **kwargs = arguments(i)`` and the Ray name
-        ``name(i)`` (default ``<role>-<i>``). With ``log_dir`` each actor's output goes to ``log_dir/<name>.log``
-        instead of the console (asyppo.cluster.logs). Returns the actor handles (also kept in ``self.actors``)."""
-        name = name or (lambda index: f"{self.role}-{index}")
+        """One ``actor_class`` in each of the ``count`` slots the role needs; the actor of slot ``i`` gets
+        ``*args, **kwargs = arguments(i)`` and the Ray name ``name(i)`` (default ``<role>-<i>``). With ``log_dir``
+        each actor's output goes to ``log_dir/<name>.log`` instead of the console (asyppo.cluster.logs). Returns the
+        actor handles (also kept in ``self.actors``)."""
         remote_class = ray.remote(with_output_to(actor_class, log_dir) if log_dir else actor_class)
-        for index in range(self.resources.count):
-            args, kwargs = arguments(index)
-            self.names.append(name(index))
-            self.actors.append(remote_class.options(
-                name=self.names[-1], max_restarts=max_restarts, **self.bundle_options(index),
-            ).remote(*args, **kwargs))
-        self._pids = [None] * len(self.actors)
+        self._start = (remote_class, arguments, name or (lambda slot: f"{self.role}-{slot}"), max_restarts)
+        for slot in range(self.resources.count):
+            self.add(slot)
+        # Spare bundles that fit the cluster now are placed within moments of the role's own: start those too.
+        if self._groups[1:]:
+            ray.wait([group.ready() for group in self._groups[1:]], num_returns=len(self._groups) - 1,
+                     timeout=SPARE_PLACEMENT_S)
+        for slot in self.ready_slots():
+            self.add(slot)
         return self.actors
+
+    def add(self, slot: int):
+        """Start the role's actor in ``slot`` (after :meth:`spawn`); returns its handle, last in ``self.actors``."""
+        remote_class, arguments, name, max_restarts = self._start
+        args, kwargs = arguments(slot)
+        self.names.append(name(slot))
+        self.slots.append(slot)
+        self._pids.append(None)
+        self.actors.append(remote_class.options(
+            name=self.names[-1], max_restarts=max_restarts, **self.bundle_options(slot),
+        ).remote(*args, **kwargs))
+        return self.actors[-1]
+
+    def remove(self, name: str) -> None:
+        """Let actor ``name`` go (killed, never restarted); its slot keeps its bundle, placed again when room
+        returns."""
+        index = self.names.index(name)
+        ray.kill(self.actors[index], no_restart=True)
+        for column in (self.actors, self.names, self.slots, self._pids):
+            del column[index]
 
     def note_pids(self, pids: list[int]) -> list[int]:
         """Record each actor's process id (in actor order); returns the indices whose process changed since the
@@ -202,7 +266,7 @@ class ActorGroup:
     def close(self) -> None:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
-        self.actors, self.names, self._pids = [], [], []
-        group, self._group = self._group, None
-        if group is not None:
+        self.actors, self.names, self.slots, self._pids = [], [], [], []
+        groups, self._groups, self._bundles = self._groups, [], []
+        for group in groups:
             remove_placement_group(group)

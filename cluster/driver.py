@@ -189,6 +189,7 @@ class Trainer:
         metrics["weight_sync_check_tolerance"] = self.cfg.weight_sync.check_tolerance
         metrics["actor_restarts"] = float(sum(self.actors.restarts.values()))
         metrics["cluster_nodes"] = float(self.actors.note_nodes())
+        metrics["rollout_workers"] = float(len(self.actors.rollout_workers))
         return metrics
 
     def _launch_rollout(self, step: int, refill_round: int = 0) -> Rollout:
@@ -200,7 +201,8 @@ class Trainer:
 
     def _launch(self, problems: list, *, n: int, seed: int, greedy: bool = False) -> Rollout:
         refs = generate(self.actors.rollout_workers, self.cfg, problems, n=n, seed=seed, greedy=greedy)
-        return Rollout(problems, n, seed, version=self.version, refs=refs, greedy=greedy)
+        return Rollout(problems, n, seed, version=self.version, refs=refs, slices=len(self.actors.rollout_workers),
+                       greedy=greedy)
 
     def _collect(self, rollout: Rollout, what: str) -> list[dict]:
         return collect(self.actors, self.cfg, rollout, what, version=self.version)
@@ -304,13 +306,18 @@ class Trainer:
         sync_stats = {}
         with times.phase("time_weight_sync"):
             version = int(update_stats["policy_version"])
-            if version != self.version:  # a skipped update leaves nothing new to send
-                what = f"step {step}: weight broadcast"
+            what = f"step {step}: weight broadcast"
+            elastic = self.actors.rollout_workers.resources.elastic
+            if version != self.version or elastic:  # a skipped update leaves nothing new to send
                 # A rollout worker runs one call at a time, so a broadcast sent while it generates the next steps'
                 # rollouts (max_staleness ≥ 1) would wait behind that generation and its weight_sync.timeout_s run
                 # out: the broadcast starts once every worker is free (docs/architecture.md, "Asynchronous mode").
+                # So do workers joining or leaving a range of them (docs/scaling.md).
                 self.actors.wait_finished([ref for rollout in self._in_flight for ref in rollout.refs.values()],
                                           f"{what}: waiting for the rollouts in flight")
+            if elastic:
+                self.actors.resize_rollout_workers(f"step {step}", self.version)
+            if version != self.version:
                 try:
                     sync_stats = self.actors.get(self.actors.learners.call("broadcast_weights"), what)[0]
                 except JobFailed as failure:

@@ -59,6 +59,7 @@ class Supervisor:
         self._node_wait_started: float | None = None  # when a role began to wait for a node (waiting_for_node)
         self._nodes: dict[str, dict] | None = None  # node id → ray.nodes() entry, at the last note_nodes
         self._placement: dict | None = None
+        self._sync_members: list[str] = []  # the rollout workers in the weight-sync group, when it was formed
 
     # ---- starting ------------------------------------------------------------------------------------------------
 
@@ -109,6 +110,40 @@ class Supervisor:
         self.get(self.learners[0].setup_weight_sync.remote(
             list(self.rollout_workers), max(1, roll.gpus_per_worker), self.cfg.weight_sync, roll.gpus_per_worker > 0,
         ), what)
+        self._sync_members = list(self.rollout_workers.names)
+
+    # ---- a range of rollout workers ------------------------------------------------------------------------------
+
+    def resize_rollout_workers(self, what: str, version: int) -> None:
+        """At a step boundary, with every rollout worker idle (rollout.num_workers a range, docs/scaling.md):
+        :meth:`rescale_rollout_workers`, then the new workers load the learner's weights ``version`` and the
+        weight-sync group is formed again over the workers there are now."""
+        if any(self.rescale_rollout_workers(what)):
+            self.restore_rollout_workers(what, version)
+
+    def rescale_rollout_workers(self, what: str) -> tuple[list[str], list[str]]:
+        """Rollout workers whose node left the cluster are let go (the job goes on with fewer, their bundles wait for
+        room) as long as the range's minimum remain or can start elsewhere, and a worker starts in every spare bundle
+        that a joining node made room for; each logged. Returns the names gone and joined (both empty for a fixed
+        number of workers). The new workers hold the base model until :meth:`restore_rollout_workers`."""
+        workers, gone, joined = self.rollout_workers, [], []
+        room = len(workers.ready_slots())
+        for name in workers.unplaced():
+            if len(workers) - 1 + room < workers.resources.count:
+                break  # the rest are needed: waiting_for_node waits for a node for them
+            workers.remove(name)
+            gone.append(name)
+        for slot in workers.ready_slots():
+            workers.add(slot)
+            joined.append(workers.names[-1])
+        where = workers.nodes()
+        for name in gone:
+            log.warning("%s: %s left with its node: rollout workers now %d (rollout.num_workers=%s)", what, name,
+                        len(workers), list(self.cfg.rollout.num_workers))
+        for name in joined:
+            log.warning("%s: %s joined on node %s: rollout workers now %d (rollout.num_workers=%s)", what, name,
+                        where[name][:8], len(workers), list(self.cfg.rollout.num_workers))
+        return gone, joined
 
     # ---- waiting -------------------------------------------------------------------------------------------------
 
@@ -165,7 +200,8 @@ class Supervisor:
         """Whether a role's placement lost a node and waits for one with room (Ray re-places the bundle, and restarts
         the actor in it, as soon as one joins). The wait's start and end are logged; one longer than
         trainer.node_wait_s ends the job, naming what it waits for."""
-        unplaced = [group for group in self._groups() if not group.placed()]
+        needs = {group: group.needs_node() for group in self._groups()}
+        unplaced = [group for group, names in needs.items() if names]
         now = time.monotonic()
         if not unplaced:
             if self._node_wait_started is not None:
@@ -175,8 +211,7 @@ class Supervisor:
             return False
         if self.learners in unplaced:  # the learner is never restarted (docs/reliability.md): nothing to wait for
             raise JobFailed(f"the node holding the learner was lost, and the learner with it{self.resume_hint()}")
-        needs = "; ".join(f"the {group.role} role needs {group.resources.describe()} for "
-                          f"{', '.join(name for name, node in group.nodes().items() if node is None)}"
+        needs = "; ".join(f"the {group.role} role needs {group.resources.describe()} for {', '.join(needs[group])}"
                           for group in unplaced)
         limit = self.cfg.trainer.node_wait_s
         if self._node_wait_started is None:
@@ -268,6 +303,8 @@ class Supervisor:
             try:
                 return self.get(group.call(method), f"{what}: waiting for the {group.role}", starting=starting)
             except ActorLost as lost:
+                if group is self.rollout_workers and any(self.rescale_rollout_workers(what)):
+                    continue  # the job goes on with the workers there are (rollout.num_workers is a range)
                 if lost.unavailable and self.waiting_for_node():  # its restart waits for a node to join
                     deadline = time.monotonic() + self.timeout(starting)[1]
                 if lost.unavailable and time.monotonic() < deadline:
@@ -280,13 +317,14 @@ class Supervisor:
 
     # ---- restarted actors ----------------------------------------------------------------------------------------
 
-    def restore_rollout_workers(self, what: str, version: int) -> list[int]:
-        """Bring every rollout worker to the learner's weights ``version`` after some were restarted by Ray or left
-        a transfer half-done: wait for them to answer, load the weights through the object store where they are
-        missing, and re-form the weight-sync group when a member is new or gone.
+    def restore_rollout_workers(self, what: str, version: int) -> bool:
+        """Bring every rollout worker to the learner's weights ``version`` after some were restarted by Ray, joined
+        or left (a range of them), or left a transfer half-done: wait for them to answer (letting go of those of a
+        range whose node left), load the weights through the object store where they are missing, and re-form the
+        weight-sync group when a member is new or gone.
 
-        Returns the indices of the workers Ray restarted since the last look (each logged). A worker whose restarts
-        are used up (trainer.actor_restarts) ends the job with :class:`ActorLost`.
+        Returns whether the workers changed since the last look: one was restarted (each logged), joined or left. A
+        worker whose restarts are used up (trainer.actor_restarts) ends the job with :class:`ActorLost`.
         """
         workers = self.rollout_workers
         healths = self.answers(workers, "health", what, starting=True)
@@ -297,11 +335,12 @@ class Supervisor:
             weights = self.learners.call("weights_for_rollout")  # every rank joins the gather; rank 0 answers
             loads = [workers[i].receive_weights_from_object_store.remote(weights[0], version) for i in behind]
             self.get(loads + weights[1:], f"{what}: sending weights v{version} to restarted rollout workers")
-        if restarted or not all(health["in_sync_group"] for health in healths):
+        members_changed = self._sync_members != workers.names
+        if restarted or members_changed or not all(health["in_sync_group"] for health in healths):
             self.form_weight_sync_group(f"{what}: re-forming the weight-sync group")
         self._note_restarts(workers, restarted, f"holds the learner's weights v{version} and rejoined the weight-sync "
                                                 f"group")
-        return restarted
+        return bool(restarted) or members_changed
 
     def restore_critics(self, what: str, pids: list[int] | None = None, *, starting: bool = False) -> list[int]:
         """Critics that Ray restarted since the last look (their constructor ran again: the initial critic) get
@@ -434,7 +473,7 @@ def connect_ray(cfg: JobConfig) -> bool:
             ray.init(address=address, **quiet)
     else:
         # Logical CPUs: fractional roles share this machine's cores (docs/architecture.md, "Scaling knobs").
-        needed = math.ceil(total_cpus(cfg)) + 1
+        needed = math.ceil(total_cpus(cfg, spares=True)) + 1
         # address="local": a cluster of the job's own, even when Ray's address file (left by `ray start`, perhaps by
         # a cluster that has since died) names another; without it ray.init would try to join that one.
         # Every process of a cluster of the job's own listens on 127.0.0.1 only (docs/deploy.md, "Network"): Ray

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from asyppo.tasks.prompts import PromptFormat
 from asyppo.tasks.registry import BUILTIN_PREFIX, TASKS
@@ -183,7 +183,10 @@ class RewardConfig(_Section):
 
 
 class RolloutConfig(_Section):
-    num_workers: int = Field(1, ge=1)
+    num_workers: int | tuple[int, int] = Field(
+        1, description="rollout workers: a number, or a range [min, max] that grows at a step boundary when a node "
+                       "with room joins and shrinks when a worker's node leaves (docs/scaling.md)"
+    )
     gpus_per_worker: int = Field(0, ge=0, description="vLLM tensor-parallel size on GPU; 0 = CPU engine")
     cpus_per_worker: float = Field(1.0, gt=0)
     node_type: str | None = Field(
@@ -202,6 +205,26 @@ class RolloutConfig(_Section):
         False, description="DAPO: drop prompts whose responses all scored alike, refill from new prompts (§3)"
     )
     dynamic_sampling_rounds: int = Field(3, ge=1, description="extra generation rounds per step at most")
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _number_or_range(cls, value: Any) -> Any:
+        def count(x: Any) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+        if count(value) or (isinstance(value, list | tuple) and len(value) == 2 and all(map(count, value))
+                            and value[0] <= value[1]):
+            return value
+        raise ValueError(f"{value!r} must be a number ≥ 1, or a range [min, max] with 1 ≤ min ≤ max")
+
+    @property
+    def min_workers(self) -> int:
+        """The rollout workers a job needs to run: all of ``num_workers``, or the low end of its range."""
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        """The most rollout workers a job runs: all of ``num_workers``, or the high end of its range."""
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
 
 
 class OptimizationConfig(_Section):
@@ -644,6 +667,8 @@ def _format_validation_error(exc: ValidationError) -> list[tuple[str, str]]:
             continue
         if err["type"] == "extra_forbidden":
             message = "unknown field"
+        elif err["type"] == "value_error":  # a field's own rule (a validator's ValueError): its words alone
+            message = message.removeprefix("Value error, ")
         problems.append((path or "<root>", message))
     return problems
 

@@ -17,7 +17,7 @@ TOLERANCE = 1e-6
 # Numbers that legitimately differ between a faulted run and the reference, besides timings: the restart count, the
 # cluster's node count (a run may lose or gain nodes), and the transport figures of the weight broadcast, absent in a
 # step whose broadcast a dying rollout worker failed (the weights then went through the object store).
-NOT_COMPARED = ("actor_restarts", "cluster_nodes", "weight_sync_bytes", "weight_sync_gb_per_s",
+NOT_COMPARED = ("actor_restarts", "cluster_nodes", "rollout_workers", "weight_sync_bytes", "weight_sync_gb_per_s",
                 "weight_sync_num_buckets")
 
 
@@ -28,13 +28,15 @@ def is_timing(key: str) -> bool:
 def assert_same_run(reference_dir, run_dir, *, steps: int | None = None, tolerance: float = TOLERANCE,
                     abs_tolerance: float = 1e-9) -> None:
     """Every step logged once, and every non-timing number of metrics.jsonl and eval.jsonl equal to the reference's
-    (within ``tolerance`` relative or ``abs_tolerance``); with ``steps``, the run is the reference's first ``steps`` steps (its evaluations
-    at the start and after its last step are the reference's at those steps)."""
+    (within ``tolerance`` relative or ``abs_tolerance``); with ``steps``, the two runs' first ``steps`` steps are compared
+    (and their evaluations before and after those steps, which a run evaluates alike whether it ends there or not)."""
     for name in ("metrics.jsonl", "eval.jsonl"):
         expected = read_metrics(reference_dir / name)
         if steps is not None:
             expected = [line for line in expected if line["step"] < steps]
         got = read_metrics(run_dir / name)
+        if steps is not None:
+            got = [line for line in got if line["step"] < steps]
         assert [line["step"] for line in got] == [line["step"] for line in expected], name  # each step once
         for want, have in zip(expected, got):
             for key, value in want.items():

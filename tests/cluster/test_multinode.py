@@ -56,6 +56,41 @@ def driver_log(run: Path) -> str:
     return path.read_text() if path.exists() else ""
 
 
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_range_of_rollout_workers_grows_onto_a_joining_node_and_shrinks_when_it_leaves(cluster, tmp_path,
+                                                                                          reference_run):
+    """rollout.num_workers=[1, 2], one worker per rollout node (2 CPUs each): the job starts with the one worker
+    there is room for; a rollout node joins and a second worker starts on it at a step boundary, with the learner's
+    weights; that node is lost and the job goes on with one. Seeds are keyed by prompt, so the samples, and every
+    number of the run, equal the one-node reference run's with its single worker."""
+    _, reference_dir = reference_run
+    run = tmp_path / "elastic"
+    job = ["--config", "examples/multinode.yaml", *JOB, f"trainer.run_dir={tmp_path}", "trainer.name=elastic",
+           "trainer.steps=6", "rollout.num_workers=[1, 2]", "rollout.cpus_per_worker=2", "trainer.actor_restarts=2",
+           "weight_sync.timeout_s=20"]
+    driver = start_job(cluster, tmp_path, *job)
+    wait_until(lambda: (run / "placement.json").exists() or driver.poll() is not None, "the actors' placement")
+    assert set(json.loads((run / "placement.json").read_text())) == {"rollout-0", "learner", "critic-0", "critic-1"}
+
+    joined = cluster.add("rollout_node")
+    wait_until(lambda: any(m["rollout_workers"] == 2 for m in metrics(run)) if steps_done(run) else
+               driver.poll() is not None, "a step with two rollout workers")
+    assert driver.poll() is None, driver_log(run)
+    assert json.loads((run / "placement.json").read_text())["rollout-1"]["node"] == joined.node_id
+    assert f"rollout-1 joined on node {joined.node_id[:8]}: rollout workers now 2 (rollout.num_workers=[1, 2])" in \
+        driver_log(run)
+
+    cluster.remove("rollout_node")  # the newest: the one rollout-1 runs on
+    assert driver.wait(timeout=300) == 0, driver_log(run)
+    assert "rollout-1 left with its node: rollout workers now 1 (rollout.num_workers=[1, 2])" in driver_log(run)
+    workers = [m["rollout_workers"] for m in metrics(run)]
+    assert workers[-1] == 1 and 2 in workers, workers
+    assert_same_run(reference_dir, run, steps=4)
+
+
 def test_roles_follow_node_types_and_the_run_survives_losing_its_nodes(cluster, tmp_path, reference_run):
     """The reference job with its rollout worker on `rollout_node` nodes and the learner and critics on `train_node`
     nodes. Before the first step the rollout node is lost with no other of its type: the job waits

@@ -109,7 +109,8 @@ def test_override_values_are_parsed_as_yaml():
 
 @pytest.mark.parametrize("overrides, path, fragment", [
     (["critics.num_critics=1"], "critics.num_critics", "k>0 needs at least 2 critics"),
-    (["rollout.num_workers=0"], "rollout.num_workers", "greater than or equal to 1"),
+    (["rollout.num_workers=0"], "rollout.num_workers", "must be a number ≥ 1, or a range [min, max]"),
+    (["rollout.num_workers=[3, 1]"], "rollout.num_workers", "with 1 ≤ min ≤ max"),
     (["trainer.seed=-1"], "trainer.seed", "greater than or equal to 0"),
     (["trainer.seed=4294967296"], "trainer.seed", "less than 4294967296"),
     (["algorithm.erc_band=[1.0, 1.05]"], "algorithm.erc_band", "low < 1 < high"),

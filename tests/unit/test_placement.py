@@ -69,11 +69,8 @@ class RolloutWaitingForANode:
     def __init__(self):
         self.lost = True
 
-    def placed(self) -> bool:
-        return not self.lost
-
-    def nodes(self) -> dict:
-        return {"rollout-0": None if self.lost else "a-node-id"}
+    def needs_node(self) -> list[str]:
+        return ["rollout-0"] if self.lost else []
 
 
 def test_a_role_waits_for_a_node_up_to_node_wait_s_then_the_job_stops_naming_what_it_needs(tmp_path, caplog):
