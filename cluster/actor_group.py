@@ -8,7 +8,8 @@ actor is pinned to its own bundle and named ``<role>-<i>`` in the Ray dashboard.
 A role with a range of actors (``rollout.num_workers: [min, max]``) also asks for ``max − min`` spare bundles, each a
 placement group of its own that waits for room (an autoscaler sees it as demand); an actor starts in one once it is
 placed (:meth:`ActorGroup.add`), and one whose node left is let go (:meth:`ActorGroup.remove`) while at least
-``min`` remain (docs/scaling.md).
+``min`` remain. The critics' quorum (``critics.quorum``) lets a critic whose node left go likewise; it starts again in
+its own bundle once that is placed again (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -41,10 +42,15 @@ class RoleResources:
     gpus: float
     node_type: str | None = None  # a custom Ray resource that the role's nodes carry (rollout.node_type, ...)
     spare: int = 0  # actors it may add when room appears (the high end of a range, less ``count``)
+    quorum: int | None = None  # the actors it must have placed to go on (critics.quorum); None: all ``count``
 
     @property
     def elastic(self) -> bool:
         return self.spare > 0
+
+    @property
+    def needed(self) -> int:
+        return self.count if self.quorum is None else min(self.quorum, self.count)
 
     def bundle(self) -> dict[str, float]:
         """One actor's placement-group bundle."""
@@ -62,7 +68,8 @@ def role_resources(cfg: JobConfig) -> dict[str, RoleResources]:
     return {
         "rollout": RoleResources(roll.min_workers, roll.cpus_per_worker, roll.gpus_per_worker, roll.node_type,
                                  spare=roll.max_workers - roll.min_workers),
-        "critics": RoleResources(crit.num_critics, crit.cpus_per_critic, crit.gpus_per_critic, crit.node_type),
+        "critics": RoleResources(crit.num_critics, crit.cpus_per_critic, crit.gpus_per_critic, crit.node_type,
+                                 quorum=crit.quorum),
         "learner": RoleResources(cfg.learner_ranks, lrn.cpus, 1 if lrn.num_gpus > 0 else 0, lrn.node_type),
     }
 
@@ -175,11 +182,15 @@ class ActorGroup:
         return [name for name, node in self.nodes().items() if node is None]
 
     def needs_node(self) -> list[str]:
-        """The unplaced actors without which the role cannot go on: every one while fewer than the role's ``count``
-        are placed or could start in a placed spare bundle, none otherwise (a role of a range lets the others go:
-        :meth:`remove`)."""
+        """The unplaced actors without which the role cannot go on: every one while fewer than the role needs
+        (``RoleResources.needed``) are placed or could start in a placed bundle of their own, none otherwise (a role
+        of a range, or with a quorum, lets the others go: :meth:`remove`)."""
         unplaced = self.unplaced()
-        return unplaced if len(self) - len(unplaced) + len(self.ready_slots()) < self.resources.count else []
+        return unplaced if len(self) - len(unplaced) + len(self.ready_slots()) < self.resources.needed else []
+
+    def actor(self, slot: int):
+        """The actor in ``slot``."""
+        return self.actors[self.slots.index(slot)]
 
     def ready_slots(self) -> list[int]:
         """Slots without an actor whose bundle is placed: room for one more actor."""

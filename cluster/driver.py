@@ -240,24 +240,31 @@ class Trainer:
         learners, critics = self.actors.learners, self.actors.critics
         with times.phase("time_values") as start:
             old_refs = learners.call("compute_old_logprobs", batch_ref)
-            if critics:  # a critic Ray restarted while idle would score with its initial weights
+            if critics:
+                # A critic that sat out because its node left starts again once room returns (critics.quorum), and
+                # one that Ray restarted while idle would score with its initial weights: both are restored first.
+                self.actors.rescale_critics(f"step {step}")
                 self.actors.restore_critics(f"step {step}: critic values")
-            value_refs = critics.call("values", batch_ref) if critics else []
-            advantage_refs = [learner.compute_advantages.options(num_returns=2).remote(step, *value_refs)
-                              for learner in learners]
+
+            def advantages_from(values: dict[int, Any]) -> list:
+                return [learner.compute_advantages.options(num_returns=2).remote(step, *values.values(),
+                                                                                  critic_ids=list(values))
+                        for learner in learners]
+
+            value_refs = dict(zip(critics.slots, critics.call("values", batch_ref))) if critics else {}
+            advantage_refs = advantages_from(value_refs)
             with times.phase("time_old_logprobs", since=start):
                 old_stats = self.actors.get(old_refs[0], f"step {step}: old log-probs")
             if critics:
                 try:
-                    self.actors.get(value_refs, f"step {step}: critic values")
+                    self.actors.get(list(value_refs.values()), f"step {step}: critic values")
                 except ActorLost as lost:
                     if lost.actor not in critics.names:
                         raise
                     # The learner's compute_advantages never ran (one of its inputs failed): score, then compute again.
                     values = self.actors.critic_calls(f"step {step}: critic values",
-                                                      lambda m: critics[m].values.remote(batch_ref))
-                    advantage_refs = [learner.compute_advantages.options(num_returns=2).remote(step, *values)
-                                      for learner in learners]
+                                                      lambda m: critics.actor(m).values.remote(batch_ref))
+                    advantage_refs = advantages_from(values)
         (returns, stats), *others = advantage_refs
         return old_stats, AdvantageRefs(returns, stats, [ref for pair in others for ref in pair] + old_refs[1:])
 
@@ -270,23 +277,23 @@ class Trainer:
         (its value clip is relative to its own values)."""
         critics = self.actors.critics
         with times.phase("time_critic_train") as start:
-            shards = []
             if critics:
-                shards = assign_shards(batch.prompt_ids, batch.group_size, len(critics),
-                                       self.cfg.algorithm.critic_split,
-                                       seed=derive_seed(self.cfg.trainer.seed, "critic-shards", step))
+                # Each critic taking part trains on a shard of its own (critic m on shard m of as many as take part).
+                shards = dict(zip(critics.slots, assign_shards(
+                    batch.prompt_ids, batch.group_size, len(critics), self.cfg.algorithm.critic_split,
+                    seed=derive_seed(self.cfg.trainer.seed, "critic-shards", step))))
 
                 def score_then_update(m):
-                    critics[m].values.remote(batch_ref)  # an actor runs its calls in order: values, then update
-                    return critics[m].update.remote(returns_ref, shards[m], step)
+                    critics.actor(m).values.remote(batch_ref)  # an actor runs its calls in order: values, then update
+                    return critics.actor(m).update.remote(returns_ref, shards[m], step)
 
                 restarted = self.actors.restore_critics(f"step {step}: critic training")
-                critic_refs = [score_then_update(m) if m in restarted else critic.update.remote(returns_ref, rows, step)
-                               for m, (critic, rows) in enumerate(zip(critics, shards))]
+                critic_refs = {m: score_then_update(m) if m in restarted else
+                               critics.actor(m).update.remote(returns_ref, shards[m], step) for m in critics.slots}
             with times.phase("time_update", since=start):
                 update_stats = self.actors.get(self.actors.learners.call("update", step),
                                                f"step {step}: learner update")[0]
-            critic_stats = []
+            critic_stats = {}
             if critics:
                 critic_stats = self.actors.critic_calls(f"step {step}: critic training", critic_refs.__getitem__,
                                                         relaunch=score_then_update)

@@ -69,7 +69,7 @@ class StepRecord:
     old_logprobs: dict[str, float]  # learner rank 0's compute_old_logprobs stats
     advantages: dict[str, float]  # learner rank 0's compute_advantages stats
     update: dict[str, float]  # learner rank 0's update stats
-    critics: list[dict[str, float]]  # each critic's update stats
+    critics: dict[int, dict[str, float]]  # each critic's update stats, by critic index (those that took part)
     weight_sync: dict[str, float] = field(default_factory=dict)  # empty when no new weights were sent
     logp_diff: float = 0.0  # the post-broadcast weight check
     sampling: dict[str, float] = field(default_factory=dict)  # dynamic sampling's stats
@@ -96,13 +96,13 @@ def step_metrics(record: StepRecord) -> dict[str, float]:
         "weight_sync_logp_diff": record.logp_diff,
         **{f"time_{phase}": times[f"time_{phase}"] for phase in PHASES},
     }
-    for m, stats in enumerate(record.critics):
+    for m, stats in record.critics.items():
         metrics[f"value_loss_critic_{m}"] = stats["value_loss"]
         metrics[f"value_clip_frac_critic_{m}"] = stats["value_clip_frac"]
         metrics[f"time_train_critic_{m}"] = stats["time_train"]  # its own training time, beside the policy update
         metrics["skipped_steps"] += stats["skipped_steps"]
     if record.critics:
-        metrics["critic_tokens_per_s"] = sum(s["tokens_per_s"] for s in record.critics)
+        metrics["critic_tokens_per_s"] = sum(s["tokens_per_s"] for s in record.critics.values())
     return metrics
 
 

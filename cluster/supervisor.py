@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -95,7 +96,7 @@ class Supervisor:
         if self.critics:
             self.critics.note_pids(self.get(self.critics.call("pid"), "starting the critics", starting=True))
             if resume_dir:
-                self.get(self.critics.call("restore", resume_dir), "restoring the critics")
+                self._restore_critics_from(Path(resume_dir), self.critics.slots, "restoring the critics")
         healths = self.get(self.rollout_workers.call("health"), "starting the rollout engines", starting=True)
         self.rollout_workers.note_pids([health["pid"] for health in healths])
         self.engine_max_len = min(health["max_model_len"] for health in healths)
@@ -112,37 +113,56 @@ class Supervisor:
         ), what)
         self._sync_members = list(self.rollout_workers.names)
 
-    # ---- a range of rollout workers ------------------------------------------------------------------------------
+    # ---- nodes that leave and join: a range of rollout workers, the critics' quorum --------------------------------
 
     def resize_rollout_workers(self, what: str, version: int) -> None:
         """At a step boundary, with every rollout worker idle (rollout.num_workers a range, docs/scaling.md):
-        :meth:`rescale_rollout_workers`, then the new workers load the learner's weights ``version`` and the
-        weight-sync group is formed again over the workers there are now."""
-        if any(self.rescale_rollout_workers(what)):
+        :meth:`rescale` the workers, then the new ones load the learner's weights ``version`` and the weight-sync
+        group is formed again over the workers there are now."""
+        if any(self.rescale(self.rollout_workers, what)):
             self.restore_rollout_workers(what, version)
 
-    def rescale_rollout_workers(self, what: str) -> tuple[list[str], list[str]]:
-        """Rollout workers whose node left the cluster are let go (the job goes on with fewer, their bundles wait for
-        room) as long as the range's minimum remain or can start elsewhere, and a worker starts in every spare bundle
-        that a joining node made room for; each logged. Returns the names gone and joined (both empty for a fixed
-        number of workers). The new workers hold the base model until :meth:`restore_rollout_workers`."""
-        workers, gone, joined = self.rollout_workers, [], []
-        room = len(workers.ready_slots())
-        for name in workers.unplaced():
-            if len(workers) - 1 + room < workers.resources.count:
+    def rescale_critics(self, what: str) -> None:
+        """Before a step's scoring (critics.quorum, docs/scaling.md): :meth:`rescale` the critics; one that starts
+        again in its bundle, placed anew, resumes from the run's latest checkpoint (the initial critic without one),
+        having missed the steps since."""
+        _, joined = self.rescale(self.critics, what)
+        if joined:
+            self.restore_critics(f"{what}: starting {', '.join(joined)}", starting=True)  # a first pid: no restart
+            self._restore_critics_from(self.last_checkpoint,
+                                       [self.critics.slots[self.critics.names.index(name)] for name in joined], what)
+            source = (f"the checkpoint {self.last_checkpoint.name}" if self.last_checkpoint is not None else
+                      "the initial critic (no checkpoint yet)")
+            for name in joined:
+                log.warning("%s: %s resumed from %s and takes part again; its training since then is lost", what,
+                            name, source)
+
+    def rescale(self, group: ActorGroup, what: str, *, join: bool = True) -> tuple[list[str], list[str]]:
+        """The actors of ``group`` whose node left the cluster are let go (the job goes on with fewer, their bundles
+        wait for room) as long as the role keeps what it needs (``RoleResources.needed``: the low end of a range of
+        rollout workers, the critics' quorum), counting the placed bundles its actors could start in; with ``join``,
+        an actor starts in every bundle of the role that a joining node made room for. Each logged; returns the names
+        gone and joined (both empty for a role of fixed size). A new actor is as its constructor leaves it: the
+        caller brings it up to date."""
+        gone, joined = [], []
+        room = len(group.ready_slots())
+        for name in group.unplaced():
+            if len(group) - 1 + room < group.resources.needed:
                 break  # the rest are needed: waiting_for_node waits for a node for them
-            workers.remove(name)
+            group.remove(name)
             gone.append(name)
-        for slot in workers.ready_slots():
-            workers.add(slot)
-            joined.append(workers.names[-1])
-        where = workers.nodes()
-        for name in gone:
-            log.warning("%s: %s left with its node: rollout workers now %d (rollout.num_workers=%s)", what, name,
-                        len(workers), list(self.cfg.rollout.num_workers))
-        for name in joined:
-            log.warning("%s: %s joined on node %s: rollout workers now %d (rollout.num_workers=%s)", what, name,
-                        where[name][:8], len(workers), list(self.cfg.rollout.num_workers))
+        for slot in group.ready_slots() if join else []:
+            group.add(slot)
+            joined.append(group.names[-1])
+        if gone or joined:
+            where = group.nodes()
+            count = (f"critics taking part now {len(group)} of {self.cfg.critics.num_critics} (critics.quorum="
+                     f"{self.cfg.critics.quorum})" if group is self.critics else
+                     f"rollout workers now {len(group)} (rollout.num_workers={list(self.cfg.rollout.num_workers)})")
+            for name in gone:
+                log.warning("%s: %s left with its node: %s", what, name, count)
+            for name in joined:
+                log.warning("%s: %s joined on node %s: %s", what, name, where[name][:8], count)
         return gone, joined
 
     # ---- waiting -------------------------------------------------------------------------------------------------
@@ -303,8 +323,10 @@ class Supervisor:
             try:
                 return self.get(group.call(method), f"{what}: waiting for the {group.role}", starting=starting)
             except ActorLost as lost:
-                if group is self.rollout_workers and any(self.rescale_rollout_workers(what)):
-                    continue  # the job goes on with the workers there are (rollout.num_workers is a range)
+                # A rollout worker of a range, or a critic within the quorum, whose node left: the job goes on without.
+                # (Critics join again at a step's start only: rescale_critics.)
+                if any(self.rescale(group, what, join=group is self.rollout_workers)):
+                    continue
                 if lost.unavailable and self.waiting_for_node():  # its restart waits for a node to join
                     deadline = time.monotonic() + self.timeout(starting)[1]
                 if lost.unavailable and time.monotonic() < deadline:
@@ -338,59 +360,77 @@ class Supervisor:
         members_changed = self._sync_members != workers.names
         if restarted or members_changed or not all(health["in_sync_group"] for health in healths):
             self.form_weight_sync_group(f"{what}: re-forming the weight-sync group")
-        self._note_restarts(workers, restarted, f"holds the learner's weights v{version} and rejoined the weight-sync "
-                                                f"group")
+        self._note_restarts([workers.names[i] for i in restarted], f"holds the learner's weights v{version} and "
+                                                                   "rejoined the weight-sync group")
         return bool(restarted) or members_changed
 
     def restore_critics(self, what: str, pids: list[int] | None = None, *, starting: bool = False) -> list[int]:
         """Critics that Ray restarted since the last look (their constructor ran again: the initial critic) get
-        their state from the run's latest checkpoint. Returns their indices. ``pids``: the critics' process ids as
-        some call just returned them (:meth:`MiniCritic.save`), instead of asking each critic; ``starting``: a
-        critic's call just failed, so one may be starting again (:meth:`answers`)."""
+        their state from the run's latest checkpoint. Returns their slots (critic indices). ``pids``: the critics'
+        process ids (in actor order) as some call just returned them (:meth:`MiniCritic.save`), instead of asking
+        each critic; ``starting``: a critic's call just failed, so one may be starting again (:meth:`answers`)."""
+        critics = self.critics
         if pids is None:
-            pids = self.answers(self.critics, "pid", what, starting=starting)
-        restarted = self.critics.note_pids(pids)
-        if restarted and self.last_checkpoint is not None:
-            self.get([self.critics[m].restore.remote(str(self.last_checkpoint)) for m in restarted],
-                     f"{what}: restoring restarted critics from {self.last_checkpoint}")
+            pids = self.answers(critics, "pid", what, starting=starting)
+        restarted = [critics.slots[i] for i in critics.note_pids(pids)]
+        self._restore_critics_from(self.last_checkpoint, restarted, what)
         source = (f"was restored from the checkpoint {self.last_checkpoint.name}; its training since then is lost"
                   if self.last_checkpoint is not None else
                   "starts again from the initial critic (no checkpoint yet): its training so far is lost")
-        self._note_restarts(self.critics, restarted, source)
+        self._note_restarts([f"critic-{m}" for m in restarted], source)
         return restarted
 
-    def critic_calls(self, what: str, launch, relaunch=None) -> list:
-        """``launch(m)`` on every critic, then their results; a critic whose process died (during the call, or
-        before it and lost its scores: :class:`CriticStateLost`) is restored (:meth:`restore_critics`) and
-        ``relaunch(m)`` (default ``launch``) runs on it."""
-        refs = [launch(m) for m in range(len(self.critics))]
-        for _ in range(self.cfg.trainer.actor_restarts * len(self.critics)):
+    def _restore_critics_from(self, checkpoint: Path | None, slots: list[int], what: str) -> None:
+        """Critics ``slots`` to their state in ``checkpoint``; without a checkpoint, or one written while a critic sat
+        out before any checkpoint held it, that critic stays the initial critic (said in the log)."""
+        if checkpoint is None or not slots:
+            return
+        saved = [m for m in slots if (checkpoint / f"critic-{m}-state").is_dir()]
+        for m in sorted(set(slots) - set(saved)):
+            log.warning("%s: critic-%d starts from the initial critic: the checkpoint %s holds no state of it (it sat "
+                        "out since before the run's first checkpoint)", what, m, checkpoint.name)
+        self.get([self.critics.actor(m).restore.remote(str(checkpoint)) for m in saved],
+                 f"{what}: restoring {', '.join(f'critic-{m}' for m in saved)} from {checkpoint}")
+
+    def critic_calls(self, what: str, launch, relaunch=None) -> dict[int, Any]:
+        """``launch(m)`` on every critic taking part (m: the critic's index), then their results by index. A critic
+        whose process died (during the call, or before it and lost its scores: :class:`CriticStateLost`) is restored
+        (:meth:`restore_critics`) and ``relaunch(m)`` (default ``launch``) runs on it; one whose node left with no
+        room for it sits out while critics.quorum remain (:meth:`rescale`): it has no result."""
+        refs = {m: launch(m) for m in self.critics.slots}
+        for _ in range((self.cfg.trainer.actor_restarts + 1) * len(refs)):
             try:
-                return self.get(refs, what)
+                return dict(zip(refs, self.get(list(refs.values()), what)))
             except ActorLost as lost:
                 if lost.actor not in self.critics.names:
                     raise
+                failed = self.critics.slots[self.critics.names.index(lost.actor)]
+                self.rescale(self.critics, what, join=False)
                 # The critic whose call failed runs again even when its restart was noted before (and restored).
-                for m in sorted({*self.restore_critics(what, starting=True), self.critics.names.index(lost.actor)}):
-                    refs[m] = (relaunch or launch)(m)
-        return self.get(refs, what)
+                again = {*self.restore_critics(what, starting=True), failed}
+                refs = {m: (relaunch or launch)(m) if m in again else refs[m] for m in self.critics.slots}
+        return dict(zip(refs, self.get(list(refs.values()), what)))
 
     def save_critics(self, directory: str, what: str) -> None:
         """Every critic's state into ``directory``. A critic that Ray restarted since its training (an initial
         critic) is never saved as the run's: it is restored from the last checkpoint first (its training since then
         is lost, and the log says so), whether found before the save or by a save that a process newer than the
-        last look made; each round is a restart, so trainer.actor_restarts bounds the rounds."""
+        last look made; each round is a restart, so trainer.actor_restarts bounds the rounds. A critic sitting out
+        (critics.quorum) keeps the state the last checkpoint holds of it, copied over."""
         def save(m: int):
-            return self.critics[m].save.remote(directory)
+            return self.critics.actor(m).save.remote(directory)
 
         self.restore_critics(what)
         pids = self.critic_calls(what, save)
-        while self.restore_critics(what, pids):
+        while self.restore_critics(what, [pids[m] for m in self.critics.slots]):
             pids = self.critic_calls(what, save)
+        for m in sorted(set(range(self.cfg.critics.num_critics)) - set(self.critics.slots)):
+            if self.last_checkpoint is not None and (self.last_checkpoint / f"critic-{m}-state").is_dir():
+                for part in (f"critic-{m}", f"critic-{m}-state"):
+                    shutil.copytree(self.last_checkpoint / part, Path(directory) / part)
 
-    def _note_restarts(self, group: ActorGroup, restarted: list[int], outcome: str) -> None:
-        for index in restarted:
-            name = group.names[index]
+    def _note_restarts(self, names: list[str], outcome: str) -> None:
+        for name in names:
             self.restarts[name] = self.restarts.get(name, 0) + 1
             log.warning("%s died and Ray restarted it (restart %d of trainer.actor_restarts=%d); it %s",
                         name, self.restarts[name], self.cfg.trainer.actor_restarts, outcome)

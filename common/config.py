@@ -249,6 +249,11 @@ class CriticsConfig(OptimizationConfig):
         None, min_length=1, description="a custom Ray resource that marks the nodes for this role (nodes started with "
                                         "--resources='{\"NAME\": 1}'); each actor asks a sliver of it; null = any node"
     )
+    quorum: int = Field(
+        1, ge=1, description="the fewest critics a step goes on with: a critic whose node left with no room for it "
+                             "sits out until room returns, then starts again from the last checkpoint (docs/scaling.md); "
+                             "with fewer the job waits for a node (trainer.node_wait_s)"
+    )
     lr: float = Field(1e-3, gt=0)
     head_lr: float | None = Field(
         None, gt=0, description="the zero-initialised value head's rate; null = lr. A pretrained backbone trains at a "
@@ -424,6 +429,8 @@ def _critics_problems(cfg: JobConfig) -> list[tuple[str, str]]:
     """The critics the estimator, the masks, the critic warm-up and the critic split need."""
     alg, m, n = cfg.algorithm, cfg.critics.num_critics, cfg.rollout.samples_per_prompt
     problems = []
+    if m and cfg.critics.quorum > m:
+        problems.append(("critics.quorum", f"{cfg.critics.quorum} exceeds critics.num_critics={m}"))
     if alg.estimator == "grpo" and m > 0:
         problems.append(("critics.num_critics", f"estimator grpo uses no critics, got {m}"))
     if alg.estimator == "gae" and m != 1:
@@ -583,6 +590,7 @@ RESUME_SAFE_FIELDS = (
     "trainer.max_skipped_steps", "logging.", "weight_sync.",
     "rollout.num_workers", "rollout.gpus_per_worker", "rollout.cpus_per_worker", "rollout.gpu_memory_utilization",
     "rollout.cpu_kv_cache_gib", "rollout.node_type", "critics.gpus_per_critic", "critics.cpus_per_critic",
+    "critics.quorum",
     "critics.micro_batch_size", "critics.node_type", "learner.num_gpus", "learner.ranks", "learner.cpus",
     "learner.micro_batch_size", "learner.logprob_chunk", "learner.node_type",
 )

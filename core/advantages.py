@@ -215,7 +215,7 @@ def compute_advantages(
 
     ``values`` is ``[M, N, T]`` (every critic on every token, computed before this step's critic update) or None
     for ``grpo``. Masks need M ≥ 2 and are None when their fraction is 0, and both step aside (None,
-    ``masks_skipped = 1``) while σ is the same on every token. ``tie_seed`` orders tokens of equal σ.
+    ``masks_skipped = 1``) while σ is the same on every token or M is 1. ``tie_seed`` orders tokens of equal σ.
     """
     mask = batch.response_mask
     stats: dict[str, float] = {}
@@ -244,6 +244,8 @@ def compute_advantages(
                 adv_mask = agreement_mask(std, mask, adv_mask_fraction, tie_seed)
             if entropy_filter_fraction > 0 and informative:
                 entropy_filter = divergence_mask(std, mask, entropy_filter_fraction, tie_seed)
+        elif adv_mask_fraction > 0 or entropy_filter_fraction > 0:
+            stats["masks_skipped"] = 1.0  # one critic (the others sitting out, critics.quorum): no σ to mask by
     else:
         raise ValueError(f"unknown estimator {estimator!r}")
 

@@ -184,8 +184,12 @@ class Learner:
             "time_old_logprobs": time.perf_counter() - start,
         }
 
-    def compute_advantages(self, step: int, *values: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute_advantages(self, step: int, *values: torch.Tensor,
+                           critic_ids: list[int] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Ensemble values → σ, masks, advantages and returns; returns (critic targets, stats) (§3, §4).
+
+        ``values`` are the critics taking part this step (critics.quorum: one whose node left may sit out), whose
+        indices ``critic_ids`` name their stats (default 0, 1, ...).
 
         A diverged critic (values not finite, or beyond ``VALUE_LIMIT`` times the largest |reward|) leaves this step
         without a policy update (``update`` skips it): its advantages would be NaN or, once whitening overflows,
@@ -199,12 +203,14 @@ class Learner:
         alg, batch = self.algorithm, self._batch
         stats: dict[str, float] = {}
         if stacked is not None:
+            ids = critic_ids if critic_ids is not None else list(range(len(values)))
+            stats["critics_taking_part"] = float(len(values))
             valid = batch.response_mask > 0
             limit = VALUE_LIMIT * max(1.0, float(batch.scores.abs().max()))
-            absmax = [float(v[valid].abs().max()) if bool(valid.any()) else 0.0 for v in stacked]
-            stats.update({f"value_absmax_critic_{m}": value for m, value in enumerate(absmax)})
-            diverged = [m for m, value in enumerate(absmax) if not value <= limit]
-            stats.update({f"diverged_critic_{m}": float(m in diverged) for m in range(len(absmax))})
+            absmax = dict(zip(ids, (float(v[valid].abs().max()) if bool(valid.any()) else 0.0 for v in stacked)))
+            stats.update({f"value_absmax_critic_{m}": value for m, value in absmax.items()})
+            diverged = [m for m, value in absmax.items() if not value <= limit]
+            stats.update({f"diverged_critic_{m}": float(m in diverged) for m in absmax})
             if diverged:
                 self._skip_update = True
                 nan = torch.full_like(batch.response_mask, float("nan"))

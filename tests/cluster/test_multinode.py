@@ -91,6 +91,57 @@ def test_a_range_of_rollout_workers_grows_onto_a_joining_node_and_shrinks_when_i
     assert_same_run(reference_dir, run, steps=4)
 
 
+def test_a_critic_whose_node_left_sits_out_and_rejoins_from_the_last_checkpoint_when_room_returns(
+        cluster, tmp_path, reference_run):
+    """critics.quorum=1 with two critics, each alone on a `critic_node` (2 CPUs each). After step 1's checkpoint the
+    node of critic-1 is lost with no other of its type: the job goes on with critic-0 alone (σ needs two: the masks
+    step aside), checkpoints carry critic-1's state of step 1 over, and once a critic node joins, critic-1 starts
+    there from that checkpoint and takes part again. The steps before the loss equal the reference run's."""
+    _, reference_dir = reference_run
+    run = tmp_path / "quorum"
+    critic_nodes = [cluster.add("critic_node"), cluster.add("critic_node")]
+    try:
+        job = ["--config", "examples/multinode.yaml", *JOB, f"trainer.run_dir={tmp_path}", "trainer.name=quorum",
+               "trainer.steps=8", "trainer.keep_checkpoints=4", "critics.node_type=critic_node",
+               "critics.cpus_per_critic=2", "trainer.actor_restarts=2", "weight_sync.timeout_s=20"]
+        driver = start_job(cluster, tmp_path, *job)
+        wait_until(lambda: (run / "checkpoints" / "step-1").is_dir() or driver.poll() is not None,
+                   "step 1's checkpoint")
+        where = json.loads((run / "placement.json").read_text())["critic-1"]["node"]
+        lost = next(node for node in critic_nodes if node.node_id == where)
+        cluster.remove(lost)
+        critic_nodes.remove(lost)
+        wait_until(lambda: any(m.get("critics_taking_part") == 1 for m in metrics(run)) or driver.poll() is not None,
+                   "a step with one critic")
+        assert driver.poll() is None, driver_log(run)
+        assert "critic-1 left with its node: critics taking part now 1 of 2 (critics.quorum=1)" in driver_log(run)
+        critic_nodes.append(cluster.add("critic_node"))
+        assert driver.wait(timeout=300) == 0, driver_log(run)
+    finally:
+        for node in critic_nodes:
+            cluster.remove(node)
+
+    log = driver_log(run)
+    assert "critic-1 resumed from the checkpoint step-" in log, log
+    steps = metrics(run)
+    taking_part = [m["critics_taking_part"] for m in steps]
+    alone = [m for m in steps if m["critics_taking_part"] == 1]
+    assert taking_part[:2] == [2, 2] and alone and taking_part[-1] == 2, taking_part
+    for m in alone:  # critic-1 neither scored nor trained; one critic gives no σ, so the masks stepped aside
+        assert "value_loss_critic_1" not in m and "value_absmax_critic_1" not in m and m["masks_skipped"] == 1
+        assert "value_loss_critic_0" in m and m["adv_mask_frac"] == 0
+    # Every checkpoint is whole; one written while critic-1 sat out holds its state of step 1, carried over.
+    manifests = {}
+    for checkpoint in sorted((run / "checkpoints").glob("step-*")):
+        assert verify(checkpoint) == [], checkpoint
+        manifests[checkpoint.name] = json.loads((checkpoint / "manifest.json").read_text())["files"]
+    critic_1 = {name: entry["sha256"] for name, entry in manifests["step-1"].items() if name.startswith("critic-1")}
+    sat_out = [int(m["step"]) for m in alone if (run / "checkpoints" / f"step-{m['step']}").is_dir()]
+    for step in sat_out:
+        assert {name: manifests[f"step-{step}"][name]["sha256"] for name in critic_1} == critic_1
+    assert_same_run(reference_dir, run, steps=2)
+
+
 def test_roles_follow_node_types_and_the_run_survives_losing_its_nodes(cluster, tmp_path, reference_run):
     """The reference job with its rollout worker on `rollout_node` nodes and the learner and critics on `train_node`
     nodes. Before the first step the rollout node is lost with no other of its type: the job waits
