@@ -2,7 +2,9 @@
 versus the simple path through Ray's object store, on the same vLLM engine in the same run.
 
 For each model size a random Qwen2 (float32, a small character vocabulary so that the layers hold the bytes) is
-saved, one ``RolloutWorker`` actor loads it, and this process plays the learner's rank 0:
+saved, one ``RolloutWorker`` actor loads it, and this process plays the learner's rank 0. ``--sizes smollm2`` takes
+the real SmolLM2-135M-Instruct instead (the built-in pretrained model, 538 MB in float32, tied embeddings), each path
+sending it with noise of its own added:
 
 - ``process_group``: ``WeightBroadcaster.broadcast`` (plan through Ray, buckets through gloo, vLLM's in-place
   layerwise reload, ack). Its own ``seconds``: from sending the plan to the last ack.
@@ -27,6 +29,7 @@ load that did not happen.
     python benchmarks/bench_weight_sync.py                        # 10M, 30M, 100M params: ~3 min on 2 shared cores
     python benchmarks/bench_weight_sync.py --sizes 30M --repeats 5 --bucket-mb 16 --workers 2
     python benchmarks/bench_weight_sync.py --sizes 10M --repeats 1 --output /tmp/sync.json      # smoke
+    python benchmarks/bench_weight_sync.py --sizes smollm2 --output benchmarks/results/weight_sync_smollm2.json
 
 Writes ``benchmarks/results/weight_sync.json`` (or ``--output``).
 """
@@ -50,6 +53,9 @@ SIZES = {
     "100M": (768, 12, 3072, 12, 4),
     "300M": (1024, 24, 4096, 16, 4),
 }
+
+
+PRETRAINED = {"smollm2": "smollm2-135m-instruct"}  # --sizes name → built-in pretrained model (asyppo.tasks.pretrained)
 
 
 def constant_reward(prompt: str, response: str, answer: str, row: dict, *, response_length: int,
@@ -157,6 +163,29 @@ def raw_broadcast(receiver, num_bytes: int, bucket_mb: float) -> float:
     return seconds
 
 
+def pretrained_dir_and_tokenizer(size: str):
+    from transformers import AutoTokenizer
+
+    from asyppo.tasks.model_cache import default_cache_dir
+    from asyppo.tasks.pretrained import ensure_pretrained
+
+    model_dir = ensure_pretrained(PRETRAINED[size], default_cache_dir(), log=print)
+    return model_dir, AutoTokenizer.from_pretrained(model_dir)
+
+
+def pretrained_variant(model_dir: Path, seed: int):
+    """The pretrained model with N(0, 1e-3²) added to every parameter: weights that differ from the engine's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1e-3 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
 def bench_size(size: str, args, tokenizer, workdir: Path, raw_receiver) -> dict:
     import ray
     import torch
@@ -164,10 +193,14 @@ def bench_size(size: str, args, tokenizer, workdir: Path, raw_receiver) -> dict:
     from asyppo.actors.rollout_worker import RolloutWorker
     from asyppo.weight_sync.sender import WeightBroadcaster
 
-    model_dir = workdir / size
-    build_model(size, len(tokenizer), seed=0).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    via_group, via_store = build_model(size, len(tokenizer), seed=1), build_model(size, len(tokenizer), seed=2)
+    if size in PRETRAINED:
+        model_dir, tokenizer = pretrained_dir_and_tokenizer(size)
+        via_group, via_store = pretrained_variant(model_dir, seed=1), pretrained_variant(model_dir, seed=2)
+    else:
+        model_dir = workdir / size
+        build_model(size, len(tokenizer), seed=0).save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        via_group, via_store = build_model(size, len(tokenizer), seed=1), build_model(size, len(tokenizer), seed=2)
     num_params = sum(p.numel() for p in via_group.parameters())
     num_bytes = 4 * num_params
     probe = tokenizer.encode("12+34=46 ok")
@@ -254,7 +287,7 @@ def bench_size(size: str, args, tokenizer, workdir: Path, raw_receiver) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", nargs="+", default=["10M", "30M", "100M"], choices=sorted(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=["10M", "30M", "100M"], choices=[*SIZES, *PRETRAINED])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bucket-mb", type=float, default=64.0)
     parser.add_argument("--kv-cache-gib", type=float, default=1.0)

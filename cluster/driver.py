@@ -315,16 +315,16 @@ class Trainer:
             version = int(update_stats["policy_version"])
             what = f"step {step}: weight broadcast"
             elastic = self.actors.rollout_workers.resources.elastic
-            if version != self.version or elastic:  # a skipped update leaves nothing new to send
-                # A rollout worker runs one call at a time, so a broadcast sent while it generates the next steps'
-                # rollouts (max_staleness ≥ 1) would wait behind that generation and its weight_sync.timeout_s run
-                # out: the broadcast starts once every worker is free (docs/architecture.md, "Asynchronous mode").
-                # So do workers joining or leaving a range of them (docs/scaling.md).
+            # A rollout worker runs one call at a time, so a broadcast sent while it generates the next steps'
+            # rollouts (max_staleness ≥ 1) would wait behind that generation and its weight_sync.timeout_s run out:
+            # the broadcast starts once every worker is free (docs/architecture.md, "Asynchronous mode"). So do
+            # workers joining or leaving a range of them (docs/scaling.md).
+            if version != self.version or elastic:
                 self.actors.wait_finished([ref for rollout in self._in_flight for ref in rollout.refs.values()],
                                           f"{what}: waiting for the rollouts in flight")
             if elastic:
                 self.actors.resize_rollout_workers(f"step {step}", self.version)
-            if version != self.version:
+            if version != self.version:  # a skipped update leaves nothing new to send
                 try:
                     sync_stats = self.actors.get(self.actors.learners.call("broadcast_weights"), what)[0]
                 except JobFailed as failure:

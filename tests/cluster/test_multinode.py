@@ -102,7 +102,7 @@ def test_a_critic_whose_node_left_sits_out_and_rejoins_from_the_last_checkpoint_
     critic_nodes = [cluster.add("critic_node"), cluster.add("critic_node")]
     try:
         job = ["--config", "examples/multinode.yaml", *JOB, f"trainer.run_dir={tmp_path}", "trainer.name=quorum",
-               "trainer.steps=8", "trainer.keep_checkpoints=4", "critics.node_type=critic_node",
+               "trainer.steps=6", "trainer.keep_checkpoints=3", "critics.node_type=critic_node",
                "critics.cpus_per_critic=2", "trainer.actor_restarts=2", "weight_sync.timeout_s=20"]
         driver = start_job(cluster, tmp_path, *job)
         wait_until(lambda: (run / "checkpoints" / "step-1").is_dir() or driver.poll() is not None,
@@ -152,7 +152,7 @@ def test_roles_follow_node_types_and_the_run_survives_losing_its_nodes(cluster, 
     _, reference_dir = reference_run
     run = tmp_path / "multinode"
     job = ["--config", "examples/multinode.yaml", *JOB, f"trainer.run_dir={tmp_path}", "trainer.name=multinode",
-           "trainer.node_wait_s=300", "trainer.actor_restarts=2", "weight_sync.timeout_s=20"]
+           "rollout.num_workers=1", "trainer.node_wait_s=300", "trainer.actor_restarts=2", "weight_sync.timeout_s=20"]
     driver = start_job(cluster, tmp_path, *job)
 
     # Placed, before the first evaluation: where every actor runs.

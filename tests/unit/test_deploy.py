@@ -248,27 +248,33 @@ def test_the_ray_up_cluster_runs_with_token_auth():
 
 def test_the_example_jobs_node_types_are_worker_groups_with_room_for_their_roles():
     """deploy/configs/cluster-5gpu.yaml pins each role to a node type (docs/scaling.md); every cluster in deploy/ has a
-    worker group (KubeRay) or node type (`ray up`) carrying that resource, and KubeRay's groups start with the GPUs
-    their roles ask for."""
+    worker group (KubeRay) or node type (`ray up`) carrying that resource, KubeRay's groups start with the GPUs
+    their roles need, and may grow to hold as many actors as their ranges allow (rollout.num_workers)."""
     from collections import Counter
 
     from asyppo.cluster.actor_group import role_resources
     from asyppo.common.config import load_config
 
     gpus_needed: Counter[str] = Counter()
+    gpus_at_most: Counter[str] = Counter()
     for resources in role_resources(load_config(DEPLOY / "configs" / "cluster-5gpu.yaml")).values():
         assert resources.node_type, "every role of the cluster example names its node type"
         gpus_needed[resources.node_type] += resources.count * resources.gpus
+        gpus_at_most[resources.node_type] += (resources.count + resources.spare) * resources.gpus
     assert set(gpus_needed) == {"rollout_node", "train_node"}
+    assert gpus_at_most["rollout_node"] > gpus_needed["rollout_node"]  # the example's rollout workers are a range
     for name, spec in cluster_specs():
         gpus_started: Counter[str] = Counter()
+        gpus_grown: Counter[str] = Counter()
         for group in spec["workerGroupSpecs"]:
             # KubeRay passes the value to `ray start --resources`: a JSON object inside YAML and shell quotes.
             (node_type,) = json.loads(group["rayStartParams"]["resources"].strip('"').replace('\\"', '"'))
             limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
             gpus_started[node_type] += group["minReplicas"] * int(limits["nvidia.com/gpu"])
+            gpus_grown[node_type] += group["maxReplicas"] * int(limits["nvidia.com/gpu"])
             assert group["maxReplicas"] >= group["minReplicas"] >= 1, f"{name} {group['groupName']}"
         assert all(gpus_started[kind] >= gpus for kind, gpus in gpus_needed.items()), (name, gpus_started)
+        assert all(gpus_grown[kind] >= gpus for kind, gpus in gpus_at_most.items()), (name, gpus_grown)
     ray_up = yaml.safe_load((DEPLOY / "ray-cluster.yaml").read_text())
     carried = {kind for node in ray_up["available_node_types"].values() if node.get("min_workers", 0) >= 1
                for kind in node["resources"]}
