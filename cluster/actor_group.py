@@ -5,11 +5,11 @@ so a job that does not fit the cluster fails at start with the role named instea
 actor is pinned to its own bundle and named ``<role>-<i>`` in the Ray dashboard. Roles scale independently:
 ``rollout.num_workers``, ``critics.num_critics``, ``learner.num_gpus``.
 
-A role with a range of actors (``rollout.num_workers: [min, max]``) also asks for ``max − min`` spare bundles, each a
-placement group of its own that waits for room (an autoscaler sees it as demand); an actor starts in one once it is
-placed (:meth:`ActorGroup.add`), and one whose node left is let go (:meth:`ActorGroup.remove`) while at least
-``min`` remain. The critics' quorum (``critics.quorum``) lets a critic whose node left go likewise; it starts again in
-its own bundle once that is placed again (docs/scaling.md).
+A role that may go on without some of its actors — a range of them (``rollout.num_workers: [min, max]``) or a quorum
+(``critics.quorum``) — gives every actor a placement group of its own instead, and a range also asks for ``max − min``
+spare ones that wait for room (an autoscaler sees them as demand). An actor starts in a spare once it is placed
+(:meth:`ActorGroup.add`); one whose node left is let go (:meth:`ActorGroup.remove`) while the role keeps what it
+needs, and its slot asks for a new placement group, in which it starts again once room returns (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -149,30 +149,46 @@ class ActorGroup:
         self.slots: list[int] = []  # the slot of each actor, in actor order
         self._pids: list[int | None] = []
         self._start = None  # (remote class, arguments, name, max_restarts), kept by spawn for add
-        # PACK keeps ranks that talk to each other every step (the learner's) on one node when possible.
-        required = placement_group([resources.bundle() for _ in range(resources.count)],
-                                   strategy="PACK" if pack else "SPREAD", name=f"asyppo-{role}")
-        spares = [placement_group([resources.bundle()], name=f"asyppo-{role}-spare-{index}")
-                  for index in range(resources.spare)]
-        self._groups = [required, *spares]
-        self._bundles = [(required, index) for index in range(resources.count)] + [(group, 0) for group in spares]
-        if not required.wait(timeout_seconds=placement_timeout_s):
+        # A role that goes on without an actor whose node left (a range, a quorum) gives each actor a placement group
+        # of its own, so that a lost one's group can be replaced by a new one that waits for room: Ray re-places a
+        # group that lost a node with no backoff, and one that cannot be re-placed keeps the GCS busy (ray#65007).
+        self._own_groups = resources.elastic or resources.needed < resources.count
+        bundle = resources.bundle()
+        if self._own_groups:
+            self._bundles = [(self._new_group(slot), 0) for slot in range(resources.count)]
+        else:
+            # PACK keeps ranks that talk to each other every step (the learner's) on one node when possible.
+            group = placement_group([bundle] * resources.count, strategy="PACK" if pack else "SPREAD",
+                                    name=f"asyppo-{role}")
+            self._bundles = [(group, index) for index in range(resources.count)]
+        needed = self._groups()
+        ready, _ = ray.wait([group.ready() for group in needed], num_returns=len(needed), timeout=placement_timeout_s)
+        if len(ready) < len(needed):
             self.close()
             raise PlacementError(
                 f"the cluster cannot place the {role} role: {resources.count} × ({resources.describe()}) did not fit "
                 f"within {placement_timeout_s:.0f}s (other jobs may hold the resources); cluster resources: "
                 f"{ray.cluster_resources()}"
             )
+        # The spares ask for room only once the role's own actors have theirs.
+        self._bundles += [(self._new_group(slot), 0) for slot in range(resources.count, resources.count + resources.spare)]
+
+    def _new_group(self, slot: int):
+        return placement_group([self.resources.bundle()], name=f"asyppo-{self.role}-{slot}")
+
+    def _groups(self) -> list:
+        """Every placement group of the role, once each."""
+        return list({group.id: group for group, _ in self._bundles}.values())
 
     def _slot_nodes(self) -> list[str | None]:
         """The id of the node holding each slot's bundle; None while it waits for a node with room."""
-        tables = {group.id: placement_group_table(group) for group in self._groups}
+        tables = {group.id: placement_group_table(group) for group in self._groups()}
         return [tables[group.id]["bundles_to_node_id"].get(index) or None for group, index in self._bundles]
 
     def nodes(self) -> dict[str, str | None]:
         """Actor name → the id of the node holding its bundle, None while the bundle waits for a node (its node was
         lost and no other has room)."""
-        if not self._groups:
+        if not self._bundles:
             return {}
         where = self._slot_nodes()
         return {name: where[slot] for name, slot in zip(self.names, self.slots)}
@@ -194,7 +210,7 @@ class ActorGroup:
 
     def ready_slots(self) -> list[int]:
         """Slots without an actor whose bundle is placed: room for one more actor."""
-        if not self._groups:
+        if not self._bundles:
             return []
         return [slot for slot, node in enumerate(self._slot_nodes()) if node is not None and slot not in self.slots]
 
@@ -223,9 +239,9 @@ class ActorGroup:
         for slot in range(self.resources.count):
             self.add(slot)
         # Spare bundles that fit the cluster now are placed within moments of the role's own: start those too.
-        if self._groups[1:]:
-            ray.wait([group.ready() for group in self._groups[1:]], num_returns=len(self._groups) - 1,
-                     timeout=SPARE_PLACEMENT_S)
+        spares = [group for group, _ in self._bundles[self.resources.count:]]
+        if spares:
+            ray.wait([group.ready() for group in spares], num_returns=len(spares), timeout=SPARE_PLACEMENT_S)
         for slot in self.ready_slots():
             self.add(slot)
         return self.actors
@@ -243,12 +259,16 @@ class ActorGroup:
         return self.actors[-1]
 
     def remove(self, name: str) -> None:
-        """Let actor ``name`` go (killed, never restarted); its slot keeps its bundle, placed again when room
+        """Let actor ``name`` go (killed, never restarted); its slot asks for a bundle again, placed when room
         returns."""
         index = self.names.index(name)
         ray.kill(self.actors[index], no_restart=True)
+        slot = self.slots[index]
         for column in (self.actors, self.names, self.slots, self._pids):
             del column[index]
+        if self._own_groups:
+            remove_placement_group(self._bundles[slot][0])
+            self._bundles[slot] = (self._new_group(slot), 0)
 
     def note_pids(self, pids: list[int]) -> list[int]:
         """Record each actor's process id (in actor order); returns the indices whose process changed since the
@@ -278,6 +298,6 @@ class ActorGroup:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors, self.names, self.slots, self._pids = [], [], [], []
-        groups, self._groups, self._bundles = self._groups, [], []
+        groups, self._bundles = self._groups(), []
         for group in groups:
             remove_placement_group(group)

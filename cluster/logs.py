@@ -32,11 +32,24 @@ class _ConsoleFilter(logging.Filter):
         return record.name.split(".")[0] == "asyppo" or record.levelno >= logging.ERROR
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """stderr, written around the step progress bar: ``tqdm.write`` clears the bar, prints the line and draws the bar
+    again (a plain write would append a warning to the bar's line)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging's own contract: report, never raise
+            self.handleError(record)
+
+
 def setup_console(verbose: bool) -> None:
     """The root logger's console handler (stderr): everything at INFO when ``verbose``, else :class:`_ConsoleFilter`."""
     root = logging.getLogger()
     root.setLevel(logging.INFO)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _ConsoleHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(CONSOLE_FORMAT, datefmt="%H:%M:%S"))
     if not verbose:
         handler.addFilter(_ConsoleFilter())

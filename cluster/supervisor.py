@@ -151,19 +151,19 @@ class Supervisor:
                 break  # the rest are needed: waiting_for_node waits for a node for them
             group.remove(name)
             gone.append(name)
+            log.warning("%s: %s left with its node: %s", what, name, self._count(group))
         for slot in group.ready_slots() if join else []:
             group.add(slot)
             joined.append(group.names[-1])
-        if gone or joined:
-            where = group.nodes()
-            count = (f"critics taking part now {len(group)} of {self.cfg.critics.num_critics} (critics.quorum="
-                     f"{self.cfg.critics.quorum})" if group is self.critics else
-                     f"rollout workers now {len(group)} (rollout.num_workers={list(self.cfg.rollout.num_workers)})")
-            for name in gone:
-                log.warning("%s: %s left with its node: %s", what, name, count)
-            for name in joined:
-                log.warning("%s: %s joined on node %s: %s", what, name, where[name][:8], count)
+            log.warning("%s: %s joined on node %s: %s", what, joined[-1], group.nodes()[joined[-1]][:8],
+                        self._count(group))
         return gone, joined
+
+    def _count(self, group: ActorGroup) -> str:
+        if group is self.critics:
+            return (f"critics taking part now {len(group)} of {self.cfg.critics.num_critics} "
+                    f"(critics.quorum={self.cfg.critics.quorum})")
+        return f"rollout workers now {len(group)} (rollout.num_workers={list(self.cfg.rollout.num_workers)})"
 
     # ---- waiting -------------------------------------------------------------------------------------------------
 
