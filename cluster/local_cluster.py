@@ -106,6 +106,11 @@ class LocalCluster:
             lines.append(f"{node.name} ({state}, {entry.get('Resources', {}).get('CPU', 0):g} CPUs)")
         return lines
 
+    def placement_groups(self) -> list[tuple[str, str]]:
+        """Every placement group's name and state (PENDING, CREATED, RESCHEDULING, REMOVED) as Ray's control store
+        sees it, removed ones included."""
+        return [(entry["name"], entry["state"]) for entry in self._cluster.global_state.placement_group_table().values()]
+
     def shutdown(self) -> None:
         self._cluster.shutdown()
         self.nodes = []
