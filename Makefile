@@ -28,3 +28,6 @@ bench: $(VENV)/.installed
 	$(VENV)/bin/python benchmarks/bench_steps.py
 	$(VENV)/bin/python benchmarks/bench_trl.py
 	$(VENV)/bin/python benchmarks/bench_trl.py --task chain
+	$(VENV)/bin/python benchmarks/bench_weight_sync.py --sizes smollm2 --output benchmarks/results/weight_sync_smollm2.json
+	$(VENV)/bin/python benchmarks/bench_rollout.py --task words --prompts 8 --samples 4 --repeats 5 --output benchmarks/results/rollout_words.json
+	$(VENV)/bin/python benchmarks/role_memory.py
