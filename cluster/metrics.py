@@ -39,10 +39,11 @@ def required_metric_keys(cfg: JobConfig) -> list[str]:
         "weight_sync_check_tolerance", "skipped_steps", *(f"time_{phase}" for phase in PHASES),
         "offpolicy_logp_abs_diff", "offpolicy_kl", "offpolicy_capped_frac", "offpolicy_ratio_p01",
         "offpolicy_ratio_p50", "offpolicy_ratio_p99", "offpolicy_ratio_max",
+        "actor_restarts", "cluster_nodes", "rollout_workers",
     ]
     num_critics = cfg.critics.num_critics
     if num_critics:
-        keys += ["critic_tokens_per_s", *(f"value_loss_critic_{m}" for m in range(num_critics))]
+        keys += ["critic_tokens_per_s", "critics_taking_part", *(f"value_loss_critic_{m}" for m in range(num_critics))]
     if num_critics >= 2:
         keys += ["sigma_p10", "sigma_p50", "sigma_p90"]
     return keys

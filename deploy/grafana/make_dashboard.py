@@ -27,6 +27,8 @@ PANELS = [
     ("Weight broadcast", "s", ["weight_sync_seconds"]),
     ("Learning rate and gradient norm", "none", ["lr", "grad_norm"]),
     ("Skipped steps and restarts", "none", ["skipped_steps", "actor_restarts"]),
+    ("The cluster: live nodes, rollout workers, critics taking part", "none",
+     ["cluster_nodes", "rollout_workers", "critics_taking_part"]),
 ]
 CRITICS_SHOWN = 4
 OUTPUT = Path(__file__).with_name("asyppo-dashboard.json")
