@@ -36,7 +36,7 @@ from asyppo.common.network import (
     LOOPBACK, is_loopback_address, keep_loopback_node_address, loopback_interface, node_address_and_free_port,
 )
 from asyppo.core.seeds import derive_seed
-from asyppo.critics.mini_critic import CriticStateLost, MiniCritic
+from asyppo.critics.mini_critic import CriticStateLost, MiniCritic, checkpoint_parts
 from asyppo.learner.learner import Learner
 
 log = logging.getLogger("asyppo")
@@ -372,12 +372,13 @@ class Supervisor:
         critics = self.critics
         if pids is None:
             pids = self.answers(critics, "pid", what, starting=starting)
-        restarted = [critics.slots[i] for i in critics.note_pids(pids)]
+        positions = critics.note_pids(pids)
+        restarted = [critics.slots[i] for i in positions]
         self._restore_critics_from(self.last_checkpoint, restarted, what)
         source = (f"was restored from the checkpoint {self.last_checkpoint.name}; its training since then is lost"
                   if self.last_checkpoint is not None else
                   "starts again from the initial critic (no checkpoint yet): its training so far is lost")
-        self._note_restarts([f"critic-{m}" for m in restarted], source)
+        self._note_restarts([critics.names[i] for i in positions], source)
         return restarted
 
     def _restore_critics_from(self, checkpoint: Path | None, slots: list[int], what: str) -> None:
@@ -385,7 +386,7 @@ class Supervisor:
         out before any checkpoint held it, that critic stays the initial critic (said in the log)."""
         if checkpoint is None or not slots:
             return
-        saved = [m for m in slots if (checkpoint / f"critic-{m}-state").is_dir()]
+        saved = [m for m in slots if checkpoint_parts(checkpoint, m)[1].is_dir()]
         for m in sorted(set(slots) - set(saved)):
             log.warning("%s: critic-%d starts from the initial critic: the checkpoint %s holds no state of it (it sat "
                         "out since before the run's first checkpoint)", what, m, checkpoint.name)
@@ -425,9 +426,9 @@ class Supervisor:
         while self.restore_critics(what, [pids[m] for m in self.critics.slots]):
             pids = self.critic_calls(what, save)
         for m in sorted(set(range(self.cfg.critics.num_critics)) - set(self.critics.slots)):
-            if self.last_checkpoint is not None and (self.last_checkpoint / f"critic-{m}-state").is_dir():
-                for part in (f"critic-{m}", f"critic-{m}-state"):
-                    shutil.copytree(self.last_checkpoint / part, Path(directory) / part)
+            if self.last_checkpoint is not None and checkpoint_parts(self.last_checkpoint, m)[1].is_dir():
+                for kept, copy in zip(checkpoint_parts(self.last_checkpoint, m), checkpoint_parts(directory, m)):
+                    shutil.copytree(kept, copy)
 
     def _note_restarts(self, names: list[str], outcome: str) -> None:
         for name in names:

@@ -32,6 +32,12 @@ from asyppo.core.seeds import derive_seed
 from asyppo.critics.value_model import ValueModel
 
 
+def checkpoint_parts(checkpoint_dir: str | Path, index: int) -> tuple[Path, Path]:
+    """Where critic ``index`` keeps its state in a checkpoint: its weights (a Hugging Face directory) and its
+    DeepSpeed engine state (optimizer included)."""
+    return Path(checkpoint_dir) / f"critic-{index}", Path(checkpoint_dir) / f"critic-{index}-state"
+
+
 class CriticStateLost(RuntimeError):
     """``update`` reached a critic that holds no scores of the step: its process was replaced (Ray restarted it, or
     the driver restored it) after ``values`` ran. The driver restores it and has it score the batch, then train."""
@@ -142,17 +148,17 @@ class MiniCritic:
     def save(self, checkpoint_dir: str) -> int:
         """This critic's weights and optimizer state into ``checkpoint_dir``; returns the process id, so that the driver
         can tell a save made by a process Ray restarted since it last looked (an initial critic)."""
-        target = Path(checkpoint_dir)
-        self.engine.save_checkpoint(str(target / f"critic-{self.index}-state"), tag="state")
-        self.engine.module.save_pretrained(str(target / f"critic-{self.index}"))
+        weights, state = checkpoint_parts(checkpoint_dir, self.index)
+        self.engine.save_checkpoint(str(state), tag="state")
+        self.engine.module.save_pretrained(str(weights))
         # On shared storage only the node that wrote a file can flush it; the driver's manifest comes after.
-        fsync_tree(target / f"critic-{self.index}-state")
-        fsync_tree(target / f"critic-{self.index}")
+        fsync_tree(state)
+        fsync_tree(weights)
         return os.getpid()
 
     def restore(self, checkpoint_dir: str) -> None:
         """This critic's weights and optimizer state as saved in ``checkpoint_dir`` (by :meth:`save`)."""
-        self.engine.load_checkpoint(str(Path(checkpoint_dir) / f"critic-{self.index}-state"), tag="state")
+        self.engine.load_checkpoint(str(checkpoint_parts(checkpoint_dir, self.index)[1]), tag="state")
         self._batch = self._old_values = None
 
     def ping(self) -> int:
