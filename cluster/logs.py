@@ -32,6 +32,20 @@ class _ConsoleFilter(logging.Filter):
         return record.name.split(".")[0] == "asyppo" or record.levelno >= logging.ERROR
 
 
+class _DemoteUnreadFailures(logging.Filter):
+    """Ray logs an ERROR ("Unhandled error ...", with the remote traceback) when the reference to a call that failed
+    is freed without its result having been read. The job reads every result it needs through ``Supervisor.get``,
+    which turns a failure into the job's one line; a result left unread belongs to a call left behind when another
+    failed first (a critic's update waiting on the targets of a learner that was lost), and its reference is freed
+    after that line, as the job exits. So the record is a WARNING: in driver.log while the run is open, not on the
+    console after the job's last line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.getMessage().startswith("Unhandled error"):
+            record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+        return True
+
+
 class _ConsoleHandler(logging.StreamHandler):
     """stderr, written around the step progress bar: ``tqdm.write`` clears the bar, prints the line and draws the bar
     again (a plain write would append a warning to the bar's line)."""
@@ -64,17 +78,23 @@ def setup_console(verbose: bool) -> None:
 
 # Libraries that give their logger a console handler of its own; quiet, their records go through the root logger.
 OWN_HANDLERS = ("ray",)
+# The logger of Ray's report of a failed call whose result nobody read (ray._private.worker._unhandled_error_handler).
+RAY_UNREAD_FAILURES = "ray._private.worker"
 
 
 def route_library_loggers() -> None:
     """Send the records of :data:`OWN_HANDLERS` loggers through the root logger's handlers (the console filter and
-    driver.log) instead of their own. Call after importing them and pass ``configure_logging=False`` to
-    ``ray.init`` so that it keeps it that way."""
+    driver.log) instead of their own, with Ray's reports of failed results nobody read demoted to warnings
+    (:class:`_DemoteUnreadFailures`). Call after importing them and pass ``configure_logging=False`` to ``ray.init``
+    so that it keeps it that way."""
     for name in OWN_HANDLERS:
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
         logger.propagate = True
+    unread = logging.getLogger(RAY_UNREAD_FAILURES)
+    if not any(isinstance(f, _DemoteUnreadFailures) for f in unread.filters):
+        unread.addFilter(_DemoteUnreadFailures())
 
 
 def route_raylet_messages() -> None:

@@ -6,6 +6,7 @@ Each test starts a whole job (rollout engines, critics, learner), so they are fe
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import time
@@ -234,3 +235,44 @@ def test_dynamic_sampling_drops_uniform_groups_and_refills(tmp_path):
     assert (line["dynamic_sampling_rounds"], line["dynamic_sampling_informative_frac"]) == (1.0, 0.0)
     assert line["dynamic_sampling_filled"] == P and line["uniform_groups_frac"] == 1.0
     assert line["optimizer_steps"] == flat.batch_size // flat.learner.mini_batch_size
+
+
+@ray.remote(num_cpus=0)
+class _Stage:
+    """A stand-in for two roles chained by a reference (the learner's targets passed to a critic's update)."""
+
+    def hold(self, seconds: float) -> int:
+        time.sleep(seconds)
+        return 1
+
+    def take(self, value: int) -> int:
+        return value
+
+
+def test_a_failed_result_nobody_read_stays_off_the_console(tmp_path, capsys):
+    """The learner lost while a critic's update waits on its targets: the job ends in one line, and Ray's report of
+    the update's failure, logged when its unread reference is freed as the job exits, goes to driver.log as a warning
+    instead of printing a traceback after that line (cluster/logs.py, _DemoteUnreadFailures)."""
+    from asyppo.cluster.logs import RunLog, setup_console
+
+    setup_console(verbose=False)
+    run_log = RunLog(tmp_path / "logs")
+    try:
+        upstream, downstream = _Stage.remote(), _Stage.remote()
+        left_unread = downstream.take.remote(upstream.hold.remote(60))
+        read = downstream.take.remote(upstream.hold.remote(0))  # runs after left_unread on the same actor
+        ray.kill(upstream)
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(read, timeout=60)
+        del left_unread  # its failure was never read: Ray reports it now
+        log = tmp_path / "logs" / "driver.log"
+        deadline = time.monotonic() + 30
+        while "Unhandled error" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        run_log.close()
+        logging.getLogger().removeHandler(next(h for h in logging.getLogger().handlers
+                                               if h.get_name() == "asyppo-console"))
+    reported = [line for line in log.read_text().splitlines() if "Unhandled error" in line]
+    assert reported and reported[0].split()[2:4] == ["WARNING", "ray._private.worker:"], log.read_text()
+    assert "Unhandled error" not in capsys.readouterr().err
