@@ -181,9 +181,15 @@ class ActorGroup:
         return list({group.id: group for group, _ in self._bundles}.values())
 
     def _slot_nodes(self) -> list[str | None]:
-        """The id of the node holding each slot's bundle; None while it waits for a node with room."""
+        """The id of the node holding each slot's bundle; None while it waits for a node with room.
+
+        A bundle on a node that left counts as waiting at once: Ray reports the actors of a lost node dead before the
+        placement-group table lets go of the node (with trainer.actor_restarts=0 that report is the only one), and a
+        role that may go on without the actor must see it unplaced when the call fails."""
         tables = {group.id: placement_group_table(group) for group in self._groups()}
-        return [tables[group.id]["bundles_to_node_id"].get(index) or None for group, index in self._bundles]
+        alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+        where = [tables[group.id]["bundles_to_node_id"].get(index) for group, index in self._bundles]
+        return [node if node in alive else None for node in where]
 
     def nodes(self) -> dict[str, str | None]:
         """Actor name → the id of the node holding its bundle, None while the bundle waits for a node (its node was

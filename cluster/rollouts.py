@@ -61,7 +61,11 @@ def collect(actors: Supervisor, cfg: JobConfig, rollout: Rollout, what: str, *, 
     same samples as if it had never died.
     """
     outputs: dict[int, dict] = {}
-    attempts = 1 + cfg.trainer.actor_restarts * len(actors.rollout_workers)
+    # Each try after the first follows a worker's restart or its being let go (a range's worker whose node left, maybe
+    # in an earlier call while this rollout was out): each worker of the fleet at its largest fails at most
+    # actor_restarts + 1 times.
+    fleet = actors.rollout_workers.resources
+    attempts = 1 + (cfg.trainer.actor_restarts + 1) * (fleet.count + fleet.spare)
     for _ in range(attempts):
         for index, ref in rollout.refs.items():
             if index in outputs:
