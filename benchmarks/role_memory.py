@@ -14,7 +14,7 @@ Float32 on CPU, as the job runs here; a GPU job holds the weights in GPU memory 
 measures the learner there).
 
     python benchmarks/role_memory.py                                   # examples/smollm2.yaml, 2 steps: ~4 min
-    python benchmarks/role_memory.py --config examples/default.yaml --output /tmp/memory.json
+    python benchmarks/role_memory.py --config default --output /tmp/memory.json      # the default job: tiny models
 
 Writes ``benchmarks/results/role_memory_smollm2.json`` (or ``--output``) and prints a table.
 """
@@ -86,7 +86,8 @@ class Watcher(threading.Thread):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, default=REPO_ROOT / "examples" / "smollm2.yaml")
+    parser.add_argument("--config", default=str(REPO_ROOT / "examples" / "smollm2.yaml"),
+                        help="a job file, or 'default' for the default job (no file)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between looks")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "role_memory_smollm2.json")
@@ -96,9 +97,10 @@ def main() -> None:
     from asyppo.cluster.driver import train
     from asyppo.common.config import load_config
 
+    config = None if args.config == "default" else Path(args.config)
     watcher = Watcher(args.interval)
     with tempfile.TemporaryDirectory(prefix="role-memory-") as run_dir:
-        cfg = load_config(args.config, overrides=[
+        cfg = load_config(config, overrides=[
             f"trainer.steps={args.steps}", f"trainer.run_dir={run_dir}", "logging.wandb_mode=disabled",
             "logging.console=false", *args.overrides])
         watcher.start()
@@ -115,14 +117,15 @@ def main() -> None:
         rows.append({"actor": f"{entry['role']}-{index}", "role": entry["role"],
                      "processes": len(entry["hwm"]), "peak_rss_gib": entry["peak_rss"] / 2**30,
                      "peak_hwm_gib": sum(entry["hwm"].values()) / 2**20})
-    print(f"\npeak memory per actor, {args.config.name}, {args.steps} steps, a look every {args.interval:g} s\n"
+    job = config.name if config else "the default job"
+    print(f"\npeak memory per actor, {job}, {args.steps} steps, a look every {args.interval:g} s\n"
           "| actor | processes | peak resident, at one look | sum of its processes' own peaks |\n|---|---|---|---|")
     for row in rows:
         print(f"| {row['actor']} | {row['processes']} | {row['peak_rss_gib']:.2f} GiB | {row['peak_hwm_gib']:.2f} GiB |")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({
-        "benchmark": "role_memory", "config": str(args.config.relative_to(REPO_ROOT) if args.config.is_relative_to(
-            REPO_ROOT) else args.config), "steps": args.steps, "overrides": args.overrides,
+        "benchmark": "role_memory", "config": str(config.relative_to(REPO_ROOT) if config and config.is_relative_to(
+            REPO_ROOT) else config or "default"), "steps": args.steps, "overrides": args.overrides,
         "interval_s": args.interval, "machine": {"cpus": psutil.cpu_count(), "platform": platform.platform(),
                                                  "memory_gib": psutil.virtual_memory().total / 2**30},
         "actors": rows,

@@ -166,3 +166,18 @@ def test_gpu_benchmark_smoke(tmp_path):
     costs = result["costs"]
     assert costs["learner_update"]["optimizer_steps"] == 1.0 and costs["critic_train"]["skipped_steps"] == 0.0
     assert costs["sequence_tokens"] == 2 * (8 + 16)
+
+
+@pytest.mark.cluster
+def test_role_memory_benchmark_smoke(tmp_path):
+    out = tmp_path / "memory.json"
+    stdout = _run_script("role_memory.py", "--config", "default", "--steps", "1", "--interval", "0.2",
+                         "--output", str(out), *SMALL, "critics.num_critics=2", timeout=600)
+    result = json.loads(out.read_text())
+    assert result["config"] == "default" and result["steps"] == 1
+    # Every actor of the job was seen, each holding at least a Python process with torch (far over 100 MiB); the
+    # sum of its processes' own peaks bounds the largest sum seen at one look.
+    assert sorted(row["actor"] for row in result["actors"]) == ["critic-0", "critic-1", "learner-0", "rollout-0"]
+    for row in result["actors"]:
+        assert row["processes"] >= 1 and 0.1 < row["peak_rss_gib"] <= row["peak_hwm_gib"] + 0.01, row
+    assert "| learner-0 | " in stdout
