@@ -169,7 +169,7 @@ EXPERIMENTS = {
         },
         config="examples/smollm2.yaml",
         common=["trainer.steps=30", "trainer.eval_every=10"],
-        seeds=(0,),
+        seeds=(0, 1),
     ),
 }
 
