@@ -199,16 +199,25 @@ class ActorGroup:
         where = self._slot_nodes()
         return {name: where[slot] for name, slot in zip(self.names, self.slots)}
 
+    def _placement(self) -> tuple[list[str], list[int]]:
+        """One look at the role's bundles: :meth:`unplaced` and :meth:`ready_slots`."""
+        if not self._bundles:
+            return [], []
+        where = self._slot_nodes()
+        unplaced = [name for name, slot in zip(self.names, self.slots) if where[slot] is None]
+        ready = [slot for slot, node in enumerate(where) if node is not None and slot not in self.slots]
+        return unplaced, ready
+
     def unplaced(self) -> list[str]:
         """The actors whose node was lost and that wait for a node with room (Ray re-places their bundles)."""
-        return [name for name, node in self.nodes().items() if node is None]
+        return self._placement()[0]
 
     def needs_node(self) -> list[str]:
         """The unplaced actors without which the role cannot go on: every one while fewer than the role needs
         (``RoleResources.needed``) are placed or could start in a placed bundle of their own, none otherwise (a role
         of a range, or with a quorum, lets the others go: :meth:`remove`)."""
-        unplaced = self.unplaced()
-        return unplaced if len(self) - len(unplaced) + len(self.ready_slots()) < self.resources.needed else []
+        unplaced, ready = self._placement()  # one look: the driver asks every few seconds while it waits
+        return unplaced if len(self) - len(unplaced) + len(ready) < self.resources.needed else []
 
     def actor(self, slot: int):
         """The actor in ``slot``."""
@@ -216,9 +225,7 @@ class ActorGroup:
 
     def ready_slots(self) -> list[int]:
         """Slots without an actor whose bundle is placed: room for one more actor."""
-        if not self._bundles:
-            return []
-        return [slot for slot, node in enumerate(self._slot_nodes()) if node is not None and slot not in self.slots]
+        return self._placement()[1]
 
     def bundle_options(self, slot: int) -> dict[str, Any]:
         """Ray options that pin an actor or task to slot ``slot``'s bundle with that bundle's CPUs and GPUs."""
